@@ -1,0 +1,197 @@
+"""Presets: every setting of an agent in one typed, printable, msgpack-able place.
+
+A preset name has two parts: a *budget* (architecture, batch size, steps, children, cycles: how much
+compute) and a *method* (which extensions of the base method are switched on). ``demo`` means the demo
+budget with the default method (µ2Net+: auto-tuning, adapters, layer mutation, image-size mutation);
+``demo+penalty`` adds the size/compute penalty; ``demo@base`` is the base method (clone actions only)
+and ``demo@base+autotune`` switches extensions back on one at a time. Small budgets are derived from the
+reference's by cutting batch size, steps, children and cycles, never by changing the algorithm.
+
+Every trained child and every model records ``preset.name`` and ``preset.hash`` (a hash of the fully
+resolved config), so a report can say what each extension contributed on the live system.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# Learned per-action mutation probabilities walk over this grid (0.02 .. 0.30, step 0.02).
+MU_RANGE: tuple[float, ...] = tuple(round(0.02 * i, 2) for i in range(1, 16))
+LR_RANGE = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+WARMUP_RANGE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+MOMENTUM_RANGE = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
+DELTA_RANGE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+ADAPTER_DIM_RANGE = (8, 16, 32, 64, 128)
+
+EXTENSIONS = ("autotune", "adapters", "layers", "imagesize", "penalty")
+DEFAULT_METHOD = ("autotune", "adapters", "layers", "imagesize")  # µ2Net+ as published
+PENALTY_SCALE_FACTOR = 0.9  # scale factor s used by +penalty when the budget's own s is 1.0
+
+
+class PresetError(ValueError):
+    """Unknown preset or extension name (a user error)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much compute a child, a cycle and an agent get; plus the architecture they grow."""
+
+    name: str
+    vit: str                     # key of agents.vit.VIT_CONFIGS
+    depth: int                   # blocks in the root = largest num_layers
+    image_size: int
+    image_sizes: tuple[int, ...]  # ds_image_size grid for +imagesize
+    batch_size: int
+    train_examples_between_validations: int
+    validations_per_child: int
+    validation_examples: int
+    children_per_cycle: int
+    cycles: int
+    max_population: int | None
+    mu: float
+    warmup_ratio: float
+    adapters_allowed: bool       # the reference's L config has no adapters
+    scale_factor: float
+    p_ref: float
+    f_ref: float
+
+
+BUDGETS: dict[str, Budget] = {
+    # The reference's character-benchmark budget (VitT3 / MCCB), unchanged.
+    "vit-t3": Budget("vit-t3", "ti", 3, 32, (16, 32, 48, 64, 80, 96, 112), 512, 51_200, 4, 5_120, 32, 5,
+                     None, 0.1, 0.1, True, 1.0, 1_484_162, 15_000_000),
+    "vit-b": Budget("vit-b", "b", 12, 80, (16, 32, 48, 64, 80, 96, 112), 128, 51_200, 4, 5_120, 32, 10,
+                    None, 0.1, 0.1, True, 1.0, 85_652_738, 1e11),
+    "vit-l": Budget("vit-l", "l", 24, 384, (224, 384), 16, 100_000, 8, 10_000, 16, 24,
+                    16, 0.2, 0.05, False, 0.99, 2.2e9, 3.8e12),
+    # Minutes on 2 CPU cores for a whole 8-task swarm: T3 architecture, cut batch/steps/children/cycles.
+    "demo": Budget("demo", "ti", 3, 32, (16, 32, 48), 64, 2_048, 2, 1_024, 4, 3,
+                   None, 0.1, 0.1, True, 1.0, 1_484_162, 15_000_000),
+    # Seconds, for the test suite.
+    "test": Budget("test", "ti", 3, 32, (16, 32, 48), 32, 512, 2, 256, 2, 2,
+                   7, 0.1, 0.1, True, 1.0, 1_484_162, 15_000_000),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A resolved preset: budget + method extensions + the derived hyperparameter defaults/ranges."""
+
+    name: str
+    budget: Budget
+    extensions: tuple[str, ...]
+    root: str = "random"          # "random" or a path to a local timm checkpoint (import)
+    hash: str = field(default="", compare=False)
+
+    # ---- method switches -------------------------------------------------------------------
+    @property
+    def autotune(self) -> bool:
+        return "autotune" in self.extensions
+
+    @property
+    def mutate_adapters(self) -> bool:
+        return "adapters" in self.extensions and self.budget.adapters_allowed
+
+    @property
+    def scale_factor(self) -> float:
+        if "penalty" in self.extensions and self.budget.scale_factor >= 1.0:
+            return PENALTY_SCALE_FACTOR
+        return self.budget.scale_factor
+
+    def steps_between_validations(self, n_train: int) -> int:
+        n = min(n_train, self.budget.train_examples_between_validations)
+        return max(1, -(-n // self.budget.batch_size))
+
+    # ---- hyperparameters -------------------------------------------------------------------
+    def default_hparams(self, num_classes: int | None = None) -> dict[str, Any]:
+        b = self.budget
+        h: dict[str, Any] = {
+            "_mu_": b.mu,
+            "num_layers": b.depth,
+            "adapter_dim": 32,
+            "adapter_layers": "",
+            "num_classes": num_classes,
+            "opt_lr": 0.01,
+            "opt_lr_warmup_ratio": b.warmup_ratio,
+            "opt_momentum": 0.9,
+            "opt_nesterov": False,
+            "ds_image_size": b.image_size,
+            "ds_area_range_min": 1.0,
+            "ds_aspect_ratio_range_min": 1.0,
+            "ds_flip_left_right": False,
+            "ds_brightness_delta": 0.0,
+            "ds_contrast_delta": 0.0,
+            "ds_saturation_delta": 0.0,
+            "ds_hue_delta": 0.0,
+            "ds_quality_delta": 0.0,
+        }
+        return h
+
+    def ranges(self) -> dict[str, tuple]:
+        """Mutation grid per hparam: empty without +autotune except for the structural extensions."""
+        b = self.budget
+        r: dict[str, tuple] = {}
+        if self.autotune:
+            r.update({
+                "_mu_": MU_RANGE,
+                "opt_lr": LR_RANGE,
+                "opt_lr_warmup_ratio": WARMUP_RANGE,
+                "opt_momentum": MOMENTUM_RANGE,
+                "opt_nesterov": (True, False),
+                "ds_area_range_min": (0.05, 0.5, 0.95, 1.0),
+                "ds_aspect_ratio_range_min": (0.5, 0.75, 1.0),
+                "ds_flip_left_right": (True, False),
+                "ds_brightness_delta": DELTA_RANGE,
+                "ds_contrast_delta": DELTA_RANGE,
+                "ds_saturation_delta": DELTA_RANGE,
+                "ds_hue_delta": DELTA_RANGE,
+                "ds_quality_delta": DELTA_RANGE,
+            })
+            if self.mutate_adapters:
+                r["adapter_dim"] = ADAPTER_DIM_RANGE
+        if "layers" in self.extensions:
+            r["num_layers"] = tuple(range(0, b.depth + 1))
+        if "imagesize" in self.extensions:
+            r["ds_image_size"] = b.image_sizes
+        return r
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "budget": dataclasses.asdict(self.budget),
+                "extensions": list(self.extensions), "root": self.root,
+                "scale_factor": self.scale_factor, "hash": self.hash}
+
+
+def _hash(budget: Budget, extensions: tuple[str, ...], root: str) -> str:
+    blob = json.dumps({"budget": dataclasses.asdict(budget), "extensions": sorted(extensions),
+                       "root": root}, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def resolve_preset(name: str, root: str = "random") -> Preset:
+    """``BUDGET[@base][+ext...]`` -> Preset. Raises PresetError with one line on bad names."""
+    text = name.strip()
+    parts = text.split("+")
+    head, adds = parts[0], [p for p in parts[1:]]
+    base_only = head.endswith("@base")
+    budget_name = head[: -len("@base")] if base_only else head
+    if budget_name not in BUDGETS:
+        raise PresetError(f"unknown preset {budget_name!r}: choose one of {', '.join(BUDGETS)} "
+                          f"(optionally with @base and +{'/+'.join(EXTENSIONS)})")
+    exts = [] if base_only else list(DEFAULT_METHOD)
+    for ext in adds:
+        if ext not in EXTENSIONS:
+            raise PresetError(f"unknown method extension {ext!r} in preset {name!r}: "
+                              f"choose from {', '.join(EXTENSIONS)}")
+        if ext not in exts:
+            exts.append(ext)
+    ordered = tuple(e for e in EXTENSIONS if e in exts)
+    budget = BUDGETS[budget_name]
+    return Preset(text, budget, ordered, root, _hash(budget, ordered, root))
+
+
+def format_preset(p: Preset) -> str:
+    """All settings printable in one place (``run_swarm.py --print-config``)."""
+    return json.dumps(p.to_dict(), indent=2, default=list)

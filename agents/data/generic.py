@@ -1,0 +1,230 @@
+"""User data: ``folder:PATH`` (one sub-folder per class) and ``npz:PATH`` (numpy arrays).
+
+These are how a user's own tasks enter the swarm, so the rules are strict and every violation is a
+``TaskDataError`` with one line naming the file and the fix.
+
+``folder:PATH``
+    Either ``PATH/<class>/<image>`` (then the seeded three-way split of ``splits.py`` applies), or
+    ``PATH/train/<class>/...`` plus ``PATH/test/<class>/...`` and optionally ``PATH/val/<class>/...``
+    (official splits; without ``val`` a validation slice is carved from ``train``). Classes are the
+    sub-folder names in sorted order (label = position), the union over the splits. Images are read
+    with Pillow (any format it opens; files that are not images are an error, hidden files are
+    skipped). Colour rule: if any image has colour (channels that differ anywhere), all are RGB
+    (C=3); otherwise all are grey (C=1). Size rule: if sizes differ, every image is resized (bilinear)
+    to the most common size; ties go to the largest area. 16-bit and float images are scaled to 8 bit.
+
+``npz:PATH``
+    Arrays ``x_train, y_train, x_test, y_test`` and optionally ``x_val, y_val``; x is uint8 with shape
+    (N, H, W) or (N, H, W, C), C in {1, 3}; y holds non-negative integers. Without a validation pair,
+    a validation slice is carved from train. ``num_classes`` = the largest label + 1. Pickled (object)
+    arrays are refused: the file is opened with ``allow_pickle=False``.
+
+Seeds for carving come from the task name's base name (``folder:`` / ``npz:`` plus the last path
+component), so the same data in another directory splits the same way.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agents.data.cache import TaskDataError
+from agents.data.splits import apply_three_way, task_seed, train_val_split
+
+SPLIT_DIRS = ("train", "val", "test")
+
+
+@dataclass
+class GenericData:
+    arrays: dict[str, np.ndarray]
+    num_classes: int
+    class_names: list[str] | None
+
+
+def _generic_seed(kind: str, path: Path) -> int:
+    return task_seed(f"{kind}:{path.resolve().name}")
+
+
+# --------------------------------------------------------------------------------------------- folder
+def _list_images(class_dir: Path) -> list[Path]:
+    return sorted(p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """HxWxC uint8 array (C = 1 or 3) from any image Pillow can open."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                arr = np.asarray(img, dtype=np.float64)
+                peak = 65535.0 if img.mode.startswith("I") else max(float(arr.max()), 1.0)
+                return np.rint(arr.clip(0, peak) * (255.0 / peak)).astype(np.uint8)[:, :, None]
+            if img.mode in ("1", "L", "LA"):
+                return np.asarray(img.convert("L"))[:, :, None]
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise TaskDataError(f"cannot read image {path} ({exc}); folder: tasks need only image files "
+                            "inside the class folders") from None
+
+
+def _common_size(images: list[np.ndarray]) -> tuple[int, int]:
+    counts = Counter(im.shape[:2] for im in images)
+    return max(counts, key=lambda hw: (counts[hw], hw[0] * hw[1], hw))
+
+
+def _to_uniform(images: list[np.ndarray]) -> np.ndarray:
+    """Apply the colour and size rules and stack to N x H x W x C."""
+    from PIL import Image
+
+    colour = any(im.shape[2] == 3 and not (np.array_equal(im[..., 0], im[..., 1])
+                                           and np.array_equal(im[..., 1], im[..., 2])) for im in images)
+    size = _common_size(images)
+    out = []
+    for im in images:
+        if colour and im.shape[2] == 1:
+            im = np.repeat(im, 3, axis=2)
+        elif not colour and im.shape[2] == 3:
+            im = im[..., :1]  # all channels are equal: keep one
+        if im.shape[:2] != size:
+            pil = Image.fromarray(im[..., 0] if im.shape[2] == 1 else im)
+            im = np.asarray(pil.resize((size[1], size[0]), Image.Resampling.BILINEAR))
+            im = im[:, :, None] if im.ndim == 2 else im
+        out.append(im)
+    return np.stack(out)
+
+
+def load_folder(path_text: str) -> GenericData:
+    root = Path(path_text).expanduser()
+    if not root.is_dir():
+        raise TaskDataError(f"folder task path {root} is not a directory; give folder:PATH with one "
+                            "sub-folder of images per class")
+    split_roots = {s: root / s for s in SPLIT_DIRS if (root / s).is_dir()}
+    # train/ and test/ together mean official splits; otherwise every sub-folder is a class.
+    layout = split_roots if {"train", "test"} <= set(split_roots) else {"all": root}
+
+    class_names = sorted({d.name for r in layout.values() for d in _class_dirs(r)})
+    if len(class_names) < 2:
+        raise TaskDataError(f"{root} has {len(class_names)} class folder(s); a classification task "
+                            "needs at least 2 sub-folders of images")
+    label_of = {name: i for i, name in enumerate(class_names)}
+
+    per_split_images: dict[str, list[np.ndarray]] = {}
+    per_split_labels: dict[str, list[int]] = {}
+    for split, split_root in layout.items():
+        images, labels = [], []
+        for class_dir in _class_dirs(split_root):
+            for file in _list_images(class_dir):
+                images.append(_read_image(file))
+                labels.append(label_of[class_dir.name])
+        if not images:
+            raise TaskDataError(f"{split_root} holds no images; put image files in its class folders")
+        per_split_images[split] = images
+        per_split_labels[split] = labels
+
+    # One colour/size decision over all splits so every split has the same H, W, C.
+    everything = [im for ims in per_split_images.values() for im in ims]
+    stacked = _to_uniform(everything)
+    offsets = np.cumsum([0] + [len(v) for v in per_split_images.values()])
+    x_by = {s: stacked[offsets[i]:offsets[i + 1]] for i, s in enumerate(per_split_images)}
+    y_by = {s: np.asarray(per_split_labels[s], dtype=np.int64) for s in per_split_labels}
+
+    seed = _generic_seed("folder", root)
+    if "all" in x_by:
+        if len(x_by["all"]) < 3:
+            raise TaskDataError(f"{root} has {len(x_by['all'])} images; need at least 3 to split")
+        arrays = apply_three_way(x_by["all"], y_by["all"], seed)
+    else:
+        arrays = _with_validation(x_by["train"], y_by["train"], x_by.get("val"), y_by.get("val"),
+                                  x_by["test"], y_by["test"], seed, str(root))
+    return GenericData(arrays, len(class_names), class_names)
+
+
+def _with_validation(x_tr, y_tr, x_va, y_va, x_te, y_te, seed: int, where: str) -> dict[str, np.ndarray]:
+    if x_va is None:
+        if len(x_tr) < 2:
+            raise TaskDataError(f"{where}: need at least 2 training examples to carve a validation slice")
+        tr, va = train_val_split(len(x_tr), seed)
+        x_tr, y_tr, x_va, y_va = x_tr[tr], y_tr[tr], x_tr[va], y_tr[va]
+    return {"train_x": x_tr, "train_y": y_tr, "val_x": x_va, "val_y": y_va, "test_x": x_te, "test_y": y_te}
+
+
+# ------------------------------------------------------------------------------------------------ npz
+def _check_x(x: np.ndarray, key: str, where: str) -> np.ndarray:
+    if x.dtype != np.uint8:
+        raise TaskDataError(f"{where}: {key} has dtype {x.dtype}, expected uint8 images (0..255)")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[3] not in (1, 3):
+        raise TaskDataError(f"{where}: {key} has shape {x.shape}, expected (N, H, W) or (N, H, W, C) "
+                            "with C in {1, 3}")
+    return x
+
+
+def _check_y(y: np.ndarray, n: int, key: str, where: str) -> np.ndarray:
+    if y.ndim != 1 or len(y) != n:
+        raise TaskDataError(f"{where}: {key} has shape {y.shape}, expected ({n},) to match its images")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise TaskDataError(f"{where}: {key} has dtype {y.dtype}, expected integer class labels")
+    if n and y.min() < 0:
+        raise TaskDataError(f"{where}: {key} has negative labels; labels must be 0..num_classes-1")
+    return y.astype(np.int64)
+
+
+def load_npz(path_text: str) -> GenericData:
+    path = Path(path_text).expanduser()
+    where = str(path)
+    if not path.is_file():
+        raise TaskDataError(f"npz task file {path} does not exist; give npz:PATH to a .npz with "
+                            "x_train, y_train, x_test, y_test")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            files = set(npz.files)
+            need = {"x_train", "y_train", "x_test", "y_test"}
+            if not need <= files:
+                raise TaskDataError(f"{where} lacks {sorted(need - files)}; it needs x_train, y_train, "
+                                    "x_test, y_test (and optionally x_val, y_val)")
+            if ("x_val" in files) != ("y_val" in files):
+                raise TaskDataError(f"{where} has only one of x_val/y_val; give both or neither")
+            raw = {k: npz[k] for k in files if k in need | {"x_val", "y_val"}}
+    except TaskDataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise TaskDataError(f"cannot read {where} as a numpy .npz without pickles ({exc})") from None
+
+    xs = {k: _check_x(raw[k], k, where) for k in raw if k.startswith("x_")}
+    ys = {k: _check_y(raw[k], len(xs["x" + k[1:]]), k, where) for k in raw if k.startswith("y_")}
+    shapes = {x.shape[1:] for x in xs.values()}
+    if len(shapes) != 1:
+        raise TaskDataError(f"{where}: image shapes differ between splits {sorted(shapes)}; "
+                            "all splits need the same H, W, C")
+    for k in ("x_train", "x_test"):
+        if len(xs[k]) == 0:
+            raise TaskDataError(f"{where}: {k} is empty")
+    arrays = _with_validation(xs["x_train"], ys["y_train"], xs.get("x_val"), ys.get("y_val"),
+                              xs["x_test"], ys["y_test"], _generic_seed("npz", path), where)
+    num_classes = int(max(int(y.max()) for y in ys.values() if len(y))) + 1
+    if num_classes < 2:
+        raise TaskDataError(f"{where}: labels hold a single class; a classification task needs at least 2")
+    return GenericData(arrays, num_classes, None)
+
+
+def parse_generic(name: str) -> tuple[str, str] | None:
+    """('folder'|'npz', path) for a generic task name, else None."""
+    for kind in ("folder", "npz"):
+        prefix = kind + ":"
+        if name.startswith(prefix):
+            path = name[len(prefix):]
+            if not path:
+                raise TaskDataError(f"task {name!r} has no path; write {prefix}PATH")
+            return kind, os.fspath(path)
+    return None

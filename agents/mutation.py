@@ -1,0 +1,168 @@
+"""Mutations: how a child is built from a parent (method.md section 2).
+
+Every action has its own mutation probability, stored in the child's hparams under ``_mu_|<action>``,
+initialised from the global µ and random-walked over MU_RANGE with probability µ each time the action
+is considered. Evolution then selects good probabilities along with good models.
+Actions: ``hp:<hparam>`` (move one step on its grid), ``clone:<component>`` (make a private trainable
+copy of a frozen component), ``add:residual_adapter_<i>`` (insert an identity-initialised adapter).
+Layer drop / re-add is ``hp:num_layers``. The final norm is always cloned.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from agents.config import MU_RANGE, Preset
+from agents.paths import Component, Path, copy_component
+from agents.vit import VitConfig, component_names, init_component, param_shapes, resize_posemb
+
+FORCE_MUTATIONS = frozenset({"clone:encoder_norm"})
+# Hparams that the per-child loop may mutate (data hparams are sampled once per generation instead).
+CHILD_HPARAMS = ("_mu_", "num_layers", "adapter_dim")
+
+
+class MutationError(RuntimeError):
+    """An inherited component has a shape the method cannot reconcile (a bug, not a user error)."""
+
+
+def incremental_mutation(value: Any, values: Sequence[Any], rng: random.Random) -> Any:
+    """Move one step up or down the grid with probability 1/2 each; at an end, stay with 1/2."""
+    values = list(values)
+    if value in values:
+        i = values.index(value)
+    else:  # a value from an older grid: continue from its nearest neighbour
+        i = min(range(len(values)), key=lambda j: abs(float(values[j]) - float(value)))
+    i += -1 if rng.random() < 0.5 else 1
+    return values[max(0, min(len(values) - 1, i))]
+
+
+class Mutator:
+    """Samples data hparams per generation and builds children; owns the agent's RNGs."""
+
+    def __init__(self, preset: Preset, vit: VitConfig, rng: random.Random, gen: torch.Generator):
+        self.preset, self.vit, self.rng, self.gen = preset, vit, rng, gen
+        self.ranges = preset.ranges()
+        self.default_mu = preset.budget.mu
+
+    # ---- the learned mutation probability ------------------------------------------------
+    def do_mutate(self, h: dict[str, Any], action: str) -> bool:
+        if action in FORCE_MUTATIONS:
+            return True
+        mu = h.get("_mu_", self.default_mu)
+        p = h.get("_mu_|" + action, mu)
+        if "_mu_" in self.ranges:  # auto-tune on: random-walk this action's own probability
+            if self.rng.random() < mu:
+                p = incremental_mutation(p, MU_RANGE, self.rng)
+            h["_mu_|" + action] = p
+        return p > self.rng.random()
+
+    # ---- generation-shared data hparams (method.md 2.5) ------------------------------------
+    def sample_ds_hparams(self, best: Path | None, num_classes: int) -> tuple[dict[str, Any], list[str]]:
+        defaults = self.preset.default_hparams(num_classes)
+        ds = {k: v for k, v in defaults.items() if k.startswith("ds_")}
+        fired: list[str] = []
+        if best is not None:
+            for k, v in best.hparams.items():
+                if k.startswith("ds_") or k.startswith("_mu_|hp:ds_"):
+                    ds[k] = v
+            for k in sorted(self.ranges):
+                if k.startswith("ds_") and self.do_mutate(ds, "hp:" + k):
+                    new = incremental_mutation(ds[k], self.ranges[k], self.rng)
+                    if new != ds[k]:
+                        fired.append("hp:" + k)
+                    ds[k] = new
+        ds["num_classes"] = num_classes
+        return ds, fired
+
+    # ---- building a child (method.md 2.3) -------------------------------------------------
+    def build_child(
+        self,
+        parent: Path,
+        ds: dict[str, Any],
+        *,
+        agent_id: str,
+        task: str,
+        child_id: str,
+        next_component_id: Callable[[], int],
+        ancestors: Callable[[Path], Iterable[Path]],
+        is_frozen: Callable[[Component], bool],
+        root_posemb: torch.Tensor,
+        device: torch.device,
+    ) -> Path:
+        h = copy.deepcopy(parent.hparams)
+        h.update(ds)
+        fired: list[str] = []
+        # 1. hyperparameters, in sorted order so a mutated µ already drives the later decisions.
+        for k in sorted(self.ranges):
+            if (k in CHILD_HPARAMS or k.startswith("opt_")) and self.do_mutate(h, "hp:" + k):
+                new = incremental_mutation(h[k], self.ranges[k], self.rng)
+                if new != h[k]:
+                    fired.append("hp:" + k)
+                h[k] = new
+        # 2. adapters: only ever added; ids beyond the (possibly reduced) depth are dropped.
+        ids = sorted(int(i) for i in str(h.get("adapter_layers", "")).split("_") if i != "")
+        if self.preset.mutate_adapters:
+            for i in range(h["num_layers"]):
+                if i not in ids and self.do_mutate(h, f"add:residual_adapter_{i}"):
+                    ids.append(i)
+                    fired.append(f"add:residual_adapter_{i}")
+        h["adapter_layers"] = "_".join(str(i) for i in sorted(i for i in ids if i < h["num_layers"]))
+
+        # 3. components: nearest ancestor that has a compatible one; share frozen ones unless cloned.
+        lineage = list(ancestors(parent))
+        comps: dict[str, Component] = {}
+        for name in component_names(h):
+            want = param_shapes(name, self.vit, h)
+            chosen = None
+            for anc in lineage:
+                c = anc.components.get(name)
+                if c is None:
+                    continue
+                if name == "head" and anc.task != task:
+                    continue  # heads are never shared between tasks
+                if c.shapes() != want:
+                    if name in ("posembed_input", "head") or name.startswith("residual_adapter_"):
+                        continue
+                    raise MutationError(f"{name} of {anc.id} has shapes {c.shapes()}, expected {want}")
+                if not is_frozen(c):
+                    chosen = copy_component(c, agent_id, next_component_id())
+                elif self.do_mutate(h, "clone:" + name):
+                    chosen = copy_component(c, agent_id, next_component_id())
+                    if "clone:" + name not in FORCE_MUTATIONS:
+                        fired.append("clone:" + name)
+                else:
+                    chosen = c  # shared by reference: stays frozen, same tensors in memory
+                break
+            if chosen is None:
+                chosen = self._fresh(name, h, agent_id, next_component_id(), root_posemb, device)
+                if not name.startswith("residual_adapter_"):
+                    fired.append("new:" + name)
+            comps[name] = chosen
+        child = Path(child_id, agent_id, task, h, comps, parent_id=parent.id,
+                     preset=self.preset.name, preset_hash=self.preset.hash, mutations=fired)
+        return child
+
+    def _fresh(self, name: str, h: dict, agent_id: str, cid: int, root_posemb: torch.Tensor,
+               device: torch.device) -> Component:
+        if name == "posembed_input":
+            # No ancestor at this image size: start from the root's posemb resized (not a tuned one).
+            grid = h["ds_image_size"] // self.vit.patch
+            params = {"pos_embedding": resize_posemb(root_posemb, grid).to(device).contiguous()}
+        else:
+            params = {k: v.to(device) for k, v in init_component(name, self.vit, h, self.gen).items()}
+        return Component(name, agent_id, cid, params)
+
+
+def hparams_diff(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, list[Any]]:
+    """{key: [old, new]} for hparams that differ (µ probabilities left out: they drift constantly)."""
+    out = {}
+    for k in sorted(set(parent) | set(child)):
+        if k.startswith("_mu_|"):
+            continue
+        if parent.get(k) != child.get(k):
+            out[k] = [parent.get(k), child.get(k)]
+    return out

@@ -1,0 +1,187 @@
+"""Training and evaluating one child (method.md 3.3-3.4).
+
+SGD with momentum (optionally Nesterov), gradients clipped to global norm 1.0, a warm-up/cosine
+learning-rate schedule that starts at lr/1000, validation every B steps on a fixed validation subset,
+and a snapshot of the trainable tensors (and their momentum) at every validation whose score reaches the
+threshold. The child is kept iff a snapshot was taken, and it keeps the snapshot, not the last step.
+
+The loop is a bare PyTorch loop on purpose: the data is already on the device as uint8 tensors, the
+augmentation is batched, and nothing per step goes through Python beyond what a hand-written loop does.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from agents.data import TaskData
+from agents.data.augment import augment_train, preprocess_eval, to_tensor
+from agents.paths import Path
+from agents.vit import PathModel, VitConfig
+
+
+class TaskTensors:
+    """A task's splits held on the agent's device as uint8 NCHW tensors (converted once)."""
+
+    def __init__(self, data: TaskData, device: torch.device, validation_examples: int):
+        self.name, self.num_classes, self.device = data.name, data.num_classes, device
+        self.train_x = to_tensor(data.train_x, device)
+        self.train_y = torch.as_tensor(data.train_y, dtype=torch.long, device=device)
+        n_val = min(len(data.val_y), validation_examples)
+        self.val_x = to_tensor(data.val_x[:n_val], device)
+        self.val_y = torch.as_tensor(data.val_y[:n_val], dtype=torch.long, device=device)
+        self.test_x = to_tensor(data.test_x, device)
+        self.test_y = torch.as_tensor(data.test_y, dtype=torch.long, device=device)
+        self._val_inputs: dict[int, torch.Tensor] = {}
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train_y.shape[0])
+
+    def val_inputs(self, image_size: int) -> torch.Tensor:
+        """Validation images preprocessed once per image size (the same subset every validation)."""
+        if image_size not in self._val_inputs:
+            self._val_inputs[image_size] = preprocess_eval(self.val_x, image_size)
+        return self._val_inputs[image_size]
+
+    def batch_indices(self, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+        """Endless shuffled batches (a fresh permutation each epoch, drawn on CPU for determinism)."""
+        n = self.n_train
+        while True:
+            perm = torch.randperm(n, generator=gen).to(self.device)
+            for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+                yield perm[i:i + batch_size]
+
+
+def lr_at(step: int, total: int, lr: float, warmup_ratio: float) -> float:
+    """Linear warm-up from lr/1000 to lr over int(ratio*T) steps, then cosine from lr to 0."""
+    warm = int(warmup_ratio * total)
+    if step < warm:
+        start = lr / 1000.0
+        return start + (lr - start) * step / warm
+    decay = max(1, total - warm)
+    return 0.5 * lr * (1.0 + math.cos(math.pi * min(step - warm, decay) / decay))
+
+
+@torch.inference_mode()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512,
+             prep: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    correct = torch.zeros((), dtype=torch.long, device=y.device)
+    for i in range(0, len(y), batch):
+        xb = x[i:i + batch]
+        logits = model(prep(xb) if prep is not None else xb)
+        correct += (logits.argmax(-1) == y[i:i + batch]).sum()
+    return correct.item() / max(1, len(y))
+
+
+def test_accuracy(model: PathModel, data: TaskTensors, image_size: int) -> float:
+    """Exact accuracy on the whole test split (never used for selection)."""
+    return accuracy(model, data.test_x, data.test_y, prep=lambda xb: preprocess_eval(xb, image_size))
+
+
+def make_model_and_optimizer(child: Path, vit: VitConfig):
+    """The child's module and an SGD over its trainable (not yet stored) components only.
+
+    Frozen components get neither gradients nor optimizer state. Clones start from their parent's
+    momentum buffer (method.md 6.4); the learning-rate schedule always restarts.
+    """
+    h = child.hparams
+    trainable = {n for n, c in child.components.items() if not c.stored}
+    model = PathModel(vit, h, {n: c.params for n, c in child.components.items()}, trainable)
+    tensors = model.trainable_tensors()
+    opt = torch.optim.SGD(list(tensors.values()), lr=h["opt_lr"], momentum=h["opt_momentum"],
+                          nesterov=bool(h["opt_nesterov"]) and h["opt_momentum"] > 0)
+    for (cname, tname), p in tensors.items():
+        mom = child.components[cname].momentum
+        if mom is not None and tname in mom and mom[tname].shape == p.shape:
+            opt.state[p]["momentum_buffer"] = mom[tname].to(p.device, torch.float32).clone()
+    return model, opt, tensors
+
+
+@dataclass
+class TrainResult:
+    improved: bool
+    quality: float | None          # best validation accuracy seen
+    score: float | None            # score at the kept snapshot (None if not improved)
+    evals: list[float] = field(default_factory=list)
+    steps: int = 0
+    train_images: int = 0
+    seconds: float = 0.0
+    aborted: bool = False
+
+
+def train_child(
+    child: Path,
+    vit: VitConfig,
+    data: TaskTensors,
+    *,
+    batch_size: int,
+    steps_between_validations: int,
+    validations: int,
+    threshold: float,
+    score_of: Callable[[float], float],
+    gen: torch.Generator,
+    on_step: Callable[[], bool] | None = None,
+) -> tuple[TrainResult, PathModel]:
+    """Train the child's trainable (not yet stored) components in place; return the kept result.
+
+    ``score_of(quality)`` turns a validation accuracy into the child's score (size/compute penalty
+    applied). ``on_step`` is called between steps; returning True abandons the child (e.g. Ctrl-C).
+    """
+    t0 = time.perf_counter()
+    h = child.hparams
+    model, opt, tensors = make_model_and_optimizer(child, vit)
+    params = list(tensors.values())
+    total = steps_between_validations * validations
+    size = h["ds_image_size"]
+    val_x = data.val_inputs(size)
+    batches = data.batch_indices(batch_size, gen)
+    result = TrainResult(improved=False, quality=None, score=None)
+    best_threshold, snapshot = threshold, None
+    model.train()
+    for step in range(total):
+        if on_step is not None and on_step():
+            result.aborted = True
+            break
+        idx = next(batches)
+        x = augment_train(data.train_x[idx], h, size, gen)
+        lr = lr_at(step, total, h["opt_lr"], h["opt_lr_warmup_ratio"])
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = F.cross_entropy(model(x), data.train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        result.steps += 1
+        result.train_images += int(idx.shape[0])
+        if (step + 1) % steps_between_validations == 0:
+            model.eval()
+            q = accuracy(model, val_x, data.val_y)
+            model.train()
+            result.evals.append(q)
+            s = score_of(q)
+            if s >= best_threshold:  # >= : ties with the parent count as improvements
+                best_threshold = s
+                snapshot = {k: p.detach().clone() for k, p in tensors.items()}
+                moms = {k: opt.state[p].get("momentum_buffer") for k, p in tensors.items()}
+                snapshot_mom = {k: (m.detach().clone() if m is not None else None) for k, m in moms.items()}
+                result.score, result.quality = s, q
+    result.quality = max(result.evals) if result.evals else None
+    if snapshot is not None and not result.aborted:
+        result.improved = True
+        with torch.no_grad():
+            for k, p in tensors.items():
+                p.copy_(snapshot[k])
+        for (cname, tname), m in snapshot_mom.items():
+            comp = child.components[cname]
+            if m is not None:
+                comp.momentum = comp.momentum if comp.momentum is not None else {}
+                comp.momentum[tname] = m
+    model.eval()
+    result.seconds = time.perf_counter() - t0
+    return result, model

@@ -1,0 +1,152 @@
+"""An agent's view of the system: the root, every task's published model, and its own paths.
+
+The store is the truth; this view is a cache of it on the agent's device. Loaded components are
+immutable and cached by key, so a frozen component used by many paths is one set of tensors in memory.
+``lockers[key]`` is the set of agents whose published model (or the root) uses a component: a
+component is frozen for this agent iff some *other* agent locks it (method.md 1.5).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from agents.paths import Component, Path
+from protocol.tensors import RawTensor
+from store import ComponentWrite, ModelRecord, Store
+
+ROOT_AGENT = "root"
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
+                 "uint8": torch.uint8, "bool": torch.bool}
+_DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
+MAX_LINEAGE = 256
+
+
+def to_raw(t: torch.Tensor, dtype: torch.dtype | None = None) -> RawTensor:
+    """A CPU copy of ``t`` as raw little-endian bytes (bfloat16 travels as its 2-byte pattern)."""
+    t = t.detach()
+    if dtype is not None:
+        t = t.to(dtype)
+    t = t.cpu().contiguous()
+    name = _DTYPE_NAMES[t.dtype]
+    arr = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    return RawTensor(name, tuple(t.shape), memoryview(np.ascontiguousarray(arr)).cast("B"))
+
+
+def from_raw(r: RawTensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    buf = r.data if isinstance(r.data, bytearray) else bytearray(r.data)
+    t = torch.frombuffer(buf, dtype=_TORCH_DTYPES[r.dtype]) if len(buf) else \
+        torch.empty(0, dtype=_TORCH_DTYPES[r.dtype])
+    t = t.reshape(r.shape)
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return t.to(device)
+
+
+def component_write(c: Component) -> ComponentWrite:
+    """Tensors in float32; momentum in bfloat16 (half the bytes; only a starting point for clones)."""
+    mom = {k: to_raw(v, torch.bfloat16) for k, v in (c.momentum or {}).items()}
+    return ComponentWrite.build(c.key, c.name, c.owner, {k: to_raw(v) for k, v in c.params.items()},
+                                mom, cloned_from=c.cloned_from)
+
+
+def model_record(p: Path) -> ModelRecord:
+    return ModelRecord(id=p.id, task=p.task, agent=p.agent,
+                       components=[c.key for c in p.ordered()], hparams=dict(p.hparams),
+                       metrics=dict(p.metrics), parent=p.parent_id, preset=p.preset,
+                       preset_hash=p.preset_hash, created_at=p.created_at or time.time())
+
+
+class SystemView:
+    def __init__(self, store: Store, agent_id: str, device: torch.device):
+        self.store, self.agent_id, self.device = store, agent_id, device
+        self._components: dict[str, Component] = {}
+        self._paths: dict[str, Path] = {}
+        self.root: Path | None = None
+        self.published: dict[str, Path] = {}       # task -> current model
+        self.lockers: dict[str, set[str]] = {}
+        self.last_refresh = 0.0
+
+    # ---- loading ---------------------------------------------------------------------------
+    def component(self, key: str) -> Component:
+        c = self._components.get(key)
+        if c is None:
+            rec = self.store.get_component(key)
+            if rec is None:
+                raise KeyError(f"component {key} is not in the store")
+            params, mom = self.store.load_component_tensors(key)
+            c = Component(rec.name, rec.agent, int(key.rsplit(":", 1)[1]),
+                          {k: from_raw(v, self.device, torch.float32) for k, v in params.items()},
+                          {k: from_raw(v, self.device, torch.float32) for k, v in mom.items()} or None,
+                          cloned_from=rec.cloned_from, stored=True)
+            self._components[key] = c
+        return c
+
+    def path(self, model_id: str) -> Path:
+        p = self._paths.get(model_id)
+        if p is None:
+            rec = self.store.get_model(model_id)
+            if rec is None:
+                raise KeyError(f"model {model_id} is not in the store")
+            comps = [self.component(k) for k in rec.components]
+            p = Path(rec.id, rec.agent, rec.task, dict(rec.hparams), {c.name: c for c in comps},
+                     dict(rec.metrics), rec.parent, rec.preset, rec.preset_hash, rec.created_at,
+                     stored=True)
+            self._paths[model_id] = p
+        return p
+
+    def remember(self, p: Path) -> None:
+        """Register a path this agent just committed (its components are now immutable)."""
+        for c in p.components.values():
+            c.stored = True
+            self._components.setdefault(c.key, c)
+        p.stored = True
+        self._paths[p.id] = p
+
+    def ancestors(self, p: Path) -> Iterator[Path]:
+        """p, its parent, grandparent, ... (parents missing from the store end the walk)."""
+        seen = 0
+        while p is not None and seen < MAX_LINEAGE:
+            yield p
+            seen += 1
+            if p.parent_id is None:
+                return
+            try:
+                p = self.path(p.parent_id)
+            except KeyError:
+                # Garbage-collected ancestor: fall back to the root, as the reference does.
+                p = self.root if (self.root is not None and p is not self.root) else None
+
+    # ---- the published system --------------------------------------------------------------
+    def refresh(self) -> None:
+        root_id = self.store.root_model_id()
+        self.root = self.path(root_id) if root_id else None
+        self.published = {t: self.path(m.id) for t, m in self.store.published_models().items()}
+        lockers: dict[str, set[str]] = {}
+        users = list(self.published.values()) + ([self.root] if self.root else [])
+        for p in users:
+            for c in p.components.values():
+                lockers.setdefault(c.key, set()).add(p.agent)
+        self.lockers = lockers
+        self.last_refresh = time.time()
+
+    def is_frozen(self, c: Component) -> bool:
+        return bool(self.lockers.get(c.key, set()) - {self.agent_id})
+
+    def foreign_paths(self) -> list[Path]:
+        """Root and other agents' published models: the uniform fallback's candidates."""
+        out = [self.root] if self.root is not None else []
+        out += [p for p in self.published.values() if p.agent != self.agent_id]
+        return out
+
+    def prune(self, keep: list[Path]) -> None:
+        """Drop cached paths/components nothing in use refers to (bounded memory on long runs)."""
+        live_paths = {p.id for p in keep} | {p.id for p in self.published.values()}
+        if self.root is not None:
+            live_paths.add(self.root.id)
+        self._paths = {k: v for k, v in self._paths.items() if k in live_paths}
+        live = {c.key for p in self._paths.values() for c in p.components.values()}
+        self._components = {k: v for k, v in self._components.items() if k in live}

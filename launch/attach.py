@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Start one more agent for a task on an existing store, while a swarm runs or none does.
+
+The agent takes its task's lease (refused, exit 2, while another live agent holds it), announces itself
+to the running agents, and draws its first parents from what the others have published: a new task
+starts from the system's knowledge. Re-attaching a task whose agent died resumes it from the store.
+
+  python launch/attach.py --store runs/store --task glyphs_arabic
+  python launch/attach.py --store runs/store --task mnist5k --preset demo+penalty --cycles 6
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from launch.common import UserError, check_devices, parse_devices, run_main  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attach.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", required=True, help="existing store directory (made by run_swarm.py)")
+    p.add_argument("--task", required=True,
+                   help="task name: a built-in (mnist5k, uci_digits, fashion_mnist, animal_mnist, "
+                        "glyphs_<script>) or folder:PATH or npz:PATH")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--preset", default="demo",
+                   help="BUDGET[@base][+ext...], e.g. demo, demo+penalty, test (default demo)")
+    p.add_argument("--cycles", type=int, default=None, help="cycles to reach (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--lease-ttl", type=float, default=15.0,
+                   help="seconds without heartbeat after which another agent may take over")
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    if args.cycles is not None and args.cycles < 0:
+        raise UserError("--cycles must be >= 0")
+    check_devices(parse_devices(args.device))
+    from store import Store
+
+    Store.open(args.store, readonly=True).close()  # NotAStore -> exit 2, creates nothing
+    from agents.agent import AgentOptions, run_agent
+
+    opts = AgentOptions(store=args.store, task=args.task, preset=args.preset, device=args.device,
+                        cycles=args.cycles, seed=args.seed, threads=args.threads,
+                        lease_ttl=args.lease_ttl)
+    agent = run_agent(opts, verbose=True)
+    return 0 if agent.state.cycle >= agent.cycles or agent.stop_requested else 1
+
+
+if __name__ == "__main__":
+    run_main(main, "attach.py")

@@ -1,0 +1,77 @@
+"""Live progress of a swarm, read from the store's agent records (the agents' heartbeats).
+
+On a terminal the table is redrawn in place; otherwise (CI, a pipe, a log file) it degrades to one line
+per agent whenever that agent's progress changes, so logs stay readable.
+"""
+from __future__ import annotations
+
+import time
+from typing import TextIO
+
+from store import Store
+
+COLUMNS = ("task", "state", "cycle", "gen", "score", "quality", "test", "params", "ch/min", "last event")
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+class ProgressView:
+    def __init__(self, store_path: str, tasks: list[str], out: TextIO):
+        self.store_path, self.tasks, self.out = store_path, tasks, out
+        self.tty = hasattr(out, "isatty") and out.isatty()
+        self._last_lines: dict[str, str] = {}
+        self._drawn = 0
+        self._t0 = time.time()
+        self._store: Store | None = None
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def rows(self, procs) -> list[tuple[str, ...]]:
+        from agents.agent import agent_id_for  # same id rule as the agents
+
+        if self._store is None:  # one read-only handle for the view's life (LMDB: once per process)
+            self._store = Store.open(self.store_path, readonly=True)
+        records = {a.agent_id: a for a in self._store.agents()}
+        rows = []
+        for task in self.tasks:
+            rec = records.get(agent_id_for(task))
+            pr = rec.progress if rec else {}
+            proc = procs.get(task)
+            state = rec.state if rec else "starting"
+            if proc is not None and not proc.is_alive() and proc.exitcode not in (0, None):
+                state = f"exit {proc.exitcode}"
+            rows.append((task, state,
+                         f"{pr.get('cycle', 0)}/{pr.get('cycles', '?')}",
+                         f"{pr.get('generation', 0)}/{pr.get('generations', '?')}",
+                         _fmt(pr.get("best_score")), _fmt(pr.get("best_quality")),
+                         _fmt(pr.get("best_test")), _fmt(pr.get("params")),
+                         _fmt(pr.get("children_per_min"), 1), str(pr.get("last_event", ""))[:40]))
+        return rows
+
+    def update(self, procs, final: bool = False) -> None:
+        rows = self.rows(procs)
+        if self.tty:
+            widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+            lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))]
+            lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+            lines.append(f"elapsed {time.time() - self._t0:.0f}s")
+            if self._drawn:
+                self.out.write(f"\x1b[{self._drawn}F")  # back to the table's first line
+            self.out.write("".join(f"\x1b[2K{line}\n" for line in lines))
+            self._drawn = len(lines)
+        else:
+            for r in rows:
+                line = " ".join(f"{c}={v}" for c, v in zip(COLUMNS[1:], r[1:]))
+                if self._last_lines.get(r[0]) != line or final:
+                    self._last_lines[r[0]] = line
+                    self.out.write(f"[{time.time() - self._t0:6.0f}s] {r[0]}: {line}\n")
+        self.out.flush()

@@ -1,0 +1,365 @@
+"""Query a munet-swarm store from the command line (read-only except `gc`).
+
+    python launch/query.py --store DIR leaderboard [--json]
+    python launch/query.py --store DIR show TASK [--json]
+    python launch/query.py --store DIR verify
+    python launch/query.py --store DIR events [--follow] [--after N] [--json]
+    python launch/query.py --store DIR gc [--grace S] [--json]
+    python launch/query.py --store DIR stats [--json]
+
+Exit codes: 0 ok; 1 internal failure or an inconsistent store; 2 user error (one line on stderr).
+This script must stay torch-free so that it starts fast; each subcommand is one `cmd_*` function
+registered in `SUBCOMMANDS`, so new ones (export, report) plug in the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+try:  # run from a checkout without installing: put the repository root on the path
+    import store  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from store import MissingReference, Store, StoreCorrupt, StoreError  # noqa: E402
+
+DEFAULT_STORE = "swarm-store"
+FOLLOW_POLL_SECONDS = 0.5
+
+LEADERBOARD_KEYS = ("task", "model_id", "agent_id", "score", "quality", "test_quality", "params",
+                    "accounted_params", "flops", "num_layers", "adapter_layers", "image_size",
+                    "cycles", "parent_id", "updated_at")
+
+
+class UsageError(Exception):
+    """A user mistake the CLI reports as one line with exit code 2."""
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+
+def open_store(args: argparse.Namespace, *, readonly: bool = True) -> Store:
+    """Open an existing store; never creates anything (a wrong path is a NotAStore error)."""
+    return Store.open(args.store, readonly=readonly, create=False)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON: report them as null so every consumer can parse the output."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(_json_safe(value), indent=2, default=str))
+
+
+def format_time(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_value(value: Any) -> str:
+    """Compact human formatting for table cells."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value == int(value) and abs(value) >= 1000:
+            return f"{int(value):,}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned text table; numbers right-aligned."""
+    cells = [[format_value(v) for v in row] for row in rows]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) and rows
+               for i in range(len(headers))]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if numeric[i] else v.ljust(w)
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    out.extend(line(r) for r in cells)
+    return "\n".join(out)
+
+
+# ---- leaderboard --------------------------------------------------------------------------------------
+
+def leaderboard_rows(st: Store) -> list[dict[str, Any]]:
+    """One row per task with a published model, sorted by task (the `leaderboard --json` schema)."""
+    pointers = {t.task: t for t in st.tasks()}
+    rows = []
+    for task, model in sorted(st.published_models().items()):
+        m, h = model.metrics, model.hparams
+        rows.append({
+            "task": task,
+            "model_id": model.id,
+            "agent_id": pointers[task].agent if task in pointers else model.agent,
+            "score": m.get("score"),
+            "quality": m.get("quality"),
+            "test_quality": m.get("test_quality"),
+            "params": m.get("params"),
+            "accounted_params": m.get("accounted_params"),
+            "flops": m.get("flops"),
+            "num_layers": h.get("num_layers", m.get("num_layers")),
+            "adapter_layers": h.get("adapter_layers", m.get("adapter_layers")),
+            "image_size": h.get("ds_image_size"),
+            "cycles": m.get("num_cycles"),
+            "parent_id": model.parent,
+            "updated_at": pointers[task].updated_at if task in pointers else model.created_at,
+        })
+    return rows
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    with open_store(args) as st:
+        rows = leaderboard_rows(st)
+    if args.json:
+        print_json(rows)
+        return 0
+    headers = ["task", "model", "agent", "score", "quality", "test_q", "params", "acc_params",
+               "flops", "layers", "adapters", "img", "cycles", "parent", "updated"]
+    table = [[r["task"], r["model_id"], r["agent_id"], r["score"], r["quality"],
+              r["test_quality"], r["params"], r["accounted_params"], r["flops"], r["num_layers"],
+              r["adapter_layers"] or "-", r["image_size"], r["cycles"], r["parent_id"],
+              format_time(r["updated_at"])] for r in rows]
+    print(format_table(headers, table))
+    if not rows:
+        print("(no task has a published model yet)")
+    return 0
+
+
+# ---- show ---------------------------------------------------------------------------------------------
+
+def describe_task(st: Store, task: str) -> dict[str, Any]:
+    """The task's pointer, model and components (owner, size, which other tasks reuse them)."""
+    pointer = st.get_task(task)
+    if pointer is None:
+        known = ", ".join(sorted(t.task for t in st.tasks())) or "none"
+        raise UsageError(f"unknown task {task!r} (tasks with a published model: {known})")
+    published = st.published_models()
+    model = published[task]
+    users: dict[str, list[str]] = {}
+    for other_task, other in published.items():
+        for cid in other.components:
+            users.setdefault(cid, []).append(other_task)
+    components = []
+    for cid in model.components:
+        record = st.get_component(cid)
+        if record is None:
+            raise MissingReference(f"model {model.id} refers to missing component {cid}")
+        shapes = st.tensor_shapes(cid)
+        components.append({
+            "id": cid, "name": record.name, "agent": record.agent,
+            "params": sum(math.prod(shape) for _, shape in shapes.values()),
+            "has_momentum": bool(record.momentum), "cloned_from": record.cloned_from,
+            "shared_with": sorted(t for t in users.get(cid, []) if t != task),
+        })
+    return {"task": pointer.to_dict(), "model": model.to_dict(), "components": components}
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with open_store(args) as st:
+        info = describe_task(st, args.task)
+    if args.json:
+        print_json(info)
+        return 0
+    model, pointer = info["model"], info["task"]
+    print(f"task {pointer['task']}: model {model['id']} by agent {pointer['agent']}, "
+          f"published {format_time(pointer['updated_at'])}")
+    print(f"  parent {model['parent'] or '-'}, preset {model['preset']} ({model['preset_hash']}), "
+          f"created {format_time(model['created_at'])}, {pointer['num_classes']} classes")
+    for title, values in (("metrics", model["metrics"]), ("hparams", model["hparams"])):
+        print(f"{title}:")
+        for key in sorted(values):
+            print(f"  {key:<32} {format_value(values[key])}")
+    print("components (forward order):")
+    rows = [[c["id"], c["name"], c["agent"], c["params"], ", ".join(c["shared_with"]) or "-"]
+            for c in info["components"]]
+    table = format_table(["id", "name", "owner", "params", "also used by"], rows)
+    print("\n".join("  " + line for line in table.splitlines()))
+    return 0
+
+
+# ---- verify, events, gc, stats ------------------------------------------------------------------------
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with open_store(args) as st:
+        result = st.check()
+    if result.ok:
+        print(f"ok: {result.blobs} blobs, {result.components} components, {result.models} models "
+              f"verified")
+        return 0
+    for problem in result.problems:
+        print(problem)
+    print(f"FAILED: {len(result.problems)} problem(s) in {args.store}", file=sys.stderr)
+    return 1
+
+
+def format_event(event: Any) -> str:
+    return "  ".join([f"{event.seq:>6}", format_time(event.time), f"{event.kind:<14}",
+                      f"{event.task or '-':<16}", f"{event.agent or '-':<16}",
+                      event.model_id or "-"]).rstrip()
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    def emit(events: list) -> None:
+        for event in events:
+            line = json.dumps(_json_safe(event.to_dict()), default=str) if args.json \
+                else format_event(event)
+            print(line, flush=True)
+
+    with open_store(args) as st:
+        after = args.after
+        try:
+            while True:
+                batch = st.events(after=after)
+                emit(batch)
+                if batch:
+                    after = batch[-1].seq
+                if not args.follow:
+                    return 0
+                time.sleep(FOLLOW_POLL_SECONDS)
+        except KeyboardInterrupt:
+            return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    with open_store(args, readonly=False) as st:
+        counts = st.gc(grace_seconds=args.grace)
+    if args.json:
+        print_json(counts)
+    else:
+        print(f"gc: removed {counts['models']} models, {counts['components']} components, "
+              f"{counts['blobs']} blobs ({counts['bytes_freed']:,} bytes)")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with open_store(args) as st:
+        info = st.stats()
+    if args.json:
+        print_json(info)
+        return 0
+    print(f"store {info['path']} (schema {info['schema_version']}, root {info['root_model_id']})")
+    for name, count in info["counts"].items():
+        print(f"  {name:<12} {count:>10,}")
+    print(f"  blob bytes   {info['blob_bytes']:>10,}")
+    print(f"  used         {info['used_bytes']:>10,} of map {info['map_size']:,} bytes "
+          f"(file {info['file_bytes']:,})")
+    print(f"  last event   {info['last_event_seq']:>10}")
+    return 0
+
+
+# ---- argument parsing ---------------------------------------------------------------------------------
+
+def _add_store_flag(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--store", default=default, metavar="DIR",
+                        help=f"store directory (default: {DEFAULT_STORE})")
+
+
+def register_leaderboard(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("leaderboard", help="current model of every task")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    return p
+
+
+def register_show(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("show", help="one task's model, hparams, metrics and components")
+    p.add_argument("task")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def register_verify(sub: Any) -> argparse.ArgumentParser:
+    return sub.add_parser("verify", help="re-hash blobs and check every reference")
+
+
+def register_events(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("events", help="print the event log")
+    p.add_argument("--follow", action="store_true", help="keep printing new events (Ctrl-C ends)")
+    p.add_argument("--after", type=int, default=0, metavar="N", help="only events with seq > N")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    return p
+
+
+def register_gc(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("gc", help="delete models, components and blobs nothing live needs")
+    p.add_argument("--grace", type=float, default=3600.0, metavar="S",
+                   help="keep anything created in the last S seconds (default 3600)")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def register_stats(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("stats", help="record counts and space used")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+#: (register, command) pairs; a new subcommand adds one entry here
+SUBCOMMANDS: list[tuple[Callable[[Any], argparse.ArgumentParser],
+                        Callable[[argparse.Namespace], int]]] = [
+    (register_leaderboard, cmd_leaderboard),
+    (register_show, cmd_show),
+    (register_verify, cmd_verify),
+    (register_events, cmd_events),
+    (register_gc, cmd_gc),
+    (register_stats, cmd_stats),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="query.py", description=__doc__.split("\n\n")[0])
+    _add_store_flag(parser, default=os.environ.get("MUNET_STORE", DEFAULT_STORE))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register, command in SUBCOMMANDS:
+        p = register(sub)
+        _add_store_flag(p, default=argparse.SUPPRESS)  # also accepted after the subcommand
+        p.set_defaults(func=command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (StoreCorrupt, MissingReference) as exc:
+        print(f"error: store is inconsistent: {exc}", file=sys.stderr)
+        return 1
+    except (UsageError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `query.py events | head`
+        sys.stderr.close()
+        return 0
+    except Exception:  # internal failure: keep the traceback, it is a bug report
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Launch a swarm: one agent process per task growing one shared multitask ViT.
+
+With no arguments it runs the built-in offline benchmark (mccb-offline, eight tasks) with the `demo`
+preset on this machine in minutes, shows live progress, and ends with the leaderboard. Re-running the
+same command resumes from the store; Ctrl-C stops every agent cleanly (nothing published is lost).
+The launcher is only a launcher: agents keep working if it dies, and more can be attached at any time
+with launch/attach.py.
+
+  python launch/run_swarm.py
+  python launch/run_swarm.py --store runs/s1 --tasks mnist5k,uci_digits --preset test --cycles 2
+  python launch/run_swarm.py --devices cuda:0,cuda:1 --preset vit-t3
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from launch.common import UserError, check_devices, parse_devices, run_main  # noqa: E402
+
+DEFAULT_STORE = "runs/store"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_swarm.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", default=DEFAULT_STORE, help=f"store directory (default {DEFAULT_STORE})")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--benchmark", default=None, help="built-in task set (default mccb-offline)")
+    g.add_argument("--tasks", default=None,
+                   help="comma-separated tasks: built-ins, glyphs_<script>, folder:PATH, npz:PATH")
+    p.add_argument("--preset", default="demo",
+                   help="BUDGET[@base][+ext...]: budgets vit-t3, vit-b, vit-l, demo, test; extensions "
+                        "autotune, adapters, layers, imagesize, penalty (default demo)")
+    p.add_argument("--devices", default="cpu",
+                   help="cpu or cuda:0,cuda:1,...; assigned to agents round-robin (default cpu)")
+    p.add_argument("--cycles", type=int, default=None, help="cycles per agent (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--root", default="random",
+                   help="'random' or a local timm ViT checkpoint file to import the root from "
+                        "(only used when the store has no root yet)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per CPU agent (default: cores divided among CPU agents)")
+    p.add_argument("--refresh", type=float, default=1.0, help="progress refresh period in seconds")
+    p.add_argument("--print-config", action="store_true", help="print the resolved preset and exit")
+    return p
+
+
+def resolve_tasks(args) -> list[str]:
+    from agents.data import benchmark_tasks
+
+    if args.tasks:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks:
+            raise UserError("--tasks is empty")
+        if len(set(tasks)) != len(tasks):
+            raise UserError("--tasks names a task twice (one agent per task)")
+        return tasks
+    return list(benchmark_tasks(args.benchmark or "mccb-offline"))
+
+
+def spawn_agents(args, tasks: list[str], devices: list[str]) -> dict[str, mp.Process]:
+    from agents.agent import AgentOptions, agent_id_for, agent_process_main
+
+    ctx = mp.get_context("spawn")  # never fork with an open LMDB env or zmq context
+    n_cpu = sum(1 for i in range(len(tasks)) if devices[i % len(devices)] == "cpu")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, n_cpu))
+    procs = {}
+    for i, task in enumerate(tasks):
+        dev = devices[i % len(devices)]
+        opts = AgentOptions(store=args.store, task=task, preset=args.preset, device=dev,
+                            cycles=args.cycles, seed=args.seed, root=args.root,
+                            threads=threads if dev == "cpu" else None)
+        log = os.path.join(args.store, "logs", agent_id_for(task) + ".log")
+        proc = ctx.Process(target=agent_process_main, args=(opts, log), name=f"agent-{task}")
+        proc.start()
+        procs[task] = proc
+    return procs
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    devices = parse_devices(args.devices)
+    if args.cycles is not None and args.cycles < 0:
+        raise UserError("--cycles must be >= 0")
+    import dataclasses
+
+    from agents.config import format_preset, resolve_preset
+
+    preset = resolve_preset(args.preset, root=args.root)
+    if args.print_config:
+        print(format_preset(preset))
+        return 0
+    if args.root != "random" and not os.path.isfile(args.root):
+        raise UserError(f"--root {args.root}: no such checkpoint file")
+    check_devices(devices)
+    tasks = resolve_tasks(args)
+    from agents.agent import agent_id_for
+    from agents.bootstrap import ensure_root
+    from agents.data import fetch_all
+    from agents.vit import VIT_CONFIGS
+    from launch.progress import ProgressView
+    from store import Store
+
+    fetch_all(tasks)  # every task's data is there (or one clear line says what is missing)
+    os.makedirs(args.store, exist_ok=True)
+    with Store.open(args.store, create=True) as store:
+        vit = dataclasses.replace(VIT_CONFIGS[preset.budget.vit], depth=preset.budget.depth)
+        ensure_root(store, preset, vit, seed=args.seed)
+        live = {a.agent_id: a for a in store.live_agents()}
+        for t in tasks:
+            if agent_id_for(t) in live:
+                a = live[agent_id_for(t)]
+                raise UserError(f"task {t} already has a live agent (pid {a.pid} on {a.host}); "
+                                f"stop it or leave {t} out")
+    print(f"swarm: {len(tasks)} agents, preset {preset.name} [{preset.hash}], store {args.store}, "
+          f"devices {','.join(devices)}; logs in {os.path.join(args.store, 'logs')}", flush=True)
+    procs = spawn_agents(args, tasks, devices)
+    view = ProgressView(args.store, tasks, sys.stdout)
+    interrupted = False
+    try:
+        while any(p.is_alive() for p in procs.values()):
+            view.update(procs)
+            time.sleep(args.refresh)
+    except KeyboardInterrupt:
+        interrupted = True  # the agents got the same SIGINT: they finish or abandon their child
+        print("\nswarm: stopping agents (Ctrl-C again to force)...", flush=True)
+        try:
+            for p in procs.values():
+                p.join()
+        except KeyboardInterrupt:
+            for p in procs.values():
+                p.terminate()
+    for p in procs.values():
+        p.join()
+    view.update(procs, final=True)
+    view.close()
+    from launch.query import print_leaderboard
+
+    print()
+    print_leaderboard(args.store)
+    failed = {t: p.exitcode for t, p in procs.items() if p.exitcode not in (0, None)}
+    if failed and not interrupted:
+        for t, code in failed.items():
+            print(f"swarm: agent for {t} exited with code {code}: see "
+                  f"{os.path.join(args.store, 'logs', agent_id_for(t) + '.log')}", file=sys.stderr)
+        return 2 if all(c == 2 for c in failed.values()) else 1
+    if interrupted:
+        print("swarm: stopped; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, "run_swarm.py")

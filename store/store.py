@@ -1,0 +1,479 @@
+"""The LMDB parameter store: one environment per directory, one ``Store`` object per process.
+
+Every public operation is one LMDB transaction. Writes (``commit``, ``ensure_root``, leases, ``gc``)
+are serialised by LMDB's single write lock, so checks made inside a write transaction (lease owner,
+references, immutability) hold at the moment of commit. Reads use short read transactions that see a
+consistent snapshot and never block the writer. Tensors returned by reads are copied out of the
+transaction so they outlive it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import lmdb
+
+from protocol.tensors import ProtocolError, RawTensor, decode_blob
+from store import maintenance, txnops
+from store.codec import str_key
+from store.env import SharedEnvironment
+from store.errors import (Conflict, LeaseHeld, LeaseLost, MissingReference, NotAStore,
+                          StoreError, StoreFull)
+from store.records import (AgentRecord, AgentState, ComponentRecord, ComponentWrite, Event,
+                           ModelRecord, TaskRecord, TrialRecord, _plain, _Invalid,
+                           parse_component_id)
+
+TensorDict = dict[str, RawTensor]
+
+
+class Store:
+    """Handle on one store directory, valid only in the process that opened it."""
+
+    def __init__(self, path: str, shared: SharedEnvironment, readonly: bool) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._shared: SharedEnvironment | None = shared
+        self._env: lmdb.Environment | None = shared.env
+        self._dbs = shared.dbs
+        self._pid = os.getpid()
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, readonly: bool = False, create: bool = False,
+             map_size: int | None = None) -> Store:
+        """Open the store at ``path``; ``create=True`` makes it (and its meta) if missing.
+
+        Several Stores on one directory in one process share a single LMDB environment (LMDB
+        allows only one per process); a read-only Store may share a writable environment.
+        """
+        path = os.fspath(path)
+        shared = SharedEnvironment.acquire(path, readonly=readonly, create=create,
+                                           map_size=map_size)
+        env, dbs = shared.env, shared.dbs
+        try:
+            if not readonly:
+                env.reader_check()  # free reader slots left behind by crashed processes
+                with env.begin(write=True) as txn:
+                    meta = txnops.read_meta(txn, dbs)
+                    if meta is None and create:
+                        meta = txnops.new_meta()
+                        txnops.write_meta(txn, dbs, meta)
+            else:
+                with env.begin() as txn:
+                    meta = txnops.read_meta(txn, dbs)
+            if meta is None:
+                raise NotAStore(path, "no meta record")
+            txnops.check_schema(meta, path)
+        except lmdb.MapFullError:
+            shared.release()
+            raise StoreFull(map_size or 0) from None
+        except BaseException:
+            shared.release()
+            raise
+        return cls(path, shared, readonly)
+
+    def close(self) -> None:
+        shared, self._shared, self._env = self._shared, None, None
+        # never close an env inherited through fork: the parent still owns its reader slots
+        if shared is not None and os.getpid() == self._pid:
+            shared.release()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> Any:
+        raise StoreError("a Store cannot be pickled or sent to another process: pass the store "
+                         "path and call Store.open() in that process")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.__reduce__()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._env is None else ("readonly" if self.readonly else "writable")
+        return f"Store({self.path!r}, {state})"
+
+    def _live_env(self) -> lmdb.Environment:
+        if self._env is None:
+            raise StoreError(f"store {self.path} is closed")
+        if os.getpid() != self._pid:
+            raise StoreError(f"this Store of {self.path} was opened in process {self._pid}; open "
+                             f"the store again in process {os.getpid()} (never share it across "
+                             f"fork/spawn)")
+        return self._env
+
+    @property
+    def map_size(self) -> int:
+        return self._live_env().info()["map_size"]
+
+    @contextmanager
+    def _write(self, buffers: bool = False) -> Iterator[lmdb.Transaction]:
+        """One write transaction: committed on success, aborted (nothing written) on any error."""
+        env = self._live_env()
+        if self.readonly:
+            raise StoreError(f"store {self.path} was opened read-only; open it writable to change it")
+        try:
+            with env.begin(write=True, buffers=buffers) as txn:
+                yield txn
+        except lmdb.MapFullError:
+            raise StoreFull(env.info()["map_size"]) from None
+
+    @contextmanager
+    def _read(self, buffers: bool = False) -> Iterator[lmdb.Transaction]:
+        with self._live_env().begin(write=False, buffers=buffers) as txn:
+            yield txn
+
+    # ---- writes ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _prepare_components(owner: str, writes: Sequence[ComponentWrite]
+                            ) -> list[tuple[ComponentRecord, TensorDict]]:
+        """Hash and validate outside the write lock; enforce that ``owner`` created each one."""
+        prepared = []
+        for write in writes:
+            record, blobs = write.resolved()
+            record = record.validated()
+            try:
+                id_owner, _ = parse_component_id(record.id)
+            except ValueError as exc:
+                raise StoreError(str(exc)) from None
+            if record.agent != owner or id_owner != owner:
+                raise Conflict(f"component {record.id} (agent {record.agent!r}) cannot be written "
+                               f"by {owner!r}: each component id has exactly one writer, its agent")
+            prepared.append((record, blobs))
+        return prepared
+
+    def _write_components(self, txn: lmdb.Transaction,
+                          prepared: list[tuple[ComponentRecord, TensorDict]]) -> None:
+        for record, blobs in prepared:
+            for key, tensor in blobs.items():
+                txnops.put_blob(txn, self._dbs, key, tensor)
+            txnops.put_immutable(txn, self._dbs.components, record.id, record, "component")
+
+    def _check_model_refs(self, txn: lmdb.Transaction, model: ModelRecord,
+                          new_models: dict[str, ModelRecord]) -> None:
+        for cid in model.components:
+            if not txnops.exists(txn, self._dbs.components, cid):
+                raise MissingReference(f"model {model.id} refers to component {cid} which is not "
+                                       f"in the store (deleted by gc or never committed)")
+        if model.parent is not None and model.parent not in new_models \
+                and not txnops.exists(txn, self._dbs.models, model.parent):
+            raise MissingReference(f"model {model.id} has parent {model.parent} which is not in "
+                                   f"the store (deleted by gc?): reload the population")
+
+    def _check_lease(self, txn: lmdb.Transaction, agent_id: str, token: str) -> AgentRecord:
+        record = txnops.get_record(txn, self._dbs.agents, agent_id, AgentRecord, "agents")
+        if record is None:
+            raise LeaseLost(agent_id, "no lease was ever acquired")
+        if not token or record.lease_token != token:
+            raise LeaseLost(agent_id, "released or taken over by another process")
+        return record
+
+    def commit(self, agent_id: str, lease_token: str, *,
+               components: Sequence[ComponentWrite] = (), models: Sequence[ModelRecord] = (),
+               state: AgentState | None = None, publish: str | None = None,
+               trials: Sequence[TrialRecord] = (), event_kind: str = "published",
+               event_data: dict | None = None) -> int | None:
+        """Write everything an agent produced in ONE transaction; see DESIGN.md section 4.
+
+        Returns the sequence number of the event appended when ``publish`` moves the task pointer,
+        else None. On any error nothing at all is written.
+        """
+        prepared = self._prepare_components(agent_id, components)
+        models = [m.validated() for m in models]
+        trials = [t.validated() for t in trials]
+        state = state.validated() if state is not None else None
+        for owned in [*models, *trials, *([state] if state else [])]:
+            owner = getattr(owned, "agent", None) or getattr(owned, "agent_id", None)
+            if owner != agent_id:
+                raise Conflict(f"{type(owned).__name__} of agent {owner!r} cannot be written by "
+                               f"{agent_id!r}: every agent writes only its own records")
+        try:
+            event_data = _plain(dict(event_data or {}))
+        except _Invalid as exc:
+            raise StoreError(f"event_data: {exc}") from None
+        new_models = {m.id: m for m in models}
+        with self._write() as txn:
+            agent = self._check_lease(txn, agent_id, lease_token)
+            for owned in [*models, *trials, *([state] if state else [])]:
+                if owned.task != agent.task:
+                    raise Conflict(f"agent {agent_id} serves task {agent.task!r} and cannot write "
+                                   f"a {type(owned).__name__} of task {owned.task!r}")
+            self._write_components(txn, prepared)
+            for model in models:
+                self._check_model_refs(txn, model, new_models)
+                txnops.put_immutable(txn, self._dbs.models, model.id, model, "model")
+            if state is not None:
+                txnops.put_record(txn, self._dbs.agent_state, agent_id, state)
+            for trial in trials:
+                txnops.put_immutable(txn, self._dbs.trials, trial.id, trial, "trial")
+            if publish is None:
+                return None
+            return self._publish(txn, agent, publish, event_kind, event_data)
+
+    def _publish(self, txn: lmdb.Transaction, agent: AgentRecord, model_id: str, kind: str,
+                 event_data: dict) -> int:
+        model = txnops.get_record(txn, self._dbs.models, model_id, ModelRecord, "models")
+        if model is None:
+            raise MissingReference(f"cannot publish model {model_id}: it is not in the store")
+        if model.task != agent.task:
+            raise Conflict(f"agent {agent.agent_id} cannot publish model {model_id} of task "
+                           f"{model.task!r} for its task {agent.task!r}")
+        num_classes = model.hparams.get("num_classes")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+            raise StoreError(f"cannot publish model {model_id}: hparams['num_classes'] must be an "
+                             f"int, got {num_classes!r}")
+        data_spec = {k: v for k, v in model.hparams.items() if k.startswith("ds_")}
+        if isinstance(event_data.get("data_spec"), dict):
+            data_spec.update(event_data["data_spec"])
+        now = time.time()
+        pointer = TaskRecord(task=model.task, model_id=model.id, agent=agent.agent_id,
+                             num_classes=num_classes, data_spec=data_spec, updated_at=now)
+        txnops.put_record(txn, self._dbs.tasks, model.task, pointer.validated())
+        return txnops.append_event(txn, self._dbs, kind, task=model.task, agent=agent.agent_id,
+                                   model_id=model.id, data=event_data, now=now)
+
+    def append_event(self, kind: str, *, task: str | None = None, agent: str | None = None,
+                     model_id: str | None = None, data: dict | None = None) -> int:
+        """Append an event that moves no pointer (agent_started, agent_stopped, ...)."""
+        with self._write() as txn:
+            return txnops.append_event(txn, self._dbs, kind, task=task, agent=agent,
+                                       model_id=model_id, data=data)
+
+    def ensure_root(self, model: ModelRecord, components: Sequence[ComponentWrite]) -> str:
+        """Write the root model once; every later call (from any process) returns the same id."""
+        model = model.validated()
+        prepared = self._prepare_components(model.agent, components)
+        with self._write() as txn:
+            meta = txnops.read_meta(txn, self._dbs)
+            if meta["root_model_id"]:
+                return meta["root_model_id"]
+            self._write_components(txn, prepared)
+            self._check_model_refs(txn, model, {})
+            txnops.put_immutable(txn, self._dbs.models, model.id, model, "model")
+            meta["root_model_id"] = model.id
+            txnops.write_meta(txn, self._dbs, meta)
+            txnops.append_event(txn, self._dbs, "root", task=model.task, agent=model.agent,
+                                model_id=model.id, data={})
+        return model.id
+
+    # ---- leases ------------------------------------------------------------------------------------
+
+    def acquire_lease(self, agent_id: str, task: str, *, ttl: float, host: str, pid: int,
+                      device: str, endpoint: str, preset: str, now: float | None = None) -> str:
+        """Take the lease of ``agent_id`` (serving ``task``) and return its new token.
+
+        Refused with LeaseHeld while another live lease exists for this agent id or for another
+        agent id serving the same task. Taking a task over from a stale agent revokes that agent's
+        token, so the stale process gets LeaseLost instead of becoming a second writer of the task.
+        """
+        now = time.time() if now is None else now
+        with self._write() as txn:
+            existing = txnops.get_record(txn, self._dbs.agents, agent_id, AgentRecord, "agents")
+            if existing is not None and existing.task != task:
+                raise Conflict(f"agent id {agent_id!r} serves task {existing.task!r}, not "
+                               f"{task!r}: use another agent id for this task")
+            others = [a for a in txnops.iter_records(txn, self._dbs.agents, AgentRecord, "agents")
+                      if a.task == task]
+            for other in others:
+                if other.lease_live(now):
+                    raise LeaseHeld(agent_id, f"{other.agent_id} (pid {other.pid} on {other.host})",
+                                    other.lease_expiry - now)
+            for other in others:
+                if other.agent_id != agent_id and other.lease_token:
+                    revoked = dataclasses.replace(other, lease_token="", lease_expiry=0.0,
+                                                  state="superseded")
+                    txnops.put_record(txn, self._dbs.agents, other.agent_id, revoked)
+            token = secrets.token_hex(16)
+            record = AgentRecord(agent_id=agent_id, task=task, host=host, pid=pid, device=device,
+                                 endpoint=endpoint, preset=preset, lease_token=token,
+                                 lease_expiry=now + ttl, heartbeat_at=now, state="starting",
+                                 progress={}).validated()
+            txnops.put_record(txn, self._dbs.agents, agent_id, record)
+        return token
+
+    def heartbeat(self, agent_id: str, token: str, *, ttl: float, state: str | None = None,
+                  progress: dict | None = None, endpoint: str | None = None,
+                  now: float | None = None) -> AgentRecord:
+        """Extend the lease to now + ttl and update state/progress; LeaseLost if taken over."""
+        now = time.time() if now is None else now
+        with self._write() as txn:
+            record = self._check_lease(txn, agent_id, token)
+            changes: dict[str, Any] = {"lease_expiry": now + ttl, "heartbeat_at": now}
+            if state is not None:
+                changes["state"] = state
+            if progress is not None:
+                changes["progress"] = dict(progress)
+            if endpoint is not None:
+                changes["endpoint"] = endpoint
+            record = dataclasses.replace(record, **changes).validated()
+            txnops.put_record(txn, self._dbs.agents, agent_id, record)
+        return record
+
+    def release_lease(self, agent_id: str, token: str, state: str = "stopped") -> None:
+        """End the lease now (the record stays, for history); LeaseLost if no longer held."""
+        with self._write() as txn:
+            record = self._check_lease(txn, agent_id, token)
+            record = dataclasses.replace(record, lease_token="", lease_expiry=0.0, state=state,
+                                         heartbeat_at=time.time()).validated()
+            txnops.put_record(txn, self._dbs.agents, agent_id, record)
+
+    # ---- reads -------------------------------------------------------------------------------------
+
+    def meta(self) -> dict:
+        with self._read() as txn:
+            return txnops.read_meta(txn, self._dbs)
+
+    def root_model_id(self) -> str | None:
+        return self.meta()["root_model_id"]
+
+    def get_model(self, model_id: str) -> ModelRecord | None:
+        with self._read() as txn:
+            return txnops.get_record(txn, self._dbs.models, model_id, ModelRecord, "models")
+
+    def get_component(self, component_id: str) -> ComponentRecord | None:
+        with self._read() as txn:
+            return txnops.get_record(txn, self._dbs.components, component_id, ComponentRecord,
+                                     "components")
+
+    def get_task(self, task: str) -> TaskRecord | None:
+        with self._read() as txn:
+            return txnops.get_record(txn, self._dbs.tasks, task, TaskRecord, "tasks")
+
+    def tasks(self) -> list[TaskRecord]:
+        with self._read() as txn:
+            return list(txnops.iter_records(txn, self._dbs.tasks, TaskRecord, "tasks"))
+
+    def published_models(self) -> dict[str, ModelRecord]:
+        """Task -> its current model, from one snapshot."""
+        with self._read() as txn:
+            out = {}
+            for pointer in txnops.iter_records(txn, self._dbs.tasks, TaskRecord, "tasks"):
+                model = txnops.get_record(txn, self._dbs.models, pointer.model_id, ModelRecord,
+                                          "models")
+                if model is None:
+                    raise MissingReference(f"task {pointer.task} points to missing model "
+                                           f"{pointer.model_id}; run `query.py verify`")
+                out[pointer.task] = model
+            return out
+
+    def agents(self) -> list[AgentRecord]:
+        with self._read() as txn:
+            return list(txnops.iter_records(txn, self._dbs.agents, AgentRecord, "agents"))
+
+    def get_agent(self, agent_id: str) -> AgentRecord | None:
+        with self._read() as txn:
+            return txnops.get_record(txn, self._dbs.agents, agent_id, AgentRecord, "agents")
+
+    def live_agents(self, now: float | None = None) -> list[AgentRecord]:
+        now = time.time() if now is None else now
+        return [a for a in self.agents() if a.lease_live(now)]
+
+    def get_agent_state(self, agent_id: str) -> AgentState | None:
+        with self._read() as txn:
+            return txnops.get_record(txn, self._dbs.agent_state, agent_id, AgentState,
+                                     "agent_state")
+
+    def trials(self, agent: str | None = None, task: str | None = None) -> list[TrialRecord]:
+        """Trials in creation order, optionally filtered by agent and/or task."""
+        with self._read() as txn:
+            found = [t for t in txnops.iter_records(txn, self._dbs.trials, TrialRecord, "trials")
+                     if (agent is None or t.agent == agent) and (task is None or t.task == task)]
+        return sorted(found, key=lambda t: (t.created_at, t.id))
+
+    def models(self, agent: str | None = None) -> list[ModelRecord]:
+        """Models in creation order, optionally only those of one agent."""
+        with self._read() as txn:
+            found = [m for m in txnops.iter_records(txn, self._dbs.models, ModelRecord, "models")
+                     if agent is None or m.agent == agent]
+        return sorted(found, key=lambda m: (m.created_at, m.id))
+
+    def events(self, after: int = 0, limit: int | None = None) -> list[Event]:
+        """Events with seq > ``after``, in seq order, at most ``limit`` of them."""
+        out: list[Event] = []
+        with self._read() as txn:
+            for event in txnops.iter_events(txn, self._dbs, after):
+                if limit is not None and len(out) >= limit:
+                    break
+                out.append(event)
+        return out
+
+    def last_event_seq(self) -> int:
+        with self._read() as txn:
+            return txnops.last_seq(txn, self._dbs)
+
+    def _component_tensors(self, txn: lmdb.Transaction, component_id: str
+                           ) -> tuple[TensorDict, TensorDict]:
+        record = txnops.get_record(txn, self._dbs.components, component_id, ComponentRecord,
+                                   "components")
+        if record is None:
+            raise MissingReference(f"component {component_id} is not in the store")
+        what = f"component {component_id}"
+        params = {n: txnops.read_tensor(txn, self._dbs, k, what) for n, k in record.tensors.items()}
+        momentum = {n: txnops.read_tensor(txn, self._dbs, k, what)
+                    for n, k in record.momentum.items()}
+        return params, momentum
+
+    def load_component_tensors(self, component_id: str) -> tuple[TensorDict, TensorDict]:
+        """(params, momentum) of one component, copied out of the store."""
+        with self._read(buffers=True) as txn:
+            return self._component_tensors(txn, component_id)
+
+    def load_model_tensors(self, model_id: str) -> dict[str, tuple[TensorDict, TensorDict]]:
+        """component id -> (params, momentum) for every component of a model, in ONE read txn."""
+        with self._read(buffers=True) as txn:
+            model = txnops.get_record(txn, self._dbs.models, model_id, ModelRecord, "models")
+            if model is None:
+                raise MissingReference(f"model {model_id} is not in the store")
+            return {cid: self._component_tensors(txn, cid) for cid in model.components}
+
+    def tensor_shapes(self, component_id: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """tensor name -> (dtype, shape) of a component's params, read from blob headers only."""
+        with self._read(buffers=True) as txn:
+            record = txnops.get_record(txn, self._dbs.components, component_id,
+                                       ComponentRecord, "components")
+            if record is None:
+                raise MissingReference(f"component {component_id} is not in the store")
+            out = {}
+            for name, key in record.tensors.items():
+                raw = txn.get(str_key(key), db=self._dbs.blobs)
+                if raw is None:
+                    raise MissingReference(f"component {component_id} refers to missing blob {key}")
+                try:
+                    view = decode_blob(raw)
+                except ProtocolError as exc:
+                    raise StoreError(f"blob {key}: undecodable ({exc})") from None
+                out[name] = (view.dtype, tuple(view.shape))
+            return out
+
+    # ---- maintenance -------------------------------------------------------------------------------
+
+    def check(self) -> maintenance.VerifyResult:
+        """Full consistency check with counts (``verify`` returns only the problems)."""
+        with self._read(buffers=True) as txn:
+            return maintenance.verify(txn, self._dbs)
+
+    def verify(self) -> list[str]:
+        """Problems found (empty list = consistent); re-hashes every blob."""
+        return self.check().problems
+
+    def gc(self, grace_seconds: float = 3600, now: float | None = None) -> dict[str, int]:
+        """Delete models no longer reachable, then orphaned components, then orphaned blobs.
+
+        Live models: the root, every task pointer, every agent_state population and best model,
+        all their ancestors, and any model created within ``grace_seconds``. Components created
+        within the grace period are kept too (an agent may be about to reference them).
+        """
+        with self._write(buffers=True) as txn:
+            return maintenance.gc(txn, self._dbs, grace_seconds, now)
+
+    def stats(self) -> dict:
+        with self._read(buffers=True) as txn:
+            return maintenance.stats(self._live_env(), txn, self._dbs, self.path)
