@@ -43,6 +43,13 @@ def agent_id_for(task: str) -> str:
     return f"agent~{safe}"
 
 
+def generation_rng(seed: int, agent_id: str, cycle: int, generation: int
+                   ) -> tuple[random.Random, torch.Generator]:
+    """Per-generation seeds: a resumed agent replays the same choices for the same generation."""
+    s = zlib.crc32(f"{seed}/{agent_id}/{cycle}/{generation}".encode())
+    return random.Random(s), torch.Generator().manual_seed(s)
+
+
 @dataclass
 class AgentOptions:
     store: str
@@ -138,6 +145,7 @@ class Agent:
         for msg in self.bus.poll(0):
             if isinstance(msg, Published) and msg.agent_id != self.agent_id:
                 refresh = True
+                self.progress["announcements"] = self.progress.get("announcements", 0) + 1
                 self._last_published_msg = msg
             elif isinstance(msg, Hello):
                 self._peers()
@@ -146,6 +154,9 @@ class Agent:
             msg = self._last_published_msg
             lat = (time.time() - msg.time) * 1000.0
             self.progress["refresh_latency_ms"] = round(lat, 2)
+            recent = self.progress.setdefault("refresh_latencies_ms", [])
+            recent.append(round(lat, 2))
+            del recent[:-50]  # the last 50: enough for a median, small enough for every heartbeat
             self.progress["last_event"] = f"saw {msg.task} publish #{msg.seq}"
         return self.stop_requested
 
@@ -195,10 +206,7 @@ class Agent:
         self.progress["last_event"] = f"cycle {self.state.cycle} done"
 
     def _rng(self) -> tuple[random.Random, torch.Generator]:
-        """Per-generation seeds: a resumed agent replays the same choices for the same generation."""
-        s = zlib.crc32(f"{self.opts.seed}/{self.agent_id}/{self.state.cycle}/{self.state.generation}"
-                       .encode())
-        return random.Random(s), torch.Generator().manual_seed(s)
+        return generation_rng(self.opts.seed, self.agent_id, self.state.cycle, self.state.generation)
 
     def _run_generation(self, population: list[Path]) -> None:
         rng, gen = self._rng()

@@ -91,8 +91,8 @@ def format_value(value: Any) -> str:
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Left-aligned text table; numbers right-aligned."""
     cells = [[format_value(v) for v in row] for row in rows]
-    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) and rows
-               for i in range(len(headers))]
+    numeric = [bool(rows) and all(isinstance(row[i], (int, float)) or row[i] is None
+                                  for row in rows) for i in range(len(headers))]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
 
     def line(values: Sequence[str]) -> str:
@@ -112,7 +112,7 @@ def leaderboard_rows(st: Store) -> list[dict[str, Any]]:
     rows = []
     for task, model in sorted(st.published_models().items()):
         m, h = model.metrics, model.hparams
-        rows.append({
+        row = {
             "task": task,
             "model_id": model.id,
             "agent_id": pointers[task].agent if task in pointers else model.agent,
@@ -128,7 +128,8 @@ def leaderboard_rows(st: Store) -> list[dict[str, Any]]:
             "cycles": m.get("num_cycles"),
             "parent_id": model.parent,
             "updated_at": pointers[task].updated_at if task in pointers else model.created_at,
-        })
+        }
+        rows.append({key: row[key] for key in LEADERBOARD_KEYS})  # the documented key order
     return rows
 
 

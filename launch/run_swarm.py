@@ -139,10 +139,10 @@ def main() -> int:
         p.join()
     view.update(procs, final=True)
     view.close()
-    from launch.query import print_leaderboard
+    from launch.query import main as query_main
 
     print()
-    print_leaderboard(args.store)
+    query_main(["--store", args.store, "leaderboard"])
     failed = {t: p.exitcode for t, p in procs.items() if p.exitcode not in (0, None)}
     if failed and not interrupted:
         for t, code in failed.items():

@@ -95,6 +95,10 @@ def open_environment(path: str, *, readonly: bool, create: bool,
         if reason:
             raise NotAStore(path, reason)
     else:
+        if os.path.isdir(path) and os.listdir(path) and \
+                not os.path.isfile(os.path.join(path, "data.mdb")):
+            raise NotAStore(path, "directory is not empty and holds no store: pick a new or "
+                                  "empty directory")
         os.makedirs(path, exist_ok=True)
     size = resolve_map_size(map_size)
     try:

@@ -8,7 +8,6 @@ seconds (float). Tensors are never inside records: components map tensor names t
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
@@ -97,6 +96,14 @@ def _plain(v: Any) -> Any:
     if isinstance(v, dict):
         return _map_of(_plain)(v)
     raise _Invalid(f"{type(v).__name__} is not a plain msgpack value")
+
+
+def plain_value(value: Any, what: str) -> Any:
+    """Check that ``value`` is plain msgpack data with str map keys; StoreError names ``what``."""
+    try:
+        return _plain(value)
+    except _Invalid as exc:
+        raise StoreError(f"{what}: {exc}") from None
 
 
 _STR_MAP = _map_of(_str)
@@ -334,6 +341,9 @@ class ComponentWrite:
     record: ComponentRecord
     tensors: Mapping[str, RawTensor]
     momentum: Mapping[str, RawTensor] = field(default_factory=dict)
+    #: set by ``build``, which hashed these very tensors: ``resolved`` then skips re-hashing
+    #: (hashing is the largest CPU cost of a publish). ``verify`` still re-hashes every blob.
+    keys_computed: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, cid: str, name: str, agent: str, tensors: Mapping[str, RawTensor],
@@ -347,10 +357,15 @@ class ComponentWrite:
             momentum={k: blob_key(t) for k, t in momentum.items()},
             created_at=time.time() if created_at is None else float(created_at),
             cloned_from=cloned_from)
-        return cls(record=record, tensors=dict(tensors), momentum=momentum)
+        return cls(record=record, tensors=dict(tensors), momentum=momentum, keys_computed=True)
 
     def resolved(self) -> tuple[ComponentRecord, dict[str, RawTensor]]:
         """The record with its blob keys filled in, and the blobs to write (key -> tensor)."""
+        if self.keys_computed and set(self.tensors) == set(self.record.tensors) \
+                and set(self.momentum) == set(self.record.momentum):
+            blobs = {self.record.tensors[n]: t for n, t in self.tensors.items()}
+            blobs.update({self.record.momentum[n]: t for n, t in self.momentum.items()})
+            return self.record, blobs
         blobs: dict[str, RawTensor] = {}
         keys: dict[str, dict[str, str]] = {}
         for part, given, declared in (("tensors", self.tensors, self.record.tensors),
@@ -367,9 +382,3 @@ class ComponentWrite:
         record = dataclasses.replace(self.record, tensors=keys["tensors"],
                                      momentum=keys["momentum"])
         return record, blobs
-
-
-def is_finite_number(value: Any) -> bool:
-    """True for int/float (not bool) values that are finite: used when ranking metrics."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))

@@ -8,26 +8,20 @@ transaction so they outlive it.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import secrets
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import lmdb
 
-from protocol.tensors import ProtocolError, RawTensor, decode_blob
-from store import maintenance, txnops
-from store.codec import str_key
-from store.env import SharedEnvironment
-from store.errors import (Conflict, LeaseHeld, LeaseLost, MissingReference, NotAStore,
-                          StoreError, StoreFull)
+from store import leases, maintenance, txnops
+from store.env import SharedEnvironment, resolve_map_size
+from store.errors import Conflict, MissingReference, NotAStore, StoreError, StoreFull
 from store.records import (AgentRecord, AgentState, ComponentRecord, ComponentWrite, Event,
-                           ModelRecord, TaskRecord, TrialRecord, _plain, _Invalid,
-                           parse_component_id)
-
-TensorDict = dict[str, RawTensor]
+                           ModelRecord, TaskRecord, TrialRecord, parse_component_id,
+                           plain_value)
+from store.txnops import TensorDict
 
 
 class Store:
@@ -71,7 +65,7 @@ class Store:
             txnops.check_schema(meta, path)
         except lmdb.MapFullError:
             shared.release()
-            raise StoreFull(map_size or 0) from None
+            raise StoreFull(resolve_map_size(map_size)) from None
         except BaseException:
             shared.release()
             raise
@@ -168,14 +162,6 @@ class Store:
             raise MissingReference(f"model {model.id} has parent {model.parent} which is not in "
                                    f"the store (deleted by gc?): reload the population")
 
-    def _check_lease(self, txn: lmdb.Transaction, agent_id: str, token: str) -> AgentRecord:
-        record = txnops.get_record(txn, self._dbs.agents, agent_id, AgentRecord, "agents")
-        if record is None:
-            raise LeaseLost(agent_id, "no lease was ever acquired")
-        if not token or record.lease_token != token:
-            raise LeaseLost(agent_id, "released or taken over by another process")
-        return record
-
     def commit(self, agent_id: str, lease_token: str, *,
                components: Sequence[ComponentWrite] = (), models: Sequence[ModelRecord] = (),
                state: AgentState | None = None, publish: str | None = None,
@@ -195,13 +181,10 @@ class Store:
             if owner != agent_id:
                 raise Conflict(f"{type(owned).__name__} of agent {owner!r} cannot be written by "
                                f"{agent_id!r}: every agent writes only its own records")
-        try:
-            event_data = _plain(dict(event_data or {}))
-        except _Invalid as exc:
-            raise StoreError(f"event_data: {exc}") from None
+        event_data = plain_value(dict(event_data or {}), "event_data")
         new_models = {m.id: m for m in models}
         with self._write() as txn:
-            agent = self._check_lease(txn, agent_id, lease_token)
+            agent = leases.check(txn, self._dbs, agent_id, lease_token)
             for owned in [*models, *trials, *([state] if state else [])]:
                 if owned.task != agent.task:
                     raise Conflict(f"agent {agent_id} serves task {agent.task!r} and cannot write "
@@ -276,28 +259,8 @@ class Store:
         """
         now = time.time() if now is None else now
         with self._write() as txn:
-            existing = txnops.get_record(txn, self._dbs.agents, agent_id, AgentRecord, "agents")
-            if existing is not None and existing.task != task:
-                raise Conflict(f"agent id {agent_id!r} serves task {existing.task!r}, not "
-                               f"{task!r}: use another agent id for this task")
-            others = [a for a in txnops.iter_records(txn, self._dbs.agents, AgentRecord, "agents")
-                      if a.task == task]
-            for other in others:
-                if other.lease_live(now):
-                    raise LeaseHeld(agent_id, f"{other.agent_id} (pid {other.pid} on {other.host})",
-                                    other.lease_expiry - now)
-            for other in others:
-                if other.agent_id != agent_id and other.lease_token:
-                    revoked = dataclasses.replace(other, lease_token="", lease_expiry=0.0,
-                                                  state="superseded")
-                    txnops.put_record(txn, self._dbs.agents, other.agent_id, revoked)
-            token = secrets.token_hex(16)
-            record = AgentRecord(agent_id=agent_id, task=task, host=host, pid=pid, device=device,
-                                 endpoint=endpoint, preset=preset, lease_token=token,
-                                 lease_expiry=now + ttl, heartbeat_at=now, state="starting",
-                                 progress={}).validated()
-            txnops.put_record(txn, self._dbs.agents, agent_id, record)
-        return token
+            return leases.acquire(txn, self._dbs, agent_id, task, ttl=ttl, now=now, host=host,
+                                  pid=pid, device=device, endpoint=endpoint, preset=preset)
 
     def heartbeat(self, agent_id: str, token: str, *, ttl: float, state: str | None = None,
                   progress: dict | None = None, endpoint: str | None = None,
@@ -305,25 +268,13 @@ class Store:
         """Extend the lease to now + ttl and update state/progress; LeaseLost if taken over."""
         now = time.time() if now is None else now
         with self._write() as txn:
-            record = self._check_lease(txn, agent_id, token)
-            changes: dict[str, Any] = {"lease_expiry": now + ttl, "heartbeat_at": now}
-            if state is not None:
-                changes["state"] = state
-            if progress is not None:
-                changes["progress"] = dict(progress)
-            if endpoint is not None:
-                changes["endpoint"] = endpoint
-            record = dataclasses.replace(record, **changes).validated()
-            txnops.put_record(txn, self._dbs.agents, agent_id, record)
-        return record
+            return leases.heartbeat(txn, self._dbs, agent_id, token, ttl=ttl, now=now,
+                                    state=state, progress=progress, endpoint=endpoint)
 
     def release_lease(self, agent_id: str, token: str, state: str = "stopped") -> None:
         """End the lease now (the record stays, for history); LeaseLost if no longer held."""
         with self._write() as txn:
-            record = self._check_lease(txn, agent_id, token)
-            record = dataclasses.replace(record, lease_token="", lease_expiry=0.0, state=state,
-                                         heartbeat_at=time.time()).validated()
-            txnops.put_record(txn, self._dbs.agents, agent_id, record)
+            leases.release(txn, self._dbs, agent_id, token, state=state, now=time.time())
 
     # ---- reads -------------------------------------------------------------------------------------
 
@@ -409,22 +360,14 @@ class Store:
         with self._read() as txn:
             return txnops.last_seq(txn, self._dbs)
 
-    def _component_tensors(self, txn: lmdb.Transaction, component_id: str
-                           ) -> tuple[TensorDict, TensorDict]:
-        record = txnops.get_record(txn, self._dbs.components, component_id, ComponentRecord,
-                                   "components")
-        if record is None:
-            raise MissingReference(f"component {component_id} is not in the store")
-        what = f"component {component_id}"
-        params = {n: txnops.read_tensor(txn, self._dbs, k, what) for n, k in record.tensors.items()}
-        momentum = {n: txnops.read_tensor(txn, self._dbs, k, what)
-                    for n, k in record.momentum.items()}
-        return params, momentum
-
     def load_component_tensors(self, component_id: str) -> tuple[TensorDict, TensorDict]:
-        """(params, momentum) of one component, copied out of the store."""
+        """(params, momentum) of one component, copied out of the store.
+
+        Each tensor's ``data`` is a writable memoryview into a buffer owned by the result (e.g.
+        ``torch.frombuffer(t.data, dtype=...)`` wraps it without another copy).
+        """
         with self._read(buffers=True) as txn:
-            return self._component_tensors(txn, component_id)
+            return txnops.load_components(txn, self._dbs, [component_id])[component_id]
 
     def load_model_tensors(self, model_id: str) -> dict[str, tuple[TensorDict, TensorDict]]:
         """component id -> (params, momentum) for every component of a model, in ONE read txn."""
@@ -432,26 +375,12 @@ class Store:
             model = txnops.get_record(txn, self._dbs.models, model_id, ModelRecord, "models")
             if model is None:
                 raise MissingReference(f"model {model_id} is not in the store")
-            return {cid: self._component_tensors(txn, cid) for cid in model.components}
+            return txnops.load_components(txn, self._dbs, model.components)
 
     def tensor_shapes(self, component_id: str) -> dict[str, tuple[str, tuple[int, ...]]]:
         """tensor name -> (dtype, shape) of a component's params, read from blob headers only."""
         with self._read(buffers=True) as txn:
-            record = txnops.get_record(txn, self._dbs.components, component_id,
-                                       ComponentRecord, "components")
-            if record is None:
-                raise MissingReference(f"component {component_id} is not in the store")
-            out = {}
-            for name, key in record.tensors.items():
-                raw = txn.get(str_key(key), db=self._dbs.blobs)
-                if raw is None:
-                    raise MissingReference(f"component {component_id} refers to missing blob {key}")
-                try:
-                    view = decode_blob(raw)
-                except ProtocolError as exc:
-                    raise StoreError(f"blob {key}: undecodable ({exc})") from None
-                out[name] = (view.dtype, tuple(view.shape))
-            return out
+            return txnops.tensor_shapes(txn, self._dbs, component_id)
 
     # ---- maintenance -------------------------------------------------------------------------------
 

@@ -6,22 +6,23 @@ public store operation is atomic.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 import lmdb
 
-from protocol.tensors import ProtocolError, RawTensor, decode_blob, encode_blob
+from protocol.tensors import ProtocolError, RawTensor, encode_blob, unpack_header
 from store.codec import (decode_seq_key, decode_str_key, pack_value, seq_key, str_key,
                          unpack_value)
 from store.env import Databases
 from store.errors import Conflict, MissingReference, StoreCorrupt, StoreError
-from store.records import Event, _Record
+from store.records import ComponentRecord, Event, _Record
 
 SCHEMA_VERSION = 1
 _META_KEY = b"meta"
 _META_FIELDS = {"schema_version", "created_at", "root_model_id", "config"}
 
 R = TypeVar("R", bound=_Record)
+TensorDict = dict[str, RawTensor]
 
 
 # ---- meta -------------------------------------------------------------------------------------------
@@ -111,17 +112,81 @@ def put_blob(txn: lmdb.Transaction, dbs: Databases, key: str, tensor: RawTensor)
     return len(value)
 
 
-def read_tensor(txn: lmdb.Transaction, dbs: Databases, key: str, what: str) -> RawTensor:
-    """Copy one blob out of the transaction (one memcpy of the tensor bytes)."""
-    raw = txn.get(str_key(key), db=dbs.blobs)
-    if raw is None:
-        raise MissingReference(f"{what} refers to blob {key} which is not in the store; "
-                               f"run `query.py verify`")
-    try:
-        view = decode_blob(raw)
-    except ProtocolError as exc:
-        raise StoreCorrupt(f"blob {key}: undecodable ({exc}); run `query.py verify`") from None
-    return RawTensor(view.dtype, tuple(view.shape), bytes(view.data))
+def read_tensors(txn: lmdb.Transaction, dbs: Databases, refs: list[tuple[str, str]]
+                 ) -> list[RawTensor]:
+    """Copy several blobs out of the transaction; ``refs`` are (key, what-refers-to-it) pairs.
+
+    All tensors share ONE new writable buffer (each ``data`` is a memoryview slice of it): one
+    allocation per call instead of one per tensor, because fresh large allocations are paid for
+    in page faults, which cost more than the copy itself. Each tensor is copied exactly once.
+    """
+    layout = []
+    total = 0
+    for key, what in refs:
+        raw = txn.get(str_key(key), db=dbs.blobs)
+        if raw is None:
+            raise MissingReference(f"{what} refers to blob {key} which is not in the store; "
+                                   f"run `query.py verify`")
+        try:
+            dtype, shape, header_len = unpack_header(raw)
+        except ProtocolError as exc:
+            raise StoreCorrupt(f"blob {key}: undecodable ({exc}); run `query.py verify`") from None
+        size = len(raw) - header_len
+        layout.append((dtype, shape, header_len, size))
+        total += size
+    arena = memoryview(bytearray(total))
+    out = []
+    offset = 0
+    for (key, _), (dtype, shape, header_len, size) in zip(refs, layout):
+        raw = memoryview(txn.get(str_key(key), db=dbs.blobs))
+        target = arena[offset:offset + size]
+        target[:] = raw[header_len:]
+        try:
+            out.append(RawTensor(dtype, shape, target))
+        except ProtocolError as exc:
+            raise StoreCorrupt(f"blob {key}: {exc}; run `query.py verify`") from None
+        offset += size
+    return out
+
+
+def load_components(txn: lmdb.Transaction, dbs: Databases, component_ids: Sequence[str]
+                    ) -> dict[str, tuple[TensorDict, TensorDict]]:
+    """component id -> (params, momentum), all copied into one buffer (see read_tensors)."""
+    records = []
+    refs: list[tuple[str, str]] = []
+    for cid in component_ids:
+        record = get_record(txn, dbs.components, cid, ComponentRecord, "components")
+        if record is None:
+            raise MissingReference(f"component {cid} is not in the store")
+        records.append(record)
+        refs.extend((key, f"component {cid}") for key in record.tensors.values())
+        refs.extend((key, f"component {cid}") for key in record.momentum.values())
+    tensors = iter(read_tensors(txn, dbs, refs))
+    out = {}
+    for record in records:
+        params = {name: next(tensors) for name in record.tensors}
+        momentum = {name: next(tensors) for name in record.momentum}
+        out[record.id] = (params, momentum)
+    return out
+
+
+def tensor_shapes(txn: lmdb.Transaction, dbs: Databases, component_id: str
+                  ) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """tensor name -> (dtype, shape) of a component's params, from the blob headers alone."""
+    record = get_record(txn, dbs.components, component_id, ComponentRecord, "components")
+    if record is None:
+        raise MissingReference(f"component {component_id} is not in the store")
+    out = {}
+    for name, key in record.tensors.items():
+        raw = txn.get(str_key(key), db=dbs.blobs)
+        if raw is None:
+            raise MissingReference(f"component {component_id} refers to missing blob {key}")
+        try:
+            dtype, shape, _ = unpack_header(raw)
+        except ProtocolError as exc:
+            raise StoreCorrupt(f"blob {key}: undecodable ({exc})") from None
+        out[name] = (dtype, shape)
+    return out
 
 
 # ---- events -----------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from store import Store
-from test_store_helpers import (check_model_integrity, make_root, reader_main, slow_writer_main,
-                                writer_main)
+from test_store_helpers import (check_model_integrity, make_root, reader_main, root_racer_main,
+                                slow_writer_main, writer_main)
 
 JOIN_TIMEOUT = 120
 
@@ -126,3 +126,33 @@ def test_readonly_open_while_another_process_writes(tmp_path):
         _reap([writer])
     assert writer.exitcode == 0 and seen and seen[-1] == "w:m7"
     assert seen == sorted(seen, key=lambda mid: int(mid.split(":m")[1]))  # never backwards
+
+
+def test_racing_root_creation_writes_exactly_one_root(tmp_path):
+    path = str(tmp_path / "store")
+    Store.open(path, create=True).close()
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    ready = [ctx.Event() for _ in range(3)]
+    outs = [tmp_path / f"racer{i}.json" for i in range(3)]
+    procs = [ctx.Process(target=root_racer_main, args=(path, i + 1, ready[i], go, str(out)))
+             for i, out in enumerate(outs)]
+    try:
+        for proc in procs:
+            proc.start()
+        for event in ready:  # every racer has the store open: released together, they race
+            assert event.wait(timeout=JOIN_TIMEOUT), "a racer did not start"
+        go.set()
+        for proc in procs:
+            proc.join(timeout=JOIN_TIMEOUT)
+        assert [p.exitcode for p in procs] == [0, 0, 0]
+    finally:
+        _reap(procs)
+    results = [json.loads(out.read_text()) for out in outs]
+    winners = {r["root"] for r in results}
+    assert len(winners) == 1
+    with Store.open(path, readonly=True) as st:
+        assert st.root_model_id() in winners
+        assert [m.id for m in st.models()] == list(winners)  # the losers wrote nothing
+        assert [e.kind for e in st.events()] == ["root"]
+        assert st.verify() == []

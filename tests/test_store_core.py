@@ -228,7 +228,7 @@ def test_loaded_tensors_outlive_the_transaction(st, root):
     st.close()
     arrays = [p["weight"].to_numpy() for p, _ in loaded.values()]
     assert all(a.shape == (16, 16) and np.isfinite(a).all() for a in arrays)
-    assert all(isinstance(p["weight"].data, (bytes, bytearray)) for p, _ in loaded.values())
+    assert all(not p["weight"].data.readonly for p, _ in loaded.values())  # writable copies
 
 
 def test_readers_see_the_old_or_the_new_pointer(st, root):
@@ -406,3 +406,10 @@ def test_one_environment_per_process_is_shared(tmp_path):
         with pytest.raises(StoreError, match="already open read-only"):
             Store.open(path)
         assert reader.last_event_seq() == 2
+
+
+def test_create_refuses_a_non_empty_directory_without_a_store(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(NotAStore, match="not empty"):
+        Store.open(tmp_path, create=True)
+    assert os.listdir(tmp_path) == ["notes.txt"]

@@ -29,14 +29,18 @@ def random_tensor(rng: np.random.Generator, *shape: int) -> RawTensor:
 
 
 def make_root(st: Store, seed: int = 0, blocks: int = 2, width: int = 16) -> ModelRecord:
-    """A tiny root model (cls, embedding, blocks, norm) written with ensure_root."""
+    """A tiny root model (cls, embedding, blocks, norm) written with ensure_root.
+
+    Returns the model this call proposed; with seed != 0 its ids differ from the default root's,
+    so racing callers can tell whose root won.
+    """
     rng = np.random.default_rng(seed)
     names = ["cls", "embedding", *[f"encoderblock_{i}" for i in range(blocks)], "encoder_norm"]
-    writes = [ComponentWrite.build(component_id(ROOT_AGENT, i), name, ROOT_AGENT,
+    writes = [ComponentWrite.build(component_id(ROOT_AGENT, 100 * seed + i), name, ROOT_AGENT,
                                    {"weight": random_tensor(rng, width, width),
                                     "bias": rt(np.zeros(width))})
               for i, name in enumerate(names)]
-    model = ModelRecord(id=f"{ROOT_AGENT}:m0", task="root", agent=ROOT_AGENT,
+    model = ModelRecord(id=f"{ROOT_AGENT}:m{seed}", task="root", agent=ROOT_AGENT,
                         components=[w.record.id for w in writes],
                         hparams={"num_classes": 0, "num_layers": blocks, "ds_image_size": 32},
                         metrics={}, parent=None, preset="test", preset_hash="h0",
@@ -206,3 +210,14 @@ def slow_writer_main(path: str, agent: str, task: str, count: int, pause: float)
             publish_next(st, agent, token, task, n, root, rng, parent)
             parent = f"{agent}:m{n}"
             time.sleep(pause)
+
+
+def root_racer_main(path: str, seed: int, ready: Any, go: Any, out_file: str) -> None:
+    """Wait for the start signal, then try to create the root; record which root id won."""
+    with Store.open(path) as st:
+        ready.set()
+        if not go.wait(timeout=60):
+            raise TimeoutError("no go signal from the test")
+        proposed = make_root(st, seed=seed)
+        with open(out_file, "w") as f:
+            json.dump({"proposed": proposed.id, "root": st.root_model_id()}, f)

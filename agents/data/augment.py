@@ -202,18 +202,19 @@ def _crop_theta(b: int, h: int, w: int, p: AugmentParams, generator: torch.Gener
                 flip: torch.Tensor | None) -> torch.Tensor:
     """Affine matrices (B, 2, 3) mapping output to input normalised coordinates for crop + flip."""
     k = CROP_ATTEMPTS
-    area = p.area_range_min + (1 - p.area_range_min) * torch.rand(b, k, generator=generator, dtype=torch.float64, device="cpu")
+    cpu64 = {"dtype": torch.float64, "device": "cpu"}
+    area = p.area_range_min + (1 - p.area_range_min) * torch.rand(b, k, generator=generator, **cpu64)
     lo, hi = p.aspect_ratio_range_min, 1.0 / p.aspect_ratio_range_min
-    aspect = lo + (hi - lo) * torch.rand(b, k, generator=generator, dtype=torch.float64, device="cpu")
+    aspect = lo + (hi - lo) * torch.rand(b, k, generator=generator, **cpu64)
     box_w = torch.sqrt(area * h * w * aspect)
     box_h = torch.sqrt(area * h * w / aspect)
     fits = (box_w <= w) & (box_h <= h)
     first = torch.argmax(fits.to(torch.int8), dim=1)  # first fitting attempt (0 when none fits)
     any_fit = fits.any(dim=1)
     rows = torch.arange(b, device="cpu")
-    box_w = torch.where(any_fit, box_w[rows, first], torch.full((b,), float(w), dtype=torch.float64, device="cpu"))
-    box_h = torch.where(any_fit, box_h[rows, first], torch.full((b,), float(h), dtype=torch.float64, device="cpu"))
-    offset = torch.rand(b, 2, generator=generator, dtype=torch.float64, device="cpu")
+    box_w = torch.where(any_fit, box_w[rows, first], torch.full((b,), float(w), **cpu64))
+    box_h = torch.where(any_fit, box_h[rows, first], torch.full((b,), float(h), **cpu64))
+    offset = torch.rand(b, 2, generator=generator, **cpu64)
     x0 = offset[:, 0] * (w - box_w)
     y0 = offset[:, 1] * (h - box_h)
     # align_corners=False: normalised -1/+1 are the outer edges of the first/last pixel.
@@ -221,7 +222,7 @@ def _crop_theta(b: int, h: int, w: int, p: AugmentParams, generator: torch.Gener
     scale_y = box_h / h
     if flip is not None:
         scale_x = torch.where(flip, -scale_x, scale_x)
-    theta = torch.zeros(b, 2, 3, dtype=torch.float64, device="cpu")
+    theta = torch.zeros(b, 2, 3, **cpu64)
     theta[:, 0, 0] = scale_x
     theta[:, 0, 2] = (2 * x0 + box_w) / w - 1
     theta[:, 1, 1] = scale_y
@@ -273,7 +274,8 @@ def _colour_matrix_apply(x: torch.Tensor, p: AugmentParams, generator: torch.Gen
     matrix = eye
     if p.saturation_delta > 0:
         f = _uniform(b, 1 - p.saturation_delta, 1 + p.saturation_delta, generator).to(torch.float64)
-        luma = torch.tensor(_LUMA_WEIGHTS, dtype=torch.float64, device="cpu").expand(3, 3)  # every row = weights
+        # Every row of ``luma`` is the weights: luma @ rgb puts the luma value in all three channels.
+        luma = torch.tensor(_LUMA_WEIGHTS, dtype=torch.float64, device="cpu").expand(3, 3)
         matrix = f[:, None, None] * eye + (1 - f)[:, None, None] * luma
     if p.hue_delta > 0:
         turns = _uniform(b, -p.hue_delta, p.hue_delta, generator).to(torch.float64)

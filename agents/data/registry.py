@@ -135,9 +135,9 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
         "animal_mnist", 10,
         ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"],
         "PyPI animal-mnist==0.4 Animal_MNIST/animal_{data,label}_version_3.gz: 10,000 animal "
-        "silhouettes, 28x28",
+        "silhouettes, 28x28, 284 exact duplicates dropped (9,716 left)",
         "MIT, S. Mohammadi 2025 (animal-mnist package)",
-        1, lambda cache: sources.fetch_animal_mnist(),
+        2, lambda cache: sources.fetch_animal_mnist(),
     ),
 }
 
@@ -184,8 +184,9 @@ def _load_glyphs(name: str, script: str, cache: Path) -> TaskData:
         progress(f"rendering {name} from {len(fonts)} local fonts")
         arrays = glyphs.render_script_task(script, seed, fonts).arrays
         save_splits_atomic(path, arrays)
-    test_note = (f"test uses {len(held)} held-out fonts ({', '.join(sorted(os.path.basename(f.path) for f in held))})"
-                 if held else "test uses the same fonts (too few to hold any out)")
+    held_names = ", ".join(sorted(os.path.basename(f.path) for f in held))
+    test_note = (f"test uses {len(held)} held-out fonts ({held_names})" if held
+                 else "test uses the same fonts (too few to hold any out)")
     classes = glyphs.SCRIPTS[script]
     return TaskData(
         name, len(classes), **arrays,
@@ -225,7 +226,9 @@ def benchmark_tasks(name: str) -> list[str]:
         raise TaskDataError(f"unknown benchmark {name!r}; known benchmarks: {', '.join(sorted(BENCHMARKS))}") from None
 
 
-def describe_tasks(names: list[str] | None = None, cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+def describe_tasks(
+    names: list[str] | None = None, cache_dir: str | os.PathLike | None = None
+) -> list[dict[str, Any]]:
     """One row per task (name, classes, sizes, image shape, source, license, synthetic) for docs and CLIs."""
     rows = []
     for name in names if names is not None else BENCHMARKS["mccb-offline"]:

@@ -28,11 +28,30 @@ def _reconstruct_fn():
     return _reconstruct
 
 
+def _frombuffer_fn():
+    try:
+        from numpy._core.numeric import _frombuffer  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.numeric import _frombuffer
+    return _frombuffer
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """Stand-in for ``_codecs.encode``: protocol-2 pickles store raw bytes as latin-1 text."""
+    if encoding != "latin1" or not isinstance(text, str):
+        raise TaskDataError(f"refusing _codecs.encode with encoding {encoding!r}; only latin1 bytes are allowed")
+    return text.encode("latin1")
+
+
+# Exactly the globals numpy's own array pickles use (protocols 2 to 5, numpy 1.x and 2.x module names).
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct_fn(),
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct_fn(),
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer_fn(),
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer_fn(),
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
 }
 
 

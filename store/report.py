@@ -1,0 +1,322 @@
+"""The continual-development report as plain data: what the living system is and what each method
+extension (preset) and each mutation action contributed to it.
+
+``build_report(store)`` reads only store records (trials, models, components, events, tasks) and
+returns a dict of plain JSON values; ``store.report_html`` draws the same dict as a page, so the JSON
+file and the pictures can never disagree. torch-free by design (the store package never imports the
+agent stack), which is why preset names are parsed here instead of resolved through agents.config.
+
+Definitions used throughout (the page repeats them for its readers):
+- a child is *accepted* when its best validation score reached its parent's score (children of
+  another task's model, or of the root, are always accepted: there is nothing to compare with);
+- the *score gain* of an accepted child is ``child score - parent model's recorded score`` and is
+  defined only when the parent is a model of the same task; other accepted children are counted
+  as ``accepted_foreign`` (or ``gain_unknown`` when the parent record has no score);
+- compute is what the trials recorded: ``train_images`` and wall ``seconds`` per trained child.
+  A child that applied several actions counts fully for each of them in the per-action rows.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from store.errors import MissingReference
+from store.records import ComponentRecord, Event, ModelRecord, TrialRecord
+from store.store import Store
+
+ROOT_TASK = "root"
+NO_ACTION = "(none)"  # a child trained again with unchanged architecture and hparams
+_INDEX_SUFFIX = re.compile(r"_\d+$")
+
+
+def action_family(action: str) -> str:
+    """``clone:encoderblock_1`` -> ``clone:encoderblock``; hyperparameter actions stay whole."""
+    kind, sep, target = action.partition(":")
+    if not sep or kind == "hp":
+        return action
+    return f"{kind}:{_INDEX_SUFFIX.sub('', target)}"
+
+
+def parse_preset_name(name: str) -> dict[str, Any]:
+    """``BUDGET[@base][+ext...]`` -> {budget, method, extensions} as the user layered it.
+
+    ``method`` is ``"default"`` (µ2Net+ as published) or ``"base"`` (clone actions only);
+    ``extensions`` are the layers added on top, in the order written.
+    """
+    head, *adds = name.strip().split("+")
+    base = head.endswith("@base")
+    return {"budget": head[: -len("@base")] if base else head,
+            "method": "base" if base else "default",
+            "extensions": [a for a in adds if a]}
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+@dataclass
+class _Tally:
+    """Counts of one group of trials (one preset, or one action under one preset)."""
+
+    trials: int = 0
+    accepted: int = 0
+    accepted_foreign: int = 0
+    gain_unknown: int = 0
+    gains: list[float] = field(default_factory=list)
+    train_images: int = 0
+    seconds: float = 0.0
+
+    def add(self, trial: TrialRecord, gain: float | None, foreign: bool) -> None:
+        self.trials += 1
+        self.train_images += trial.train_images
+        self.seconds += trial.seconds
+        if not trial.accepted:
+            return
+        self.accepted += 1
+        if foreign:
+            self.accepted_foreign += 1
+        elif gain is None:
+            self.gain_unknown += 1
+        else:
+            self.gains.append(gain)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"trials": self.trials, "accepted": self.accepted,
+                "acceptance_rate": _rate(self.accepted, self.trials),
+                "accepted_foreign": self.accepted_foreign, "gain_n": len(self.gains),
+                "gain_unknown": self.gain_unknown, "mean_score_gain": _mean(self.gains),
+                "train_images": self.train_images, "seconds": round(self.seconds, 4)}
+
+
+class _Snapshot:
+    """Everything the report needs, read once; lookups by id afterwards cost no store access."""
+
+    def __init__(self, st: Store) -> None:
+        self.path = st.path
+        self.stats = st.stats()
+        self.root_id = st.root_model_id()
+        self.trials = st.trials()
+        self.models = {m.id: m for m in st.models()}
+        self.events = st.events()
+        self.pointers = {t.task: t for t in st.tasks()}
+        self.agents = st.agents()
+        published = st.published_models()
+        self.published = {task: published[task] for task in sorted(published)}
+        self.components: dict[str, ComponentRecord] = {}
+        self.params: dict[str, int] = {}
+        for model in self.published.values():
+            for cid in model.components:
+                if cid not in self.components:
+                    record = st.get_component(cid)
+                    if record is None:
+                        raise MissingReference(f"model {model.id} refers to missing component "
+                                               f"{cid}")
+                    self.components[cid] = record
+                    self.params[cid] = sum(math.prod(shape) for _, shape
+                                           in st.tensor_shapes(cid).values())
+        self.trial_by_id = {t.id: t for t in self.trials}
+        times = [e.time for e in self.events] + [t.created_at for t in self.trials]
+        self.t0 = min(times) if times else time.time()
+
+    def agent_task(self, agent: str) -> str:
+        """Which task an agent works for (the root agent's 'task' is ``root``)."""
+        for record in self.agents:
+            if record.agent_id == agent:
+                return record.task
+        for model in self.models.values():
+            if model.agent == agent:
+                return model.task
+        return ROOT_TASK if agent == ROOT_TASK else agent
+
+    def gain_of(self, trial: TrialRecord) -> tuple[float | None, bool]:
+        """(score gain over a same-task parent, whether the parent is foreign)."""
+        parent = self.models.get(trial.parent) if trial.parent else None
+        if parent is None:
+            return None, trial.parent is None or trial.parent == self.root_id
+        if parent.task != trial.task:
+            return None, True
+        child, before = _finite(trial.score), _finite(parent.metrics.get("score"))
+        return (None if child is None or before is None else child - before), False
+
+
+def _lineage(snap: _Snapshot, model: ModelRecord) -> list[dict[str, Any]]:
+    """The current model, its parent, ... back to the root (parents may belong to other tasks)."""
+    chain: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    node: ModelRecord | None = model
+    wanted: str | None = model.id
+    while wanted is not None and wanted not in seen:
+        seen.add(wanted)
+        node = snap.models.get(wanted)
+        if node is None:
+            chain.append({"model_id": wanted, "missing": True})
+            break
+        trial = snap.trial_by_id.get(node.id)
+        chain.append({"model_id": node.id, "task": node.task, "agent": node.agent,
+                      "preset": node.preset, "preset_hash": node.preset_hash,
+                      "score": _finite(node.metrics.get("score")),
+                      "quality": _finite(node.metrics.get("quality")),
+                      "mutations": list(trial.mutations) if trial else [],
+                      "created_at": node.created_at})
+        wanted = node.parent
+    return chain
+
+
+def _task_rows(snap: _Snapshot) -> list[dict[str, Any]]:
+    rows = []
+    for task, model in snap.published.items():
+        m, h = model.metrics, model.hparams
+        own = sum(snap.params[c] for c in model.components
+                  if snap.components[c].agent == model.agent)
+        total = sum(snap.params[c] for c in model.components)
+        pointer = snap.pointers.get(task)
+        adapters = h.get("adapter_layers") or ""
+        rows.append({
+            "task": task, "model_id": model.id, "agent": model.agent, "preset": model.preset,
+            "preset_hash": model.preset_hash, "score": _finite(m.get("score")),
+            "quality": _finite(m.get("quality")), "test_quality": _finite(m.get("test_quality")),
+            "params": m.get("params"), "accounted_params": m.get("accounted_params"),
+            "flops": m.get("flops"), "num_layers": h.get("num_layers"),
+            "adapters": [int(x) for x in str(adapters).split("_") if x.isdigit()],
+            "image_size": h.get("ds_image_size"), "cycles": m.get("num_cycles"),
+            "num_classes": pointer.num_classes if pointer else h.get("num_classes"),
+            "updated_at": pointer.updated_at if pointer else model.created_at,
+            "components": len(model.components), "own_params": own, "reused_params": total - own,
+            "lineage": _lineage(snap, model)})
+    return rows
+
+
+_TIMELINE_KINDS = ("published", "cycle_end")
+
+
+def _timeline(snap: _Snapshot) -> tuple[dict[str, list], dict[str, list]]:
+    """Per task: the events with the metrics of the model they name; and every trained child."""
+    timeline: dict[str, list[dict[str, Any]]] = {task: [] for task in snap.published}
+    event: Event
+    for event in snap.events:
+        if event.task is None or event.task == ROOT_TASK:
+            continue
+        model = snap.models.get(event.model_id) if event.model_id else None
+        metrics = model.metrics if model else {}
+        timeline.setdefault(event.task, []).append({
+            "time": event.time, "t": event.time - snap.t0, "kind": event.kind, "seq": event.seq,
+            "model_id": event.model_id, "preset": model.preset if model else None,
+            "score": _finite(metrics.get("score")), "quality": _finite(metrics.get("quality"))})
+    children: dict[str, list[dict[str, Any]]] = {task: [] for task in timeline}
+    for trial in snap.trials:
+        children.setdefault(trial.task, []).append({
+            "t": trial.created_at - snap.t0, "id": trial.id, "preset": trial.preset,
+            "quality": _finite(trial.quality), "score": _finite(trial.score),
+            "accepted": trial.accepted})
+    return timeline, children
+
+
+def _sharing(snap: _Snapshot) -> dict[str, Any]:
+    """Tasks against the components their current models use (the layer-sharing map)."""
+    used_by: dict[str, list[str]] = {}
+    for task, model in snap.published.items():
+        for cid in model.components:
+            used_by.setdefault(cid, []).append(task)
+    components = []
+    for cid, tasks in used_by.items():
+        record = snap.components[cid]
+        components.append({"id": cid, "name": record.name, "creator": record.agent,
+                           "creator_task": snap.agent_task(record.agent),
+                           "cloned_from": record.cloned_from, "params": snap.params[cid],
+                           "used_by": tasks})
+    # root's components first within a slot, then the creators' own (and clones) by agent
+    components.sort(key=lambda c: (_slot(c["name"]), c["creator"] != "root", c["creator"],
+                                   c["id"]))
+    task_names = list(snap.published)
+    matrix = [[task in c["used_by"] for c in components] for task in task_names]
+    return {"tasks": task_names, "components": components, "matrix": matrix}
+
+
+def _slot(name: str) -> tuple[int, int, int]:
+    """Forward position of a component name, so the grid's columns read like the network."""
+    fixed = {"cls": 0, "embedding": 1, "posembed_input": 2}
+    if name in fixed:
+        return (0, fixed[name], 0)
+    match = re.fullmatch(r"(residual_adapter|encoderblock)_(\d+)", name)
+    if match:
+        return (1, int(match.group(2)), 0 if match.group(1) == "residual_adapter" else 1)
+    return (2, {"encoder_norm": 0, "head": 1}.get(name, 2), 0)
+
+
+def _method_tables(snap: _Snapshot) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per preset and per (action family, preset): counts, acceptance, mean gain, compute."""
+    order: list[tuple[str, str]] = []
+    presets: dict[tuple[str, str], _Tally] = {}
+    best: dict[tuple[str, str], dict[str, float]] = {}
+    actions: dict[tuple[str, str, str], _Tally] = {}
+    for trial in snap.trials:
+        key = (trial.preset, trial.preset_hash)
+        if key not in presets:
+            order.append(key)
+            presets[key], best[key] = _Tally(), {}
+        gain, foreign = snap.gain_of(trial)
+        presets[key].add(trial, gain, foreign)
+        score = _finite(trial.score)
+        if score is not None and score > best[key].get(trial.task, -math.inf):
+            best[key][trial.task] = score
+        for family in sorted({action_family(a) for a in trial.mutations} or {NO_ACTION}):
+            actions.setdefault((family, *key), _Tally()).add(trial, gain, foreign)
+    published: dict[tuple[str, str], int] = {}
+    for event in snap.events:
+        model = snap.models.get(event.model_id) if event.model_id else None
+        if event.kind == "published" and model is not None:
+            published[(model.preset, model.preset_hash)] = \
+                published.get((model.preset, model.preset_hash), 0) + 1
+    preset_rows = []
+    for key in order:
+        trials = [t for t in snap.trials if (t.preset, t.preset_hash) == key]
+        preset_rows.append({
+            "name": key[0], "hash": key[1], **parse_preset_name(key[0]),
+            "agents": sorted({t.agent for t in trials}), "tasks": sorted({t.task for t in trials}),
+            **presets[key].as_dict(), "published": published.get(key, 0),
+            "best_score": dict(sorted(best[key].items())),
+            "first_at": trials[0].created_at, "last_at": trials[-1].created_at})
+    rank = {key: i for i, key in enumerate(order)}
+    action_rows = [{"action": family, "preset": name, "hash": phash, **tally.as_dict()}
+                   for (family, name, phash), tally
+                   in sorted(actions.items(), key=lambda kv: (kv[0][0], rank[kv[0][1:]]))]
+    return preset_rows, action_rows
+
+
+def build_report(st: Store, *, now: float | None = None) -> dict[str, Any]:
+    """The whole report as a dict of plain JSON values (see the module docstring for terms)."""
+    snap = _Snapshot(st)
+    timeline, children = _timeline(snap)
+    presets, actions = _method_tables(snap)
+    counts = snap.stats["counts"]
+    agent_tasks = {a.agent_id: a.task for a in snap.agents}
+    agent_tasks.setdefault("root", ROOT_TASK)
+    return {
+        "generated_at": time.time() if now is None else now,
+        "store": snap.path,
+        "summary": {"tasks": len(snap.published), "agents": counts.get("agents", 0),
+                    "models": counts.get("models", 0), "trials": len(snap.trials),
+                    "events": len(snap.events), "components": counts.get("components", 0),
+                    "blob_bytes": snap.stats.get("blob_bytes"), "root_model_id": snap.root_id,
+                    "started_at": snap.t0, "presets": len(presets)},
+        "agents": agent_tasks,
+        "tasks": _task_rows(snap),
+        "timeline": timeline,
+        "children": children,
+        "sharing": _sharing(snap),
+        "presets": presets,
+        "actions": actions,
+    }

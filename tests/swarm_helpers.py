@@ -1,0 +1,51 @@
+"""Helpers for tests that run real agent processes against a real store."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+
+from conftest import REPO
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+def make_store(path: str, preset: str = "test") -> None:
+    """A store with a root, as run_swarm.py makes it (so attach.py has something to attach to)."""
+    import agents  # noqa: F401
+    from agents.bootstrap import ensure_root
+    from agents.config import resolve_preset
+    from agents.vit import VIT_CONFIGS
+    from store import Store
+
+    p = resolve_preset(preset)
+    vit = dataclasses.replace(VIT_CONFIGS[p.budget.vit], depth=p.budget.depth)
+    with Store.open(path, create=True) as store:
+        ensure_root(store, p, vit)
+
+
+def start(script: str, *args: str, log: str | None = None) -> subprocess.Popen:
+    out = open(log, "w") if log else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "launch", script), *args], cwd=REPO,
+                            env=ENV, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(cond, timeout: float, what: str, every: float = 0.2):
+    """Poll ``cond`` until it returns something truthy; fail the test with ``what`` on timeout."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def read(path: str, fn):
+    """Open the store read-only, apply fn, close (each call sees the latest commits)."""
+    from store import Store
+
+    with Store.open(path, readonly=True) as s:
+        return fn(s)

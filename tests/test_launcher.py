@@ -1,0 +1,94 @@
+"""The launcher is only a launcher: killing it leaves the agents working; Ctrl-C stops them cleanly
+and the same command resumes; bad input is one line and exit 2."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import REPO, run_cli
+from swarm_helpers import ENV, read, wait_for
+
+from agents.agent import agent_id_for
+
+TASKS = ["uci_digits", "glyphs_greek"]
+
+
+def _launch(store: str, log: str, cycles: int, new_session: bool = False) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "launch", "run_swarm.py"), "--store", store, "--tasks",
+         ",".join(TASKS), "--preset", "test", "--cycles", str(cycles)],
+        cwd=REPO, env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+        start_new_session=new_session)
+
+
+def _running(store: str) -> bool:
+    live = read(store, lambda s: {a.agent_id for a in s.live_agents()})
+    return all(agent_id_for(t) in live for t in TASKS) and bool(read(store, lambda s: s.tasks()))
+
+
+def test_agents_finish_and_publish_after_the_launcher_is_killed(tmp_path):
+    store = str(tmp_path / "store")
+    launcher = _launch(store, str(tmp_path / "l.log"), cycles=3)
+    try:
+        wait_for(lambda: os.path.exists(store) and _running(store), 120, "agents running")
+        launcher.kill()  # SIGKILL: no clean-up in the launcher at all
+        launcher.wait()
+        done = lambda: all(  # noqa: E731
+            (rec := read(store, lambda s: s.get_agent(agent_id_for(t)))) and rec.state == "finished"
+            for t in TASKS)
+        wait_for(done, 240, "orphaned agents to finish their cycles")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    for t in TASKS:
+        assert read(store, lambda s: s.get_agent_state(agent_id_for(t))).cycle == 3
+        assert read(store, lambda s: s.get_task(t)) is not None
+    assert read(store, lambda s: s.verify()) == []
+
+
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
+    store = str(tmp_path / "store")
+    launcher = _launch(store, str(tmp_path / "1.log"), cycles=3, new_session=True)
+    try:
+        wait_for(lambda: os.path.exists(store) and _running(store), 120, "agents running")
+        os.killpg(launcher.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the foreground group
+        assert launcher.wait(120) == 130
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert read(store, lambda s: s.live_agents()) == []  # leases released, not left to expire
+    states = {t: read(store, lambda s: s.get_agent(agent_id_for(t))).state for t in TASKS}
+    assert set(states.values()) <= {"stopped", "finished"}, states
+    before = {t: read(store, lambda s: s.get_agent_state(agent_id_for(t))) for t in TASKS}
+    assert read(store, lambda s: s.verify()) == []
+    again = _launch(store, str(tmp_path / "2.log"), cycles=3)
+    assert again.wait(240) == 0, open(tmp_path / "2.log").read()[-2000:]
+    for t in TASKS:
+        after = read(store, lambda s: s.get_agent_state(agent_id_for(t)))
+        assert after.cycle == 3
+        trials = read(store, lambda s: s.trials(agent=agent_id_for(t)))
+        pairs = [(x.cycle, x.generation) for x in trials]
+        assert len(pairs) == len(set(pairs)) == 6  # resumed, nothing redone, nothing skipped
+        assert before[t] is None or len(trials) >= 0
+    assert read(store, lambda s: s.verify()) == []
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    cases = [
+        ["launch/run_swarm.py", "--store", str(tmp_path / "s"), "--tasks", "no_such_task"],
+        ["launch/run_swarm.py", "--store", str(tmp_path / "s"), "--preset", "huge"],
+        ["launch/run_swarm.py", "--store", str(tmp_path / "s"), "--preset", "demo+turbo"],
+        ["launch/run_swarm.py", "--store", str(tmp_path / "s"), "--devices", "gpu0"],
+        ["launch/run_swarm.py", "--store", str(tmp_path / "s"), "--devices", "cuda:7"],
+        ["launch/run_swarm.py", "--store", str(tmp_path / "s"), "--tasks", "npz:/nonexistent.npz"],
+        ["launch/attach.py", "--store", str(tmp_path / "nothing"), "--task", "uci_digits"],
+        ["launch/query.py", "--store", str(tmp_path / "nothing"), "leaderboard"],
+    ]
+    for args in cases:
+        r = run_cli(*args, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(lines) == 1 and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not os.path.exists(tmp_path / "nothing")  # a bad command creates nothing

@@ -1,0 +1,189 @@
+"""launch/query.py as a user runs it: real subprocesses on stores built through the Store API."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+
+from store import Store
+from test_store_helpers import lease, make_root, publish_next
+
+REPO = Path(__file__).resolve().parent.parent
+QUERY = REPO / "launch" / "query.py"
+LEADERBOARD_KEYS = {"task", "model_id", "agent_id", "score", "quality", "test_quality", "params",
+                    "accounted_params", "flops", "num_layers", "adapter_layers", "image_size",
+                    "cycles", "parent_id", "updated_at"}
+
+
+def run_query(store: Path | str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, str(QUERY), "--store", str(store), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+@pytest.fixture(scope="module")
+def two_tasks(tmp_path_factory) -> Path:
+    """A store with a root and two published tasks (alpha: 2 publishes, beta: 1)."""
+    path = tmp_path_factory.mktemp("cli") / "store"
+    with Store.open(path, create=True) as st:
+        root = make_root(st)
+        rng = np.random.default_rng(0)
+        token = lease(st, "agent_alpha", "alpha")
+        publish_next(st, "agent_alpha", token, "alpha", 0, root, rng)
+        publish_next(st, "agent_alpha", token, "alpha", 1, root, rng, parent="agent_alpha:m0")
+        token = lease(st, "agent_beta", "beta")
+        publish_next(st, "agent_beta", token, "beta", 0, root, rng)
+    return path
+
+
+@pytest.fixture
+def empty_store(tmp_path) -> Path:
+    path = tmp_path / "empty"
+    Store.open(path, create=True).close()
+    return path
+
+
+def test_leaderboard_of_an_empty_store(empty_store):
+    result = run_query(empty_store, "leaderboard", "--json")
+    assert result.returncode == 0 and json.loads(result.stdout) == []
+    result = run_query(empty_store, "leaderboard")
+    assert result.returncode == 0 and result.stdout.splitlines()[0].split()[0] == "task"
+    assert result.stderr == ""
+
+
+def test_leaderboard_json_and_table(two_tasks):
+    rows = json.loads(run_query(two_tasks, "leaderboard", "--json").stdout)
+    assert [r["task"] for r in rows] == ["alpha", "beta"]
+    assert all(LEADERBOARD_KEYS <= set(r) for r in rows)
+    alpha = rows[0]
+    assert alpha["model_id"] == "agent_alpha:m1" and alpha["agent_id"] == "agent_alpha"
+    assert alpha["parent_id"] == "agent_alpha:m0" and alpha["image_size"] == 32
+    assert alpha["cycles"] == 1 and alpha["num_layers"] == 2 and alpha["params"] == 1234
+    assert alpha["score"] == pytest.approx(0.501) and alpha["test_quality"] is None
+    assert alpha["flops"] is None and isinstance(alpha["updated_at"], float)
+
+    lines = run_query(two_tasks, "leaderboard").stdout.splitlines()
+    assert lines[0].split()[:3] == ["task", "model", "agent"]
+    assert [line.split()[0] for line in lines[2:]] == ["alpha", "beta"]
+    assert lines[2].index(" agent_alpha ") + 1 == lines[0].index(" agent ") + 1  # aligned
+
+
+def test_show_lists_components_and_their_sharing(two_tasks):
+    info = json.loads(run_query(two_tasks, "show", "alpha", "--json").stdout)
+    assert info["model"]["id"] == "agent_alpha:m1" and info["task"]["num_classes"] == 3
+    comps = info["components"]
+    assert [c["id"] for c in comps] == ["root:0", "root:1", "root:2", "agent_alpha:3",
+                                        "agent_alpha:2"]
+    assert comps[0]["shared_with"] == ["beta"] and comps[-1]["shared_with"] == []
+    assert comps[0]["agent"] == "root" and comps[0]["params"] == 16 * 16 + 16
+    assert comps[-1]["params"] == 3 * 64 + 3 and comps[-1]["has_momentum"]
+
+    text = run_query(two_tasks, "show", "beta").stdout
+    assert "agent_beta:m0" in text and "ds_image_size" in text and "root:0" in text
+    assert "alpha" in text  # the shared root components are also used by alpha
+
+
+def test_unknown_task_is_a_user_error(two_tasks):
+    result = run_query(two_tasks, "show", "gamma")
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and "gamma" in result.stderr
+    assert "alpha, beta" in result.stderr
+
+
+def test_not_a_store_is_one_line_and_creates_nothing(tmp_path):
+    missing = tmp_path / "nothing-here"
+    for command in (["leaderboard"], ["gc"]):  # read-only and writable opens
+        result = run_query(missing, *command)
+        assert result.returncode == 2, command
+        assert len(result.stderr.splitlines()) == 1 and "not a munet-swarm store" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not missing.exists()
+
+
+def test_bad_flag_exits_2(two_tasks):
+    result = run_query(two_tasks, "leaderboard", "--nope")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_verify_ok_then_corrupted(tmp_path, two_tasks):
+    result = run_query(two_tasks, "verify")
+    assert result.returncode == 0
+    assert result.stdout.strip() == "ok: 16 blobs, 11 components, 4 models verified"
+
+    path = tmp_path / "corrupt"
+    with Store.open(path, create=True) as st:
+        root = make_root(st)
+        key = st.get_component(root.components[1]).tensors["weight"]
+    env = lmdb.open(str(path), max_dbs=16, map_size=2**30)
+    blobs = env.open_db(b"blobs")
+    with env.begin(write=True) as txn:
+        value = bytes(txn.get(key.encode(), db=blobs))
+        txn.put(key.encode(), value[:-4] + b"\0\0\0\1", db=blobs)
+    env.close()
+    result = run_query(path, "verify")
+    assert result.returncode == 1 and key in result.stdout and "FAILED" in result.stderr
+
+
+def test_events_and_after(two_tasks):
+    lines = run_query(two_tasks, "events").stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["1", "2", "3", "4"]
+    assert lines[0].split()[3] == "root" and lines[3].split()[3:] == ["published", "beta",
+                                                                     "agent_beta", "agent_beta:m0"]
+    events = [json.loads(x) for x in run_query(two_tasks, "events", "--after", "2",
+                                               "--json").stdout.splitlines()]
+    assert [e["seq"] for e in events] == [3, 4] and events[0]["model_id"] == "agent_alpha:m1"
+
+
+def test_events_follow_prints_new_events_and_stops_cleanly_on_ctrl_c(tmp_path):
+    path = tmp_path / "store"
+    with Store.open(path, create=True) as st:
+        st.append_event("first")
+    proc = subprocess.Popen([sys.executable, str(QUERY), "--store", str(path), "events",
+                             "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    try:
+        assert "first" in proc.stdout.readline()
+        with Store.open(path) as st:
+            st.append_event("second", task="t")
+        assert "second" in proc.stdout.readline()  # blocks until the poll picks it up
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == 0 and "Traceback" not in err
+
+
+def test_stats_and_gc(tmp_path):
+    path = tmp_path / "store"
+    with Store.open(path, create=True) as st:
+        make_root(st)
+    info = json.loads(run_query(path, "stats", "--json").stdout)
+    assert info["counts"]["models"] == 1 and info["counts"]["events"] == 1
+    assert "models" in run_query(path, "stats").stdout
+    counts = json.loads(run_query(path, "gc", "--grace", "0", "--json").stdout)
+    assert counts == {"models": 0, "components": 0, "blobs": 0, "bytes_freed": 0}
+    result = run_query(path, "gc")
+    assert result.returncode == 0 and result.stdout.startswith("gc: removed 0 models")
+
+
+def test_query_does_not_import_torch(two_tasks):
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['query.py', '--store', {str(two_tasks)!r}, 'leaderboard']\n"
+            "try:\n"
+            f"    runpy.run_path({str(QUERY)!r}, run_name='__main__')\n"
+            "except SystemExit as exc:\n"
+            "    assert exc.code == 0, exc.code\n"
+            "print('torch' in sys.modules, 'timm' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False False"
