@@ -1,7 +1,7 @@
 """Use a grown model: the task's current model as a ``torch.nn.Module`` with its preprocessing.
 
     from agents.api import load_model, load_exported
-    m = load_model("runs/store", "mnist5k")            # from the store (read-only, never blocks agents)
+    m = load_model("swarm-store", "mnist5k")            # from the store (read-only, never blocks agents)
     m = load_exported("mnist5k.safetensors")           # from `query.py export`, no store needed
     labels = m.predict(images_uint8_nhwc)              # numpy uint8 (N,H,W) or (N,H,W,C)
     probs = m.predict_proba(images_uint8_nhwc)

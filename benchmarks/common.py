@@ -102,12 +102,14 @@ def fmt(x: Any, digits: int = 4) -> str:
 
 # ---- timing ------------------------------------------------------------------------------------
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
-                        ) -> dict[str, list[float]]:
+def interleaved_times(fns: dict[str, Callable[[], float | None]], repeats: int, warmup: int = 1
+                      ) -> dict[str, list[float]]:
     """Run each function ``warmup`` times, then ``repeats`` rounds of A, B, ... in turn.
 
-    Interleaving matters on a shared machine: a burst of foreign load hits every variant in the
-    same round instead of biasing whichever ran during it. Returns every timed duration per name.
+    A function may return the seconds of the part it wants timed (its set-up excluded); if it
+    returns None the whole call is timed. Interleaving matters on a shared machine: a burst of
+    foreign load hits every variant in the same round instead of biasing whichever ran during it.
+    Returns every timed duration per name (warm-up excluded).
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -116,8 +118,8 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup:
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            own = fn()
+            times[name].append(own if own is not None else time.perf_counter() - start)
     return times
 
 

@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(ALL_METHODS),
                    help=f"subset of {','.join(ALL_METHODS)} (default all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for the baselines (default: all cores; the swarm's agents "
-                        "divide the cores among themselves)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the baselines (default 1: on a shared machine extra "
+                        "threads mostly wait on each other; the swarm's agents divide the cores)")
     p.add_argument("--out", default=str(common.RESULTS_DIR), help="result directory")
     p.add_argument("--work", default=None, help="directory for the swarm's store (default: a temp dir, "
                                                 "removed at the end)")
@@ -183,7 +183,7 @@ def run(args) -> dict:
     from agents.training import TaskTensors
     from store import Store
 
-    threads = args.threads or os.cpu_count() or 1
+    threads = max(1, args.threads)
     preset, vit = common.vit_for(preset_name)
     work = args.work or tempfile.mkdtemp(prefix="quality_")
     store_path = os.path.join(work, "swarm_store")

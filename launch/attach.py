@@ -5,8 +5,8 @@ The agent takes its task's lease (refused, exit 2, while another live agent hold
 to the running agents, and draws its first parents from what the others have published: a new task
 starts from the system's knowledge. Re-attaching a task whose agent died resumes it from the store.
 
-  python launch/attach.py --store runs/store --task glyphs_arabic
-  python launch/attach.py --store runs/store --task mnist5k --preset demo+penalty --cycles 6
+  python launch/attach.py --store swarm-store --task glyphs_arabic
+  python launch/attach.py --store swarm-store --task mnist5k --preset demo+penalty --cycles 6
 """
 from __future__ import annotations
 

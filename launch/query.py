@@ -6,6 +6,7 @@
     python launch/query.py --store DIR events [--follow] [--after N] [--json]
     python launch/query.py --store DIR gc [--grace S] [--json]
     python launch/query.py --store DIR stats [--json]
+    python launch/query.py --store DIR export TASK --out FILE.safetensors
 
 Exit codes: 0 ok; 1 internal failure or an inconsistent store; 2 user error (one line on stderr).
 This script must stay torch-free so that it starts fast; each subcommand is one `cmd_*` function
@@ -273,6 +274,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """One .safetensors file with the architecture in its metadata (agents.api.load_exported)."""
+    from store.export import export_task
+
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out {args.out}: directory {folder} does not exist")
+    with open_store(args) as st:
+        info = export_task(st, args.task, args.out)
+    print(f"exported {info['task']} model {info['model_id']}: {info['components']} components, "
+          f"{info['tensors']} tensors, {info['bytes']:,} bytes -> {info['path']}")
+    return 0
+
+
 # ---- argument parsing ---------------------------------------------------------------------------------
 
 def _add_store_flag(parser: argparse.ArgumentParser, default: Any) -> None:
@@ -319,6 +334,13 @@ def register_stats(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def register_export(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="write a task's current model to one .safetensors file")
+    p.add_argument("task")
+    p.add_argument("--out", required=True, metavar="FILE", help="output .safetensors path")
+    return p
+
+
 #: (register, command) pairs; a new subcommand adds one entry here
 SUBCOMMANDS: list[tuple[Callable[[Any], argparse.ArgumentParser],
                         Callable[[argparse.Namespace], int]]] = [
@@ -328,6 +350,7 @@ SUBCOMMANDS: list[tuple[Callable[[Any], argparse.ArgumentParser],
     (register_events, cmd_events),
     (register_gc, cmd_gc),
     (register_stats, cmd_stats),
+    (register_export, cmd_export),
 ]
 
 

@@ -22,7 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launch.common import UserError, check_devices, parse_devices, run_main  # noqa: E402
 
-DEFAULT_STORE = "runs/store"
+DEFAULT_STORE = "swarm-store"
 
 
 def build_parser() -> argparse.ArgumentParser:

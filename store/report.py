@@ -11,7 +11,10 @@ Definitions used throughout (the page repeats them for its readers):
   another task's model, or of the root, are always accepted: there is nothing to compare with);
 - the *score gain* of an accepted child is ``child score - parent model's recorded score`` and is
   defined only when the parent is a model of the same task; other accepted children are counted
-  as ``accepted_foreign`` (or ``gain_unknown`` when the parent record has no score);
+  as ``accepted_foreign`` (or ``gain_unknown`` when the parent record has no score). The *quality
+  gain* is the same difference of validation accuracies: unlike the score it does not change scale
+  when a preset switches the size/compute penalty on (a ``+penalty`` child is compared with a
+  parent whose recorded score had no penalty, so its score gain reads low);
 - compute is what the trials recorded: ``train_images`` and wall ``seconds`` per trained child.
   A child that applied several actions counts fully for each of them in the per-action rows.
 """
@@ -76,29 +79,43 @@ class _Tally:
     accepted_foreign: int = 0
     gain_unknown: int = 0
     gains: list[float] = field(default_factory=list)
+    quality_gains: list[float] = field(default_factory=list)
     train_images: int = 0
     seconds: float = 0.0
 
-    def add(self, trial: TrialRecord, gain: float | None, foreign: bool) -> None:
+    def add(self, trial: TrialRecord, gain: _Gain) -> None:
         self.trials += 1
         self.train_images += trial.train_images
         self.seconds += trial.seconds
         if not trial.accepted:
             return
         self.accepted += 1
-        if foreign:
+        if gain.foreign:
             self.accepted_foreign += 1
-        elif gain is None:
+            return
+        if gain.score is None:
             self.gain_unknown += 1
         else:
-            self.gains.append(gain)
+            self.gains.append(gain.score)
+        if gain.quality is not None:
+            self.quality_gains.append(gain.quality)
 
     def as_dict(self) -> dict[str, Any]:
         return {"trials": self.trials, "accepted": self.accepted,
                 "acceptance_rate": _rate(self.accepted, self.trials),
                 "accepted_foreign": self.accepted_foreign, "gain_n": len(self.gains),
                 "gain_unknown": self.gain_unknown, "mean_score_gain": _mean(self.gains),
+                "mean_quality_gain": _mean(self.quality_gains),
                 "train_images": self.train_images, "seconds": round(self.seconds, 4)}
+
+
+@dataclass(frozen=True)
+class _Gain:
+    """What an accepted child improved over its parent (None where not defined)."""
+
+    foreign: bool              # parent is another task's model, the root, or unknown root-like
+    score: float | None = None
+    quality: float | None = None
 
 
 class _Snapshot:
@@ -141,15 +158,20 @@ class _Snapshot:
                 return model.task
         return ROOT_TASK if agent == ROOT_TASK else agent
 
-    def gain_of(self, trial: TrialRecord) -> tuple[float | None, bool]:
-        """(score gain over a same-task parent, whether the parent is foreign)."""
+    def gain_of(self, trial: TrialRecord) -> _Gain:
+        """Score and quality gain over a same-task parent's recorded metrics."""
         parent = self.models.get(trial.parent) if trial.parent else None
         if parent is None:
-            return None, trial.parent is None or trial.parent == self.root_id
+            return _Gain(foreign=trial.parent is None or trial.parent == self.root_id)
         if parent.task != trial.task:
-            return None, True
-        child, before = _finite(trial.score), _finite(parent.metrics.get("score"))
-        return (None if child is None or before is None else child - before), False
+            return _Gain(foreign=True)
+        return _Gain(False, _difference(trial.score, parent.metrics.get("score")),
+                     _difference(trial.quality, parent.metrics.get("quality")))
+
+
+def _difference(after: Any, before: Any) -> float | None:
+    a, b = _finite(after), _finite(before)
+    return None if a is None or b is None else a - b
 
 
 def _lineage(snap: _Snapshot, model: ModelRecord) -> list[dict[str, Any]]:
@@ -267,13 +289,13 @@ def _method_tables(snap: _Snapshot) -> tuple[list[dict[str, Any]], list[dict[str
         if key not in presets:
             order.append(key)
             presets[key], best[key] = _Tally(), {}
-        gain, foreign = snap.gain_of(trial)
-        presets[key].add(trial, gain, foreign)
+        gain = snap.gain_of(trial)
+        presets[key].add(trial, gain)
         score = _finite(trial.score)
         if score is not None and score > best[key].get(trial.task, -math.inf):
             best[key][trial.task] = score
         for family in sorted({action_family(a) for a in trial.mutations} or {NO_ACTION}):
-            actions.setdefault((family, *key), _Tally()).add(trial, gain, foreign)
+            actions.setdefault((family, *key), _Tally()).add(trial, gain)
     published: dict[tuple[str, str], int] = {}
     for event in snap.events:
         model = snap.models.get(event.model_id) if event.model_id else None

@@ -45,7 +45,9 @@ def _t(x: float, y: float, text: str, *, size: float = 11, fill: str = INK, anch
 
 
 def _svg(width: float, height: float, body: list[str], label: str) -> str:
-    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width:.0f}' height='{height:.0f}' "
+    # no xmlns: inside HTML the parser puts <svg> in the SVG namespace, and the page then holds
+    # no URL at all (the tests check that it names no http(s) resource)
+    return (f"<svg width='{width:.0f}' height='{height:.0f}' "
             f"viewBox='0 0 {width:.0f} {height:.0f}' role='img' aria-label='{escape(label)}' "
             f"{FONT}>" + "".join(body) + "</svg>")
 
@@ -258,14 +260,14 @@ def short_component_name(name: str) -> str:
 
 
 def sharing_grid(sharing: dict, creator_colour: Callable[[str], str],
-                 creator_label: Callable[[str], str], *, max_width: float = 1240,
+                 creator_label: Callable[[str], str], *, max_width: float = 1200,
                  row_notes: dict[str, str] | None = None) -> str:
     """Rows = tasks, columns = components of their current models (forward order), cells filled
     with the creator's colour where the task's model uses the component; components used by two or
     more tasks are outlined and show how many tasks share them."""
     tasks, comps, matrix = sharing["tasks"], sharing["components"], sharing["matrix"]
     notes = row_notes or {}
-    label_w = max([_text_width(t, 12) for t in tasks] + [60]) + 14
+    label_w = max([_text_width(t, 12) * 1.12 for t in tasks] + [60]) + 18  # bold labels
     note_w = max([_text_width(n, 11) for n in notes.values()] + [0]) + (16 if notes else 0)
     cell = max(10.0, min(26.0, (max_width - label_w - note_w - 10) / max(1, len(comps))))
     headers = [f"{short_component_name(c['name'])} · {creator_label(c['creator'])}" for c in comps]
@@ -280,7 +282,7 @@ def sharing_grid(sharing: dict, creator_colour: Callable[[str], str],
             band, prev = not band, c["name"]
         if band:
             body.append(f"<rect x='{label_w + j * cell:.1f}' y='{head_h - 4:.1f}' "
-                        f"width='{cell:.1f}' height='{cell * len(tasks) + 8:.1f}' fill='#f9fafb'/>")
+                        f"width='{cell:.1f}' height='{cell * len(tasks) + 8:.1f}' fill='#f1f5f9'/>")
     for j, text in enumerate(headers):
         x, y = label_w + (j + 0.5) * cell + 3, head_h - 8
         body.append(_t(x, y, text, size=10, fill=MUTED,
@@ -291,8 +293,8 @@ def sharing_grid(sharing: dict, creator_colour: Callable[[str], str],
         for j, c in enumerate(comps):
             x = label_w + j * cell
             if not matrix[i][j]:
-                body.append(f"<rect x='{x + 2:.1f}' y='{y + 2:.1f}' width='{cell - 4:.1f}' "
-                            f"height='{cell - 4:.1f}' rx='2' fill='{EMPTY}'/>")
+                body.append(f"<rect x='{x + 2.5:.1f}' y='{y + 2.5:.1f}' width='{cell - 5:.1f}' "
+                            f"height='{cell - 5:.1f}' rx='2' fill='white' stroke='{GRID}'/>")
                 continue
             users = c["used_by"]
             shared = len(users) > 1
@@ -321,7 +323,7 @@ def _short_model(model_id: str) -> str:
 
 def lineage_chain(chain: Sequence[dict], task_colour: Callable[[str], str],
                   preset_colour: Callable[[str], str], *, uid: str,
-                  width: float = 1240) -> str:
+                  width: float = 1200) -> str:
     """Boxes from the root (left) to the task's current model (right), wrapping into rows.
 
     ``chain`` is the report's lineage list (current model first). Each box is coloured by the task
@@ -332,7 +334,7 @@ def lineage_chain(chain: Sequence[dict], task_colour: Callable[[str], str],
     per_row = max(1, int((width - 10 + gap) // (box_w + gap)))
     rows = math.ceil(len(nodes) / per_row) or 1
     height = rows * box_h + (rows - 1) * row_gap + 8
-    used_w = min(len(nodes), per_row) * (box_w + gap) - gap + 12
+    used_w = min(len(nodes), per_row) * (box_w + gap) - gap + 24
     body = [f"<defs><marker id='arr-{uid}' viewBox='0 0 10 10' refX='9' refY='5' markerWidth='7' "
             f"markerHeight='7' orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' "
             f"fill='{MUTED}'/></marker></defs>"]
@@ -348,10 +350,10 @@ def lineage_chain(chain: Sequence[dict], task_colour: Callable[[str], str],
                 body.append(f"<line x1='{px_ + box_w:.1f}' y1='{y + box_h / 2:.1f}' "
                             f"x2='{x - 2:.1f}' y2='{y + box_h / 2:.1f}' stroke='{MUTED}' "
                             f"stroke-width='1.5' marker-end='url(#arr-{uid})'/>")
-            else:  # wrap: right of the last box, down between rows, back to the row start
+            else:  # wrap: out of the row's last box, back between the rows, down into this one
                 mid = py_ + box_h + row_gap / 2
-                d = (f"M{px_ + box_w:.1f},{py_ + box_h / 2:.1f} h12 V{mid:.1f} H{x - 14:.1f} "
-                     f"V{y + box_h / 2:.1f} H{x - 2:.1f}")
+                d = (f"M{px_ + box_w:.1f},{py_ + box_h / 2:.1f} h10 V{mid:.1f} "
+                     f"H{x + box_w / 2:.1f} V{y - 2:.1f}")
                 body.append(f"<path d='{d}' fill='none' stroke='{MUTED}' stroke-width='1.5' "
                             f"marker-end='url(#arr-{uid})'/>")
         if node.get("missing"):

@@ -1,0 +1,107 @@
+"""`query.py report --out FILE.html`: the continual-development report (HTML page + JSON twin).
+
+    python launch/query.py --store DIR report --out report.html    # also writes report.json
+
+Wired into launch/query.py as one more ``(register_report, cmd_report)`` pair of ``SUBCOMMANDS``.
+torch-free like query.py: the report reads only store records. Both files are written atomically
+(temporary file in the same folder, then rename), so a reader never sees half a report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+try:  # run from a checkout without installing: put the repository root on the path
+    import store  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from store import Store  # noqa: E402
+from store.report import build_report  # noqa: E402
+from store.report_html import render_html  # noqa: E402
+
+HTML_SUFFIXES = (".html", ".htm")
+
+
+class ReportOutputError(ValueError):
+    """The --out path cannot take the report (a user error: exit 2, one line)."""
+
+
+def output_paths(out: str) -> tuple[Path, Path]:
+    """(html path, json path) for ``--out``; checks the folder before any store work is done."""
+    html = Path(out).expanduser()
+    if html.suffix.lower() == ".json":
+        raise ReportOutputError(f"--out {out} ends in .json: give the .html path, the JSON file "
+                                f"is written beside it")
+    if html.is_dir():
+        raise ReportOutputError(f"--out {out} is a directory: give a file name such as "
+                                f"{html / 'report.html'}")
+    folder = html.parent if str(html.parent) else Path(".")
+    if not folder.is_dir():
+        raise ReportOutputError(f"--out folder {folder} does not exist: create it or choose "
+                                f"another path")
+    if not os.access(folder, os.W_OK):
+        raise ReportOutputError(f"--out folder {folder} is not writable: choose another path")
+    stem = html.with_suffix("") if html.suffix.lower() in HTML_SUFFIXES else html
+    return html, stem.with_name(stem.name + ".json")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON: write them as null so every consumer can parse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write beside the target, then rename over it (the file gets the umask's usual mode)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_report(store_path: str | os.PathLike, out: str) -> tuple[Path, Path, dict]:
+    """Build the report of the store at ``store_path``; write FILE.html and FILE.json."""
+    html_path, json_path = output_paths(out)
+    with Store.open(store_path, readonly=True, create=False) as st:
+        report = build_report(st)
+    try:
+        _write_atomic(json_path, json.dumps(_json_safe(report), indent=1, allow_nan=False))
+        _write_atomic(html_path, render_html(report))
+    except OSError as exc:
+        raise ReportOutputError(f"cannot write the report to {html_path.parent}: "
+                                f"{exc.strerror or exc}") from None
+    return html_path, json_path, report
+
+
+def register_report(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("report", help="continual-development report: FILE.html + FILE.json")
+    p.add_argument("--out", required=True, metavar="FILE.html",
+                   help="HTML page to write; the same numbers go to FILE.json beside it")
+    return p
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        html_path, json_path, report = write_report(args.store, args.out)
+    except ReportOutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    s = report["summary"]
+    print(f"report: {html_path} and {json_path} ({s['tasks']} tasks, {s['trials']} trained "
+          f"children, {s['presets']} presets)")
+    return 0
