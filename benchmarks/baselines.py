@@ -144,17 +144,27 @@ def run_adapters(root: Path, vit: VitConfig, preset: Preset, tasks: Mapping[str,
 
 # ---- joint training ------------------------------------------------------------------------------
 
-def split_batch(batch: int, weights: Sequence[float]) -> list[int]:
-    """Integer sub-batch sizes proportional to ``weights`` (largest remainder), each at least one."""
-    batch = max(batch, len(weights))
-    total = float(sum(weights)) or 1.0
-    raw = [batch * w / total for w in weights]
-    sizes = [max(1, math.floor(r)) for r in raw]
-    while sum(sizes) < batch:
-        sizes[max(range(len(raw)), key=lambda i: raw[i] - sizes[i])] += 1
-    while sum(sizes) > batch:
-        sizes[max((i for i in range(len(raw)) if sizes[i] > 1), key=lambda i: sizes[i] - raw[i])] -= 1
-    return sizes
+class _IndexStream:
+    """Endless shuffled training indices of one task, taken a variable number at a time.
+
+    The joint loop gives each task exactly its budget over the run, so a task's share of a step
+    varies by one image from step to step; ``TaskTensors.batch_indices`` has a fixed batch size.
+    """
+
+    def __init__(self, n: int, gen: torch.Generator):
+        self.n, self.gen = n, gen
+        self.perm, self.pos = torch.randperm(n, generator=gen), 0
+
+    def take(self, k: int) -> Tensor:
+        parts = []
+        while k > 0:
+            if self.pos == self.n:
+                self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
+            part = self.perm[self.pos:self.pos + k]
+            self.pos += len(part)
+            k -= len(part)
+            parts.append(part)
+        return torch.cat(parts) if len(parts) != 1 else parts[0]
 
 
 class _TaskHead(nn.Module):
@@ -172,10 +182,12 @@ def run_joint(root: Path, vit: VitConfig, preset: Preset, tasks: Mapping[str, Ta
               images: Mapping[str, int], seed: int, log=print) -> MethodOutcome:
     """One backbone (a trainable copy of the root) + one head per task, trained on mixed batches.
 
-    Budget: the sum of the per-task budgets, in steps of the preset's batch size, each batch split
-    across tasks in proportion to their budgets. Validation: as many validations as the task with the
-    most gets alone, every one over every task's validation subset; the kept checkpoint (backbone and
-    all heads together) is the one with the best mean validation accuracy.
+    Budget: every task gets exactly its own budget of training images, over the number of steps
+    of the preset's batch size that their sum fills; each step's batch holds every task's share
+    (proportional to its budget, so shares vary by one image from step to step). Validation: as many
+    validations as the task with the most gets alone, each over every task's validation subset; the
+    kept checkpoint (backbone and all heads together) is the one with the best mean validation
+    accuracy.
     """
     start = time.perf_counter()
     b = preset.budget
@@ -195,15 +207,13 @@ def run_joint(root: Path, vit: VitConfig, preset: Preset, tasks: Mapping[str, Ta
     opt = torch.optim.SGD(trainable, lr=h["opt_lr"], momentum=h["opt_momentum"],
                           nesterov=bool(h["opt_nesterov"]) and h["opt_momentum"] > 0)
 
-    sizes = dict(zip(names, split_batch(b.batch_size, [images[n] for n in names])))
-    batch = sum(sizes.values())
-    total_steps = max(1, round(sum(images[n] for n in names) / batch))
+    total_steps = max(1, round(sum(images[n] for n in names) / b.batch_size))
     validations = max(validations_for(images[n], b.batch_size,
                                       preset.steps_between_validations(tasks[n].n_train)) for n in names)
     validations = min(validations, total_steps)
     every = max(1, total_steps // validations)
     total_steps = every * validations
-    streams = {n: tasks[n].batch_indices(sizes[n], gen) for n in names}
+    streams = {n: _IndexStream(tasks[n].n_train, gen) for n in names}
     views = {n: _TaskHead(model, *heads[n]) for n in names}
     best_mean, best_val, snapshot = -math.inf, {}, None
     seen = {n: 0 for n in names}
@@ -211,16 +221,22 @@ def run_joint(root: Path, vit: VitConfig, preset: Preset, tasks: Mapping[str, Ta
     for step in range(total_steps):
         xs, ys = [], []
         for n in names:
-            idx = next(streams[n])
+            share = images[n] * (step + 1) // total_steps - seen[n]  # cumulative: exact at the end
+            if share <= 0:
+                ys.append(None)
+                continue
+            idx = streams[n].take(share)
             xs.append(augment_train(tasks[n].train_x[idx], h, size, gen))
             ys.append(tasks[n].train_y[idx])
-            seen[n] += int(idx.shape[0])
+            seen[n] += share
         lr = lr_at(step, total_steps, h["opt_lr"], h["opt_lr_warmup_ratio"])
         for g in opt.param_groups:
             g["lr"] = lr
         feats = model.forward_features(torch.cat(xs))
         loss, offset = feats.new_zeros(()), 0
         for n, y in zip(names, ys):
+            if y is None:
+                continue
             w, bias = heads[n]
             loss = loss + F.cross_entropy(F.linear(feats[offset:offset + len(y)], w, bias), y,
                                           reduction="sum")

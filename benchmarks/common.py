@@ -102,12 +102,12 @@ def fmt(x: Any, digits: int = 4) -> str:
 
 # ---- timing ------------------------------------------------------------------------------------
 
-def interleaved_times(fns: dict[str, Callable[[], float | None]], repeats: int, warmup: int = 1
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
                       ) -> dict[str, list[float]]:
     """Run each function ``warmup`` times, then ``repeats`` rounds of A, B, ... in turn.
 
-    A function may return the seconds of the part it wants timed (its set-up excluded); if it
-    returns None the whole call is timed. Interleaving matters on a shared machine: a burst of
+    A function may return a float, the seconds of the part it wants timed (its set-up excluded);
+    for any other return value the whole call is timed. Interleaving matters on a shared machine: a burst of
     foreign load hits every variant in the same round instead of biasing whichever ran during it.
     Returns every timed duration per name (warm-up excluded).
     """
@@ -119,7 +119,7 @@ def interleaved_times(fns: dict[str, Callable[[], float | None]], repeats: int, 
         for name, fn in fns.items():
             start = time.perf_counter()
             own = fn()
-            times[name].append(own if own is not None else time.perf_counter() - start)
+            times[name].append(own if isinstance(own, float) else time.perf_counter() - start)
     return times
 
 

@@ -9,9 +9,10 @@ Writes ``OUT/perf.json`` and ``OUT/perf.md``. Every ratio > 1 means the first na
 for bytes, larger):
 
 * ``train_vs_bare_loop``: images/s of ``agents.training.train_child`` on a realistic child (top block
-  and final norm cloned, fresh head, everything else shared and frozen) / images/s of a hand-written
-  PyTorch loop on the same PathModel with the same batches, steps, schedule, clipping and validations
-  (validation included in both; the framework's best-checkpoint snapshots are its own cost).
+  and final norm cloned, fresh head, everything else shared and frozen), with an ``on_step`` that
+  polls a real PeerBus as an agent does, / images/s of a hand-written PyTorch loop on the same
+  PathModel with the same batches, steps, schedule, clipping and validations (validation included
+  in both; the framework's best-checkpoint snapshots and bus polls are its own cost).
 * ``top_only_vs_full_step_speed``: step time with every component trainable / step time with only
   the top block, final norm and head trainable (same bare loop, no validation).
 * ``store_load_vs_torch_load_speed``: ``torch.load`` of a state-dict file / ``Store.load_model_tensors``
@@ -122,6 +123,7 @@ def measure_training(mode: Mode, root, task: str, seed: int) -> dict:
 
     from agents.data import load_task
     from agents.training import TaskTensors, train_child
+    from protocol.bus import PeerBus
 
     preset, vit = common.vit_for(mode.child_preset)
     b = preset.budget
@@ -129,12 +131,18 @@ def measure_training(mode: Mode, root, task: str, seed: int) -> dict:
     sbv = preset.steps_between_validations(data.n_train)
     steps = sbv * b.validations_per_child
 
+    bus = PeerBus("bench~trainer")  # an agent polls its bus between steps: part of its loop's cost
+
+    def on_step() -> bool:
+        bus.poll(0)
+        return False
+
     def framework() -> float:
         child = _child(root, vit, preset, data.num_classes, False, seed)
         start = time.perf_counter()
         result, _ = train_child(child, vit, data, batch_size=b.batch_size, steps_between_validations=sbv,
                                 validations=b.validations_per_child, threshold=-math.inf,
-                                score_of=float, gen=torch.Generator().manual_seed(seed))
+                                score_of=float, gen=torch.Generator().manual_seed(seed), on_step=on_step)
         assert result.steps == steps
         return time.perf_counter() - start
 
@@ -143,7 +151,10 @@ def measure_training(mode: Mode, root, task: str, seed: int) -> dict:
                          b.batch_size, steps, sbv, seed)
 
     _say(f"train_child vs bare loop: {steps} steps x {b.batch_size} images, {mode.repeats} rounds")
-    t = common.interleaved_times({"framework": framework, "bare": bare}, mode.repeats)
+    try:
+        t = common.interleaved_times({"framework": framework, "bare": bare}, mode.repeats)
+    finally:
+        bus.close()
     images = steps * b.batch_size
     fw_ips, bare_ips = images / median(t["framework"]), images / median(t["bare"])
 
@@ -182,7 +193,17 @@ def measure_store(store_path: str, tasks: list[str], repeats: int, workdir: str)
                           {n: from_raw(t, cpu) for n, t in m.items()})
                     for cid, (p, m) in store.load_model_tensors(model_id).items()}
 
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+        def store_load_zero_copy() -> dict:
+            """What from_raw could cost: wrap the buffers the store already copied out, no 2nd copy."""
+            return {cid: tuple({n: torch.frombuffer(t.data, dtype=dtypes[t.dtype]).reshape(t.shape)
+                                for n, t in d.items()} for d in pm)
+                    for cid, pm in store.load_model_tensors(model_id).items()}
+
         loaded = store_load()
+        assert all(torch.equal(a, b) for cid, pm in store_load_zero_copy().items()
+                   for d, e in zip(pm, loaded[cid]) for a, b in zip(d.values(), e.values()))
         flat = {f"{cid}/{kind}/{n}": t for cid, pm in loaded.items()
                 for kind, d in zip(("params", "momentum"), pm) for n, t in d.items()}
         pt_file = os.path.join(workdir, "model.pt")
@@ -191,7 +212,8 @@ def measure_store(store_path: str, tasks: list[str], repeats: int, workdir: str)
         assert all(torch.equal(again[k], v) for k, v in flat.items())
         _say(f"store load vs torch.load: {len(flat)} tensors, {repeats} rounds")
         t = common.interleaved_times(
-            {"store": store_load,
+            {"store": store_load, "store_raw": lambda: store.load_model_tensors(model_id),
+             "store_zero_copy": store_load_zero_copy,
              "torch": lambda: torch.load(pt_file, map_location="cpu", weights_only=True)},
             repeats, warmup=2)
 
@@ -215,6 +237,8 @@ def measure_store(store_path: str, tasks: list[str], repeats: int, workdir: str)
     return {"model_id": model_id, "tensors": len(flat),
             "tensor_bytes": sum(v.numel() * v.element_size() for v in flat.values()),
             "store_load_ms": 1000 * median(t["store"]), "torch_load_ms": 1000 * median(t["torch"]),
+            "store_load_without_from_raw_ms": 1000 * median(t["store_raw"]),
+            "store_load_zero_copy_ms": 1000 * median(t["store_zero_copy"]),
             "store_current_models_blob_bytes": sum(blob_bytes.values()),
             "store_current_models_param_bytes": sum(param_bytes.values()),
             "store_data_mdb_bytes": stats["file_bytes"], "store_used_bytes": stats["used_bytes"],
@@ -322,20 +346,33 @@ def measure_latency(publishes: int, workdir: str, seed: int) -> dict:
 # ---- swarm throughput ----------------------------------------------------------------------------
 
 def children_per_minute(store_path: str, tasks: list[str]) -> dict:
-    """Children of all agents / (last commit - first child start), from the trials (no start-up)."""
-    from agents.agent import agent_id_for
+    """Throughput from the trials (no process start-up, no data loading).
+
+    Each agent's rate is its children / (its first child's start -> its last child's commit);
+    the system's rate is the sum over agents, valid while their spans overlap (``overlap`` is the
+    shared part of the spans over their union; 1.0 = they ran side by side the whole time). The
+    rate over the union of the spans is reported too. ``train_fraction`` = time inside
+    ``train_child`` / span: the rest is the agent's own work between children (building the child,
+    test evaluation on publish, commits, view refreshes).
+    """
     from store import Store
 
     with Store.open(store_path, readonly=True) as store:
         budgets = {t: common.trial_budget(store, t) for t in tasks}
         recorded = {a.task: a.progress.get("refresh_latency_ms") for a in store.agents()}
-        ids = {agent_id_for(t) for t in tasks}
-        assert {a.agent_id for a in store.agents()} == ids
-    span = max(b["last_end"] for b in budgets.values()) - min(b["first_start"] for b in budgets.values())
+    spans = {t: b["last_end"] - b["first_start"] for t, b in budgets.items()}
+    if any(b["children"] < 2 for b in budgets.values()):
+        raise BenchmarkError(f"too few children in {store_path} to time: run more cycles")
+    union = max(b["last_end"] for b in budgets.values()) - min(b["first_start"] for b in budgets.values())
+    shared = min(b["last_end"] for b in budgets.values()) - max(b["first_start"] for b in budgets.values())
     children = sum(b["children"] for b in budgets.values())
-    images = sum(b["train_images"] for b in budgets.values())
-    return {"children": children, "span_seconds": span, "children_per_min": 60.0 * children / span,
-            "train_images_per_s": images / span, "per_task_children": {t: b["children"] for t, b in budgets.items()},
+    return {"children": children,
+            "children_per_min": sum(60.0 * b["children"] / spans[t] for t, b in budgets.items()),
+            "children_per_min_union_span": 60.0 * children / union,
+            "train_images_per_s": sum(b["train_images"] / spans[t] for t, b in budgets.items()),
+            "overlap": max(0.0, shared) / union, "span_seconds": spans,
+            "train_fraction": {t: b["train_seconds"] / spans[t] for t, b in budgets.items()},
+            "per_task_children": {t: b["children"] for t, b in budgets.items()},
             "agents_recorded_refresh_latency_ms": recorded}
 
 
@@ -399,10 +436,14 @@ def markdown(r: dict) -> str:
          f"{tr['full_step_ms']:.1f} ms vs {tr['top_only_step_ms']:.1f} ms per step"),
         ("store_load_vs_torch_load_speed", ra["store_load_vs_torch_load_speed"], "> 1",
          f"{st['store_load_ms']:.2f} ms vs {st['torch_load_ms']:.2f} ms, {st['tensors']} tensors, "
-         f"{st['tensor_bytes'] / 1e6:.1f} MB"),
+         f"{st['tensor_bytes'] / 1e6:.1f} MB (store read alone: "
+         f"{st['store_load_without_from_raw_ms']:.2f} ms; + torch.frombuffer on its buffers instead "
+         f"of from_raw's extra copy: {st['store_load_zero_copy_ms']:.2f} ms)"),
         ("two_agents_vs_one_throughput", ra["two_agents_vs_one_throughput"], "~2 on 2 cores",
          f"{sw['two_agents']['children_per_min']:.1f} vs {sw['one_agent']['children_per_min']:.1f} "
-         f"children/min ({sw['preset']} preset, 1 thread per agent)"),
+         f"children/min ({sw['preset']} preset, 1 thread per agent; span overlap "
+         f"{sw['two_agents']['overlap']:.2f}; union-span rate "
+         f"{sw['two_agents']['children_per_min_union_span']:.1f})"),
         ("store_bytes_vs_checkpoints", ra["store_bytes_vs_checkpoints"], "< 1",
          f"{st['store_current_models_blob_bytes'] / 1e6:.2f} MB of distinct blobs (params + momentum) "
          f"vs {st['checkpoint_bytes'] / 1e6:.2f} MB of torch.save files"),
@@ -424,7 +465,13 @@ def markdown(r: dict) -> str:
              f"max {lat['max_ms']:.2f} ms over {lat['publishes']} publishes (commit returned -> "
              f"other process received `published` and finished `SystemView.refresh()`). The real "
              f"agents of the 2-agent run recorded (last announcement, includes waiting for the "
-             f"current training step): {rec} ms."]
+             f"current training step): {rec} ms.", "",
+             "Share of each agent's span spent inside `train_child` (the rest is its work between "
+             "children: building the child, test evaluation on publish, commits, refreshes): "
+             + ", ".join(f"{t} {v:.2f}" for t, v in {**sw['one_agent']['train_fraction']}.items())
+             + " (1 agent); "
+             + ", ".join(f"{t} {v:.2f}" for t, v in sw['two_agents']['train_fraction'].items())
+             + " (2 agents)."]
     return "\n".join(lines)
 
 

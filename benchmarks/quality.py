@@ -98,18 +98,18 @@ def swarm_method(store, tasks: list[str], vit, tensors, wall: float) -> dict:
     from agents.vit import PathModel, count_flops
 
     view = common.load_root(store)
-    per_task, flops, stored_test, train_images = {}, {}, {}, {}
+    budgets = {t: common.trial_budget(store, t) for t in tasks}
+    per_task, flops, stored_test = {}, {}, {}
     for task in tasks:
         path = view.published[task]
         model = PathModel(vit, path.hparams, {n: c.params for n, c in path.components.items()}, ())
         per_task[task] = test_accuracy(model, tensors[task], path.hparams["ds_image_size"])
         stored_test[task] = path.metrics.get("test_quality")
         flops[task] = count_flops(vit, path.hparams)
-        train_images[task] = common.trial_budget(store, task)["train_images"]
     total, per_model = common.swarm_unique_params(store, tasks)
-    budgets = {t: common.trial_budget(store, t) for t in tasks}
     return {"per_task": per_task, "total_params": total, "per_task_model_params": per_model,
-            "per_task_flops": flops, "per_task_train_images": train_images,
+            "per_task_flops": flops,
+            "per_task_train_images": {t: b["train_images"] for t, b in budgets.items()},
             "per_task_test_accuracy_recorded_by_agent": stored_test,
             "children": {t: b["children"] for t, b in budgets.items()},
             "accepted": {t: b["accepted"] for t, b in budgets.items()},

@@ -2,9 +2,10 @@
 extension (preset) and each mutation action contributed to it.
 
 ``build_report(store)`` reads only store records (trials, models, components, events, tasks) and
-returns a dict of plain JSON values; ``store.report_html`` draws the same dict as a page, so the JSON
-file and the pictures can never disagree. torch-free by design (the store package never imports the
-agent stack), which is why preset names are parsed here instead of resolved through agents.config.
+returns a dict of plain JSON values; ``store.report_html`` draws the same dict as a page, so the
+JSON file and the pictures can never disagree. torch-free by design (the store package never
+imports the agent stack), which is why preset names are parsed here instead of being resolved
+through agents.config.
 
 Definitions used throughout (the page repeats them for its readers):
 - a child is *accepted* when its best validation score reached its parent's score (children of
@@ -100,8 +101,8 @@ class _Tally:
         if gain.quality is not None:
             self.quality_gains.append(gain.quality)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"trials": self.trials, "accepted": self.accepted,
+    def as_dict(self, count_key: str = "trials") -> dict[str, Any]:
+        return {count_key: self.trials, "accepted": self.accepted,
                 "acceptance_rate": _rate(self.accepted, self.trials),
                 "accepted_foreign": self.accepted_foreign, "gain_n": len(self.gains),
                 "gain_unknown": self.gain_unknown, "mean_score_gain": _mean(self.gains),
@@ -312,7 +313,8 @@ def _method_tables(snap: _Snapshot) -> tuple[list[dict[str, Any]], list[dict[str
             "best_score": dict(sorted(best[key].items())),
             "first_at": trials[0].created_at, "last_at": trials[-1].created_at})
     rank = {key: i for i, key in enumerate(order)}
-    action_rows = [{"action": family, "preset": name, "hash": phash, **tally.as_dict()}
+    action_rows = [{"action": family, "preset": name, "hash": phash,
+                    **tally.as_dict(count_key="children")}
                    for (family, name, phash), tally
                    in sorted(actions.items(), key=lambda kv: (kv[0][0], rank[kv[0][1:]]))]
     return preset_rows, action_rows

@@ -1,8 +1,8 @@
 """The report dict (``store.report.build_report``) as one self-contained HTML page.
 
 No external resources and no JavaScript: styles are inline in ``<style>``, figures are inline SVG
-(``store.report_svg``), tooltips are SVG ``<title>`` elements. Everything drawn comes from the report
-dict, so the page shows exactly the numbers of the JSON file written beside it.
+(``store.report_svg``), tooltips are SVG ``<title>`` elements. Everything drawn comes from the
+report dict, so the page shows exactly the numbers of the JSON file written beside it.
 """
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ h3{font-size:15px;margin:18px 0 6px}
 section{background:white;border:1px solid #e5e7eb;border-radius:10px;padding:20px 22px;
   margin:18px 0}
 .cards{display:flex;flex-wrap:wrap;gap:12px;margin:14px 0 4px}
-.card{background:white;border:1px solid #e5e7eb;border-radius:10px;padding:10px 16px;min-width:118px}
+.card{background:white;border:1px solid #e5e7eb;border-radius:10px;padding:10px 16px;
+  min-width:118px}
 .card b{display:block;font-size:22px} .card span{color:#6b7280;font-size:12px}
 table{border-collapse:collapse;width:100%;font-size:13px;margin:8px 0}
-th,td{padding:5px 8px;border-bottom:1px solid #eef0f3;text-align:left;white-space:nowrap}
+th,td{padding:5px 7px;border-bottom:1px solid #eef0f3;text-align:left;white-space:nowrap}
 th{background:#f3f4f6;font-weight:600;color:#374151;white-space:normal;vertical-align:bottom}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 tr:nth-child(even) td{background:#fafbfc}
@@ -37,14 +38,14 @@ td{vertical-align:top} code.hash{color:#6b7280;font-size:11px;margin-left:17px}
   vertical-align:-1px}
 .legend{display:flex;flex-wrap:wrap;gap:6px 18px;margin:6px 0 10px;color:#374151;font-size:13px}
 .grid2{display:grid;grid-template-columns:repeat(auto-fill,minmax(585px,1fr));gap:10px 20px}
-.bars{display:flex;flex-wrap:wrap;gap:10px 34px;margin:10px 0 6px}
+.bars{display:flex;flex-wrap:wrap;gap:10px 26px;margin:10px 0 6px}
 .scroll{overflow-x:auto}
 dl{display:grid;grid-template-columns:180px 1fr;gap:4px 14px;margin:8px 0;color:#374151}
 dt{font-weight:600}
 """
 
 
-# ---- formatting -----------------------------------------------------------------------------------
+# ---- formatting ----------------------------------------------------------------------------------
 
 def _num(value: Any, digits: int = 3) -> str:
     if value is None:
@@ -80,6 +81,13 @@ def _count(value: float | None) -> str:
 def _short_id(model_id: str) -> str:
     """``agent~mnist5k:m3`` -> ``mnist5k:m3`` (agent ids carry a fixed prefix)."""
     return model_id[len("agent~"):] if model_id.startswith("agent~") else model_id
+
+
+def _model_cell(model_id: str, task: str) -> str:
+    """The model's own number when its id just repeats the task (full id on hover)."""
+    short = _short_id(model_id)
+    shown = short[len(task) + 1:] if short.startswith(f"{task}:") else short
+    return f"<span title='{escape(model_id)}'>{escape(shown)}</span>"
 
 
 def _when(ts: float | None) -> str:
@@ -127,7 +135,7 @@ class _Colours:
         return self.agents.get(agent, agent)
 
 
-# ---- sections -------------------------------------------------------------------------------------
+# ---- sections ------------------------------------------------------------------------------------
 
 def _summary(report: dict) -> str:
     s = report["summary"]
@@ -149,14 +157,16 @@ def _leaderboard(report: dict, colours: _Colours) -> str:
     for t in report["tasks"]:
         flops = t["flops"] / 1e9 if isinstance(t["flops"], (int, float)) else None
         rows.append([f"{_swatch(colours.of_task(t['task']))}<b>{escape(t['task'])}</b>",
-                     escape(_short_id(t["model_id"])),
+                     _model_cell(t["model_id"], t["task"]),
                      f"{_swatch(colours.of_preset(t['preset']))}{escape(t['preset'])}",
                      _num(t["score"]), _num(t["quality"]), _num(t["test_quality"]),
                      _count(t["params"]), _count(t["accounted_params"]), _count(t["own_params"]),
                      _num(flops, 4), _num(t["num_layers"]),
                      escape(f"{len(t['adapters'])} at {','.join(map(str, t['adapters']))}"
                             if t["adapters"] else "–"), _num(t["image_size"]),
-                     _num(t["cycles"]), escape(_when(t["updated_at"])[5:])])
+                     _num(t["cycles"]),
+                     f"<span title='{escape(_when(t['updated_at']))}'>"
+                     f"{escape(_when(t['updated_at'])[11:])}</span>"])
     if not rows:
         return "<p class='note'>No task has a published model yet.</p>"
     return _table(headers, rows, numeric)
@@ -232,16 +242,19 @@ def _sharing(report: dict, colours: _Colours) -> str:
     comps = sharing["components"]
     shared = [c for c in comps if len(c["used_by"]) > 1]
     in_use = sum(c["params"] * len(c["used_by"]) for c in comps)
-    reused = sum(c["params"] * (len(c["used_by"]) - 1) for c in shared)
+    in_shared = sum(c["params"] * len(c["used_by"]) for c in shared)
+    unique = sum(c["params"] for c in comps)
     creators = sorted({c["creator"] for c in comps}, key=lambda a: (a != "root", a))
     legend = "".join(f"<span>{_swatch(colours.of_agent(a))}created by "
                      f"{escape(colours.agent_label(a) if a != 'root' else 'the root')}</span>"
                      for a in creators)
     legend += ("<span><span class='sw' style='background:#9ca3af;outline:2px solid #1f2937'>"
                "</span>outlined, with a count: shared by that many tasks</span>")
-    return (f"<p class='note'>{len(comps)} components serve the current models; {len(shared)} "
-            f"of them are shared by two or more tasks, so {_pct(reused / in_use if in_use else None)}"
-            f" of the parameters the served models use are stored once for several tasks. Hover "
+    share = _pct(in_shared / in_use if in_use else None)
+    return (f"<p class='note'>{len(comps)} components serve the current models and {len(shared)} "
+            f"of them are shared by two or more tasks: {share} of the parameters the served "
+            f"models use sit in shared components, so {_count(in_use)} parameters in use are "
+            f"{_count(unique)} stored. Hover "
             f"a cell for its id, creator and size.</p><div class='legend'>{legend}</div>"
             f"<div class='scroll'>{grid}</div>")
 
@@ -268,7 +281,7 @@ def _method(report: dict, colours: _Colours) -> str:
 
     def bars(title: str, value: Callable[[dict], float | None], fmt: Callable[[float], str]) -> str:
         rows = [(p["name"], value(p), colours.of_preset(p["name"])) for p in presets]
-        return svg.bar_chart(rows, title=title, width=300, value_format=fmt)
+        return svg.bar_chart(rows, title=title, width=272, value_format=fmt)
 
     figures = [
         bars("acceptance rate", lambda p: p["acceptance_rate"], _pct),
@@ -306,7 +319,7 @@ def _method(report: dict, colours: _Colours) -> str:
         label = f"{a['action']}: retrain only" if a["action"] == NO_ACTION else a["action"]
         a_rows.append([f"<b>{escape(label)}</b>" if first else "",
                        f"{_swatch(colours.of_preset(a['preset']))}{escape(a['preset'])}",
-                       _num(a["trials"]), _num(a["accepted"]), _pct(a["acceptance_rate"]),
+                       _num(a["children"]), _num(a["accepted"]), _pct(a["acceptance_rate"]),
                        _num(a["accepted_foreign"]), _signed(a["mean_score_gain"]),
                        _signed(a["mean_quality_gain"]), _num(a["gain_n"]),
                        _num(a["train_images"]), _num(a["seconds"], 1)])

@@ -1,8 +1,9 @@
 """Inline SVG figures for the report page, drawn by hand (no plotting library, no JavaScript).
 
-Every function returns one ``<svg>`` element as a string, sized in CSS pixels, with its text escaped.
-Hover tooltips use SVG ``<title>`` children, which browsers show without any script. Text widths are
-estimated (``_text_width``) because nothing here can measure fonts; labels are kept short for that.
+Every function returns one ``<svg>`` element as a string, sized in CSS pixels, with its text
+escaped. Hover tooltips use SVG ``<title>`` children, which browsers show without any script. Text
+widths are estimated (``_text_width``) because nothing here can measure fonts; labels are kept
+short for that.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def _svg(width: float, height: float, body: list[str], label: str) -> str:
             f"{FONT}>" + "".join(body) + "</svg>")
 
 
-# ---- axes -----------------------------------------------------------------------------------------
+# ---- axes ----------------------------------------------------------------------------------------
 
 def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
     """Round tick values (1, 2, 2.5 or 5 times a power of ten) covering [lo, hi]."""
@@ -73,7 +74,8 @@ def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
 def duration_ticks(hi: float, target: int = 6) -> list[float]:
     """Ticks in seconds that read well as durations (10 s, 30 s, 1 min, 5 min, 1 h, ...)."""
     steps = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400)
-    step = next((s for s in steps if hi / s <= target), steps[-1] * math.ceil(hi / steps[-1] / target))
+    longest = steps[-1] * math.ceil(hi / steps[-1] / target)  # multi-day runs: whole days
+    step = next((s for s in steps if hi / s <= target), longest)
     return [i * step for i in range(int(hi // step) + 1)]
 
 
@@ -86,7 +88,7 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}h" + (f"{(s % 3600) // 60:02d}m" if s % 3600 else "")
 
 
-# ---- line charts ----------------------------------------------------------------------------------
+# ---- line charts ---------------------------------------------------------------------------------
 
 @dataclass
 class Series:
@@ -122,7 +124,8 @@ def _marker(kind: str, x: float, y: float, r: float, colour: str, opacity: float
             f"stroke-width='1.3' opacity='{opacity}'>{title}</circle>")
 
 
-def _legend(series: Sequence[Series], x0: float, y0: float, max_x: float) -> tuple[list[str], float]:
+def _legend(series: Sequence[Series], x0: float, y0: float, max_x: float
+            ) -> tuple[list[str], float]:
     """Legend entries in rows starting at (x0, y0); returns the elements and the height used."""
     out, x, y = [], x0, y0
     for s in (s for s in series if s.in_legend):
@@ -178,8 +181,8 @@ def line_chart(series: Sequence[Series], *, width: float = 620, height: float = 
                     f"y2='{py(tick):.1f}' stroke='{GRID}'/>")
         body.append(_t(left - 6, py(tick) + 4, y_format(tick), size=10, fill=MUTED, anchor="end"))
     for tick in duration_ticks(x_hi):
-        body.append(f"<line x1='{px(tick):.1f}' y1='{bottom}' x2='{px(tick):.1f}' y2='{bottom + 4}' "
-                    f"stroke='{MUTED}'/>")
+        body.append(f"<line x1='{px(tick):.1f}' y1='{bottom}' x2='{px(tick):.1f}' "
+                    f"y2='{bottom + 4}' stroke='{MUTED}'/>")
         body.append(_t(px(tick), bottom + 16, format_duration(tick), size=10, fill=MUTED,
                        anchor="middle"))
     body.append(f"<line x1='{left}' y1='{bottom}' x2='{left + plot_w}' y2='{bottom}' "
@@ -213,7 +216,7 @@ def line_chart(series: Sequence[Series], *, width: float = 620, height: float = 
     return _svg(width, height, body, title or "chart")
 
 
-# ---- bars -----------------------------------------------------------------------------------------
+# ---- bars ----------------------------------------------------------------------------------------
 
 def bar_chart(rows: Sequence[tuple[str, float | None, str]], *, title: str, width: float = 400,
               value_format: Callable[[float], str] = lambda v: f"{v:g}",
@@ -246,7 +249,7 @@ def bar_chart(rows: Sequence[tuple[str, float | None, str]], *, title: str, widt
     return _svg(width, height, body, title)
 
 
-# ---- the system graph: tasks x components ---------------------------------------------------------
+# ---- the system graph: tasks x components --------------------------------------------------------
 
 _SHORT = (("encoderblock_", "block "), ("residual_adapter_", "adapter "),
           ("posembed_input", "posembed"), ("encoder_norm", "norm"))
@@ -315,7 +318,7 @@ def sharing_grid(sharing: dict, creator_colour: Callable[[str], str],
     return _svg(width, height, body, "tasks against components")
 
 
-# ---- lineage --------------------------------------------------------------------------------------
+# ---- lineage -------------------------------------------------------------------------------------
 
 def _short_model(model_id: str) -> str:
     return model_id[len("agent~"):] if model_id.startswith("agent~") else model_id
