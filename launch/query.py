@@ -40,6 +40,9 @@ LEADERBOARD_KEYS = ("task", "model_id", "agent_id", "score", "quality", "test_qu
                     "cycles", "parent_id", "updated_at")
 
 
+EXTRA_KEYS = ("shared_components", "foreign_components", "num_components")
+
+
 class UsageError(Exception):
     """A user mistake the CLI reports as one line with exit code 2."""
 
@@ -83,8 +86,8 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        if value == int(value) and abs(value) >= 1000:
-            return f"{int(value):,}"
+        if abs(value) >= 1000:  # counts (accounted params may be fractional): no decimals
+            return f"{value:,.0f}"
         return f"{value:.4f}"
     return str(value)
 
@@ -110,8 +113,13 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def leaderboard_rows(st: Store) -> list[dict[str, Any]]:
     """One row per task with a published model, sorted by task (the `leaderboard --json` schema)."""
     pointers = {t.task: t for t in st.tasks()}
+    published = st.published_models()
+    users: dict[str, set[str]] = {}  # component id -> tasks whose current model uses it
+    for task, model in published.items():
+        for cid in model.components:
+            users.setdefault(cid, set()).add(task)
     rows = []
-    for task, model in sorted(st.published_models().items()):
+    for task, model in sorted(published.items()):
         m, h = model.metrics, model.hparams
         row = {
             "task": task,
@@ -130,7 +138,13 @@ def leaderboard_rows(st: Store) -> list[dict[str, Any]]:
             "parent_id": model.parent,
             "updated_at": pointers[task].updated_at if task in pointers else model.created_at,
         }
-        rows.append({key: row[key] for key in LEADERBOARD_KEYS})  # the documented key order
+        creators = [st.get_component(cid).agent for cid in model.components]
+        # sharing: components this model uses together with other tasks' current models, and
+        # components that another task's agent created (reuse beyond the common root)
+        row["shared_components"] = sum(1 for cid in model.components if len(users[cid]) > 1)
+        row["foreign_components"] = sum(1 for a in creators if a not in (model.agent, "root"))
+        row["num_components"] = len(model.components)
+        rows.append({key: row[key] for key in (*LEADERBOARD_KEYS, *EXTRA_KEYS)})
     return rows
 
 
@@ -140,12 +154,12 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if args.json:
         print_json(rows)
         return 0
-    headers = ["task", "model", "agent", "score", "quality", "test_q", "params", "acc_params",
-               "flops", "layers", "adapters", "img", "cycles", "parent", "updated"]
-    table = [[r["task"], r["model_id"], r["agent_id"], r["score"], r["quality"],
-              r["test_quality"], r["params"], r["accounted_params"], r["flops"], r["num_layers"],
-              r["adapter_layers"] or "-", r["image_size"], r["cycles"], r["parent_id"],
-              format_time(r["updated_at"])] for r in rows]
+    headers = ["task", "model", "score", "quality", "test_q", "params", "acc_params", "flops",
+               "layers", "adapters", "img", "shared", "foreign", "cycles", "updated"]
+    table = [[r["task"], r["model_id"], r["score"], r["quality"], r["test_quality"], r["params"],
+              r["accounted_params"], r["flops"], r["num_layers"], r["adapter_layers"] or "-",
+              r["image_size"], f"{r['shared_components']}/{r['num_components']}",
+              r["foreign_components"], r["cycles"], format_time(r["updated_at"])] for r in rows]
     print(format_table(headers, table))
     if not rows:
         print("(no task has a published model yet)")

@@ -70,9 +70,11 @@ def test_leaderboard_json_and_table(two_tasks):
     assert alpha["flops"] is None and isinstance(alpha["updated_at"], float)
 
     lines = run_query(two_tasks, "leaderboard").stdout.splitlines()
-    assert lines[0].split()[:3] == ["task", "model", "agent"]
+    assert lines[0].split()[:3] == ["task", "model", "score"]
     assert [line.split()[0] for line in lines[2:]] == ["alpha", "beta"]
-    assert lines[2].index(" agent_alpha ") + 1 == lines[0].index(" agent ") + 1  # aligned
+    assert lines[2].index(" agent_alpha:m1 ") == lines[0].index(" model ")  # aligned
+    # sharing columns: both tasks use the root's first three components, nobody reuses a task's own
+    assert alpha["shared_components"] == 3 and alpha["foreign_components"] == 0
 
 
 def test_show_lists_components_and_their_sharing(two_tasks):
