@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test test-all test-slow install bench clean
+.PHONY: demo test test-all test-slow install bench clean apt-lists
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,16 +15,23 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-demo: install
+# fashion_mnist comes from a Debian package fetched with `apt-get download` (no root needed), which
+# needs package lists; a fresh machine may have none, so fetch them once when we can.
+apt-lists:
+	@if command -v apt-get >/dev/null && ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq; \
+	  else echo "note: no apt package lists; fashion_mnist needs 'sudo apt-get update' once"; fi; fi
+
+demo: install apt-lists
 	$(PY) launch/run_swarm.py $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-slow: install
+test-slow: install apt-lists
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5 = no slow test selected
 
-test-all: install
+test-all: install apt-lists
 	$(PY) -m pytest -q -m '' $(PYTEST_ARGS)
 
 bench: install

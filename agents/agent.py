@@ -88,6 +88,7 @@ class Agent:
                                "last_event": "", "preset": self.preset.name}
         self._started = time.time()
         self.verbose = False
+        self._population: list[Path] = []
 
     # ---- set-up ------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -151,6 +152,7 @@ class Agent:
                 self._peers()
         if refresh:
             self.view.refresh()
+            self._rescore(self._population)
             msg = self._last_published_msg
             lat = (time.time() - msg.time) * 1000.0
             self.progress["refresh_latency_ms"] = round(lat, 2)
@@ -189,6 +191,8 @@ class Agent:
         self.view.refresh()
         self._peers()
         population = [self.view.path(m) for m in self.state.population]
+        self._population = population
+        self._rescore(population)
         self.progress["cycle"] = self.state.cycle
         while self.state.generation < self.preset.budget.children_per_cycle:
             if self.stop_requested:
@@ -204,6 +208,12 @@ class Agent:
                      event_data={"cycle": self.state.cycle})
         self.progress["cycle"] = self.state.cycle
         self.progress["last_event"] = f"cycle {self.state.cycle} done"
+
+    def _rescore(self, population: list[Path]) -> None:
+        """Rank own paths by their score *now*: other agents' publishes change the accounted params,
+        and a path recorded under another preset (say, before +penalty) is judged by this one's."""
+        for p in population:
+            p.current_score = self.scorer.rescore(p, self.view.lockers)
 
     def _rng(self) -> tuple[random.Random, torch.Generator]:
         return generation_rng(self.opts.seed, self.agent_id, self.state.cycle, self.state.generation)
@@ -234,11 +244,12 @@ class Agent:
             threshold = self.scorer.rescore(parent, self.view.lockers)
             threshold = -math.inf if threshold is None else threshold
         b = self.preset.budget
+        child_score = self.scorer.score_fn(child, self.view.lockers)
         result, model = train_child(
             child, self.vit, self.tensors, batch_size=b.batch_size,
             steps_between_validations=self.preset.steps_between_validations(self.tensors.n_train),
             validations=b.validations_per_child, threshold=threshold,
-            score_of=self.scorer.score_fn(child, self.view.lockers), gen=gen, on_step=self._on_step)
+            score_of=child_score, gen=gen, on_step=self._on_step)
         if result.aborted:
             return  # nothing of an abandoned child is written; the generation reruns on resume
         self.progress["children"] += 1
@@ -268,7 +279,9 @@ class Agent:
             generation=self.state.generation - 1, parent=parent.id,
             model_id=trial_model.id if trial_model else None, mutations=list(child.mutations),
             hparams_diff=hparams_diff(parent.hparams, child.hparams), quality=result.quality,
-            score=result.score, accepted=result.improved, seconds=round(result.seconds, 4),
+            score=result.score if result.improved else (
+                None if result.quality is None else child_score(result.quality)),
+            accepted=result.improved, seconds=round(result.seconds, 4),
             train_images=result.train_images, preset=self.preset.name,
             preset_hash=self.preset.hash, created_at=time.time())
         self._commit(components=new_components, models=[trial_model] if trial_model else [],

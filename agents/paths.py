@@ -53,10 +53,12 @@ class Path:
     created_at: float = 0.0
     stored: bool = False
     mutations: list[str] = field(default_factory=list)  # what built it from its parent (trial log)
+    current_score: float | None = None  # re-scored by this agent (its preset, today's sharing)
 
     @property
     def score(self) -> float | None:
-        return self.metrics.get("score")
+        """The score this agent ranks by: re-scored when known, else the recorded one."""
+        return self.current_score if self.current_score is not None else self.metrics.get("score")
 
     def ordered(self) -> list[Component]:
         return [self.components[n] for n in component_names(self.hparams)]

@@ -37,7 +37,10 @@ def to_raw(t: torch.Tensor, dtype: torch.dtype | None = None) -> RawTensor:
 
 
 def from_raw(r: RawTensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    buf = r.data if isinstance(r.data, bytearray) else bytearray(r.data)
+    """Wrap the store's bytes without copying when they are writable (the store's loads are)."""
+    buf = r.data
+    if isinstance(buf, bytes) or (isinstance(buf, memoryview) and buf.readonly):
+        buf = bytearray(buf)  # torch.frombuffer needs writable memory
     t = torch.frombuffer(buf, dtype=_TORCH_DTYPES[r.dtype]) if len(buf) else \
         torch.empty(0, dtype=_TORCH_DTYPES[r.dtype])
     t = t.reshape(r.shape)

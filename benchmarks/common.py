@@ -102,25 +102,56 @@ def fmt(x: Any, digits: int = 4) -> str:
 
 # ---- timing ------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of one timed run: wall clock and this process's CPU time.
+
+    On a machine shared with other jobs the wall clock swings with their load; the CPU time of a
+    single-threaded run mostly does not, so both are kept and reported.
+    """
+
+    wall: float
+    cpu: float
+
+
+class Stopwatch:
+    """``with Stopwatch() as sw: ...`` then ``sw.timing``."""
+
+    def __enter__(self) -> Stopwatch:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.timing = Timing(time.perf_counter() - self._wall, time.process_time() - self._cpu)
+
+
 def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
-                      ) -> dict[str, list[float]]:
+                      ) -> dict[str, list[Timing]]:
     """Run each function ``warmup`` times, then ``repeats`` rounds of A, B, ... in turn.
 
-    A function may return a float, the seconds of the part it wants timed (its set-up excluded);
-    for any other return value the whole call is timed. Interleaving matters on a shared machine: a burst of
-    foreign load hits every variant in the same round instead of biasing whichever ran during it.
-    Returns every timed duration per name (warm-up excluded).
+    A function may return a ``Timing`` of the part it wants timed (its set-up excluded); for any
+    other return value the whole call is timed. Interleaving matters on a shared machine: a burst
+    of foreign load hits every variant in the same round instead of biasing whichever ran during
+    it. Returns every timed run per name (warm-up excluded).
     """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[str, list[Timing]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            own = fn()
-            times[name].append(own if isinstance(own, float) else time.perf_counter() - start)
+            with Stopwatch() as sw:
+                own = fn()
+            times[name].append(own if isinstance(own, Timing) else sw.timing)
     return times
+
+
+def wall(ts: Sequence[Timing]) -> list[float]:
+    return [t.wall for t in ts]
+
+
+def cpu(ts: Sequence[Timing]) -> list[float]:
+    return [t.cpu for t in ts]
 
 
 def median(xs: Sequence[float]) -> float:

@@ -7,6 +7,7 @@
     python launch/query.py --store DIR gc [--grace S] [--json]
     python launch/query.py --store DIR stats [--json]
     python launch/query.py --store DIR export TASK --out FILE.safetensors
+    python launch/query.py --store DIR report --out FILE.html      # also writes FILE.json
 
 Exit codes: 0 ok; 1 internal failure or an inconsistent store; 2 user error (one line on stderr).
 This script must stay torch-free so that it starts fast; each subcommand is one `cmd_*` function
@@ -31,6 +32,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from store import MissingReference, Store, StoreCorrupt, StoreError  # noqa: E402
+from launch.report_cmd import cmd_report, register_report  # noqa: E402
 
 DEFAULT_STORE = "swarm-store"
 FOLLOW_POLL_SECONDS = 0.5
@@ -365,6 +367,7 @@ SUBCOMMANDS: list[tuple[Callable[[Any], argparse.ArgumentParser],
     (register_gc, cmd_gc),
     (register_stats, cmd_stats),
     (register_export, cmd_export),
+    (register_report, cmd_report),
 ]
 
 
