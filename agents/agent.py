@@ -27,6 +27,7 @@ from agents.data import TaskDataError, load_task
 from agents.mutation import Mutator, hparams_diff
 from agents.paths import Path
 from agents.bootstrap import RootMismatch, ensure_root
+from agents.roots import CheckpointError
 from agents.scoring import Scorer
 from agents.selection import best_path, retain, select_parent
 from agents.training import TaskTensors, test_accuracy, train_child
@@ -34,7 +35,8 @@ from agents.view import SystemView, component_write, model_record
 from agents.vit import VIT_CONFIGS, VitConfig
 from protocol.bus import PeerBus
 from protocol.messages import Bye, Hello, Published
-from store import AgentState, LeaseHeld, LeaseLost, NotAStore, Store, TrialRecord
+from store import (AgentState, LeaseHeld, LeaseLost, MissingReference, NotAStore, Store,
+                   TrialRecord)
 
 
 def agent_id_for(task: str) -> str:
@@ -67,7 +69,7 @@ class AgentOptions:
 
 
 # Errors that mean the request was impossible (bad preset/task/data, task already leased): exit 2.
-USER_ERRORS = (PresetError, TaskDataError, RootMismatch, LeaseHeld, NotAStore)
+USER_ERRORS = (PresetError, TaskDataError, RootMismatch, CheckpointError, LeaseHeld, NotAStore)
 
 
 class Agent:
@@ -125,7 +127,9 @@ class Agent:
     def _progress(self) -> dict:
         mins = max(1e-9, (time.time() - self._started) / 60.0)
         self.progress["children_per_min"] = round(self.progress["children"] / mins, 2)
-        return dict(self.progress)
+        snap = dict(self.progress)  # the lease thread packs this while the loop keeps updating
+        snap["refresh_latencies_ms"] = list(snap.get("refresh_latencies_ms", ()))
+        return snap
 
     def _heartbeat_loop(self) -> None:
         """Keeps the lease fresh even while a long child trains (main thread owns the bus)."""
@@ -284,8 +288,22 @@ class Agent:
             accepted=result.improved, seconds=round(result.seconds, 4),
             train_images=result.train_images, preset=self.preset.name,
             preset_hash=self.preset.hash, created_at=time.time())
-        self._commit(components=new_components, models=[trial_model] if trial_model else [],
-                     trials=[trial], publish=publish)
+        try:
+            self._commit(components=new_components, models=[trial_model] if trial_model else [],
+                         trials=[trial], publish=publish)
+        except MissingReference as exc:
+            # `gc` removed something this child shares (an old model another agent replaced):
+            # drop the child, forget cached paths, keep the trial and the counters.
+            print(f"[{self.opts.task}] child {child.id} dropped: {exc}", flush=True)
+            if trial_model is not None:
+                population.remove(trial_model)
+            self.state.population = [p.id for p in population]
+            best = best_path(population)
+            self.state.best_model_id = best.id if best else None
+            trial = dataclasses.replace(trial, model_id=None, accepted=False)
+            self.view.prune(population, forget_cached=True)
+            self._commit(trials=[trial])
+            return
         if publish:
             m = child.metrics
             self.progress.update(best_score=m["score"], best_quality=m["quality"],

@@ -145,8 +145,14 @@ class SystemView:
         out += [p for p in self.published.values() if p.agent != self.agent_id]
         return out
 
-    def prune(self, keep: list[Path]) -> None:
-        """Drop cached paths/components nothing in use refers to (bounded memory on long runs)."""
+    def prune(self, keep: list[Path], forget_cached: bool = False) -> None:
+        """Drop cached paths/components nothing in use refers to (bounded memory on long runs).
+
+        ``forget_cached`` also drops the published views, to be reloaded by the next refresh (after
+        a commit found that the store no longer has something the cache still held)."""
+        if forget_cached:
+            self.published = {}
+            self.refresh()
         live_paths = {p.id for p in keep} | {p.id for p in self.published.values()}
         if self.root is not None:
             live_paths.add(self.root.id)

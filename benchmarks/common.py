@@ -243,6 +243,37 @@ def trial_budget(store, task: str) -> dict[str, Any]:
             "last_end": max((t.created_at for t in trials), default=math.nan)}
 
 
+def swarm_throughput(store_path: str, tasks: list[str]) -> dict:
+    """Throughput from the trials (no process start-up, no data loading).
+
+    Each agent's rate is its children / (its first child's start -> its last child's commit);
+    the system's rate is the sum over agents, valid while their spans overlap (``overlap`` is the
+    shared part of the spans over their union; 1.0 = they ran side by side the whole time). The
+    rate over the union of the spans is reported too. ``train_fraction`` = time inside
+    ``train_child`` / span: the rest is the agent's own work between children (building the child,
+    test evaluation on publish, commits, view refreshes).
+    """
+    from store import Store
+
+    with Store.open(store_path, readonly=True) as store:
+        budgets = {t: trial_budget(store, t) for t in tasks}
+        recorded = {a.task: a.progress.get("refresh_latency_ms") for a in store.agents()}
+    spans = {t: b["last_end"] - b["first_start"] for t, b in budgets.items()}
+    if any(b["children"] < 2 for b in budgets.values()):
+        raise BenchmarkError(f"too few children in {store_path} to time: run more cycles")
+    union = max(b["last_end"] for b in budgets.values()) - min(b["first_start"] for b in budgets.values())
+    shared = min(b["last_end"] for b in budgets.values()) - max(b["first_start"] for b in budgets.values())
+    children = sum(b["children"] for b in budgets.values())
+    return {"children": children,
+            "children_per_min": sum(60.0 * b["children"] / spans[t] for t, b in budgets.items()),
+            "children_per_min_union_span": 60.0 * children / union,
+            "train_images_per_s": sum(b["train_images"] / spans[t] for t, b in budgets.items()),
+            "overlap": max(0.0, shared) / union, "span_seconds": spans,
+            "train_fraction": {t: b["train_seconds"] / spans[t] for t, b in budgets.items()},
+            "per_task_children": {t: b["children"] for t, b in budgets.items()},
+            "agents_recorded_refresh_latency_ms": recorded}
+
+
 def component_param_count(store, component_id: str) -> int:
     """Parameters of one stored component, from blob headers (no tensor bytes are read)."""
     return sum(math.prod(shape) for _dtype, shape in store.tensor_shapes(component_id).values())

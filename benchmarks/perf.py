@@ -57,7 +57,7 @@ class Mode:
 
 MODES = {
     "smoke": Mode("test", 1, "test", 2, 5, 10),
-    "quick": Mode("test", 2, "demo", 5, 30, 50),
+    "quick": Mode("test", 4, "demo", 5, 30, 50),
     "full": Mode("demo", 1, "demo", 9, 100, 200),
 }
 SWARM_TASKS = ("mnist5k", "glyphs_latin")  # same per-child cost: both have >= 2,048 train images
@@ -351,39 +351,6 @@ def measure_latency(publishes: int, workdir: str, seed: int) -> dict:
             "new_components_per_publish": fresh}
 
 
-# ---- swarm throughput ----------------------------------------------------------------------------
-
-def children_per_minute(store_path: str, tasks: list[str]) -> dict:
-    """Throughput from the trials (no process start-up, no data loading).
-
-    Each agent's rate is its children / (its first child's start -> its last child's commit);
-    the system's rate is the sum over agents, valid while their spans overlap (``overlap`` is the
-    shared part of the spans over their union; 1.0 = they ran side by side the whole time). The
-    rate over the union of the spans is reported too. ``train_fraction`` = time inside
-    ``train_child`` / span: the rest is the agent's own work between children (building the child,
-    test evaluation on publish, commits, view refreshes).
-    """
-    from store import Store
-
-    with Store.open(store_path, readonly=True) as store:
-        budgets = {t: common.trial_budget(store, t) for t in tasks}
-        recorded = {a.task: a.progress.get("refresh_latency_ms") for a in store.agents()}
-    spans = {t: b["last_end"] - b["first_start"] for t, b in budgets.items()}
-    if any(b["children"] < 2 for b in budgets.values()):
-        raise BenchmarkError(f"too few children in {store_path} to time: run more cycles")
-    union = max(b["last_end"] for b in budgets.values()) - min(b["first_start"] for b in budgets.values())
-    shared = min(b["last_end"] for b in budgets.values()) - max(b["first_start"] for b in budgets.values())
-    children = sum(b["children"] for b in budgets.values())
-    return {"children": children,
-            "children_per_min": sum(60.0 * b["children"] / spans[t] for t, b in budgets.items()),
-            "children_per_min_union_span": 60.0 * children / union,
-            "train_images_per_s": sum(b["train_images"] / spans[t] for t, b in budgets.items()),
-            "overlap": max(0.0, shared) / union, "span_seconds": spans,
-            "train_fraction": {t: b["train_seconds"] / spans[t] for t, b in budgets.items()},
-            "per_task_children": {t: b["children"] for t, b in budgets.items()},
-            "agents_recorded_refresh_latency_ms": recorded}
-
-
 # ---- main ------------------------------------------------------------------------------------------
 
 def run(args, mode_name: str) -> dict:
@@ -405,7 +372,7 @@ def run(args, mode_name: str) -> dict:
         _say(f"swarm, 2 agents ({','.join(tasks)}), same preset")
         run2 = common.run_swarm(two, tasks, mode.swarm_preset, cycles=mode.swarm_cycles,
                                 seed=args.seed, threads=1, prefix="perf")
-        c1, c2 = children_per_minute(one, tasks[:1]), children_per_minute(two, tasks)
+        c1, c2 = common.swarm_throughput(one, tasks[:1]), common.swarm_throughput(two, tasks)
         out["swarm"] = {"preset": mode.swarm_preset, "cycles": mode.swarm_cycles, "threads_per_agent": 1,
                         "one_agent": {**c1, "wall_seconds": run1.wall_seconds},
                         "two_agents": {**c2, "wall_seconds": run2.wall_seconds}}

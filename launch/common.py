@@ -24,8 +24,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         from agents.bootstrap import RootMismatch
         from agents.config import PresetError
         from agents.data import TaskDataError
+        from agents.roots import CheckpointError
 
-        types += [PresetError, TaskDataError, RootMismatch]
+        types += [PresetError, TaskDataError, RootMismatch, CheckpointError]
     return tuple(types)
 
 
@@ -44,7 +45,8 @@ def run_main(main: Callable[[], int | None], prog: str) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - the one place that decides exit codes
         if isinstance(exc, user_error_types()):
-            print(f"{prog}: error: {exc}", file=sys.stderr)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            print(f"{prog}: error: {first}", file=sys.stderr)
             code = 2
         else:
             import traceback

@@ -106,10 +106,14 @@ def main() -> int:
     from launch.progress import ProgressView
     from store import Store
 
+    vit = dataclasses.replace(VIT_CONFIGS[preset.budget.vit], depth=preset.budget.depth)
+    if args.root != "random":  # a bad checkpoint must fail before anything is created
+        from agents.roots import root_from_timm_checkpoint
+
+        root_from_timm_checkpoint(args.root, vit, preset.default_hparams(None))
     fetch_all(tasks)  # every task's data is there (or one clear line says what is missing)
     os.makedirs(args.store, exist_ok=True)
     with Store.open(args.store, create=True) as store:
-        vit = dataclasses.replace(VIT_CONFIGS[preset.budget.vit], depth=preset.budget.depth)
         ensure_root(store, preset, vit, seed=args.seed)
         live = {a.agent_id: a for a in store.live_agents()}
         for t in tasks:

@@ -92,3 +92,36 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert len(lines) == 1 and "Traceback" not in r.stderr, (args, r.stderr)
     assert not os.path.exists(tmp_path / "nothing")  # a bad command creates nothing
+
+
+def test_root_imported_from_a_local_timm_checkpoint(tmp_path):
+    import timm
+    import torch
+
+    from agents.view import from_raw
+
+    ckpt = str(tmp_path / "vit_tiny.pth")
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5)
+    torch.save(ref.state_dict(), ckpt)
+    store = str(tmp_path / "store")
+    r = run_cli("launch/run_swarm.py", "--store", store, "--tasks", "uci_digits", "--preset", "test",
+                "--cycles", "1", "--root", ckpt, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    root = read(store, lambda s: s.get_model(s.root_model_id()))
+    assert root.metrics["source"] == "timm-checkpoint" and root.metrics["depth"] == 3
+    names = read(store, lambda s: {s.get_component(c).name: c for c in root.components})
+    assert "encoderblock_3" not in names  # only the first `depth` blocks are kept
+    params, _ = read(store, lambda s: s.load_component_tensors(names["encoderblock_2"]))
+    want = ref.state_dict()["blocks.2.mlp.fc1.weight"]
+    assert torch.equal(from_raw(params["mlp.fc1.weight"], torch.device("cpu")), want)
+    emb, _ = read(store, lambda s: s.load_component_tensors(names["embedding"]))
+    assert torch.equal(from_raw(emb["weight"], torch.device("cpu")), ref.state_dict()["patch_embed.proj.weight"])
+    assert read(store, lambda s: s.get_task("uci_digits")) is not None
+    bad = run_cli("launch/run_swarm.py", "--store", str(tmp_path / "s2"), "--tasks", "uci_digits",
+                  "--root", str(tmp_path / "missing.pth"))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    bad = run_cli("launch/run_swarm.py", "--store", str(tmp_path / "s3"), "--tasks", "uci_digits",
+                  "--root", str(tmp_path / "garbage.pth"))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert not os.path.exists(tmp_path / "s3")  # nothing created for a bad request
