@@ -145,7 +145,9 @@ def baseline_method(outcome) -> dict:
 def markdown(result: dict) -> str:
     tasks, methods = result["tasks"], result["methods"]
     b = result["budget"]
-    lines = [f"# Quality: swarm vs compute-matched baselines ({result['mode']} mode)", "",
+    mode = result["mode"] + (" mode with " + ", ".join(f"--{k} {v}" for k, v in result["overrides"].items())
+                             if result["overrides"] else " mode")
+    lines = [f"# Quality: swarm vs compute-matched baselines ({mode})", "",
              f"Preset `{b['preset']}`, {b['cycles']} cycle(s) per agent, seed {b['seed']}, "
              f"tasks: {', '.join(tasks)}. Budget per task = the training images the swarm's agent "
              f"consumed (every trained child, accepted or not); `joint` gets their sum. "
@@ -190,7 +192,8 @@ def run(args) -> dict:
     if os.path.exists(store_path):
         raise BenchmarkError(f"{store_path} exists: pass an empty --work directory")
     os.makedirs(work, exist_ok=True)
-    result: dict = {"mode": mode, "tasks": tasks, "methods": {},
+    overrides = {k: getattr(args, k) for k in ("tasks", "preset", "cycles") if getattr(args, k) is not None}
+    result: dict = {"mode": mode, "overrides": overrides, "tasks": tasks, "methods": {},
                     "command": " ".join([Path(sys.executable).name, *sys.argv]),
                     "machine": common.machine_info(threads)}
     try:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, run_cli
 from swarm_helpers import ENV, read, wait_for
 
@@ -125,3 +126,26 @@ def test_root_imported_from_a_local_timm_checkpoint(tmp_path):
                   "--root", str(tmp_path / "garbage.pth"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert not os.path.exists(tmp_path / "s3")  # nothing created for a bad request
+
+
+@pytest.mark.slow
+def test_gc_with_no_grace_while_agents_run(tmp_path):
+    """gc deletes everything no live model needs while agents keep committing: nothing breaks."""
+    store = str(tmp_path / "store")
+    launcher = _launch(store, str(tmp_path / "l.log"), cycles=4)
+    runs = 0
+    try:
+        wait_for(lambda: os.path.exists(store) and _running(store), 120, "agents running")
+        while launcher.poll() is None:
+            r = run_cli("launch/query.py", "--store", store, "gc", "--grace", "0", timeout=60)
+            assert r.returncode == 0, r.stderr
+            runs += 1
+        assert launcher.wait() == 0, open(tmp_path / "l.log").read()[-2000:]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert runs >= 3
+    assert read(store, lambda s: s.verify()) == []
+    for t in TASKS:
+        assert read(store, lambda s: s.get_agent_state(agent_id_for(t))).cycle == 4
+        assert read(store, lambda s: s.load_model_tensors(s.get_task(t).model_id))
