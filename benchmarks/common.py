@@ -24,6 +24,8 @@ if str(REPO) not in sys.path:  # `python benchmarks/x.py` from a checkout
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm must never wait on a model hub
 
+from store.codec import json_safe  # noqa: E402  (after the path set-up above)
+
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
 
@@ -58,21 +60,12 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
             "load_average_at_start": [round(x, 2) for x in load]}
 
 
-def finite_or_none(x: Any) -> Any:
-    """JSON has no NaN/inf: such values become null (and a reader sees that nothing was measured)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: finite_or_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite_or_none(v) for v in x]
-    return x
 
 
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)  # a reader never sees half a result file
 
 

@@ -32,6 +32,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from store import MissingReference, Store, StoreCorrupt, StoreError  # noqa: E402
+from store.codec import json_safe  # noqa: E402
 from launch.report_cmd import cmd_report, register_report  # noqa: E402
 
 DEFAULT_STORE = "swarm-store"
@@ -56,19 +57,10 @@ def open_store(args: argparse.Namespace, *, readonly: bool = True) -> Store:
     return Store.open(args.store, readonly=readonly, create=False)
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf are not JSON: report them as null so every consumer can parse the output."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def print_json(value: Any) -> None:
-    print(json.dumps(_json_safe(value), indent=2, default=str))
+    print(json.dumps(json_safe(value), indent=2, default=str))
 
 
 def format_time(ts: float | None) -> str:
@@ -244,7 +236,7 @@ def format_event(event: Any) -> str:
 def cmd_events(args: argparse.Namespace) -> int:
     def emit(events: list) -> None:
         for event in events:
-            line = json.dumps(_json_safe(event.to_dict()), default=str) if args.json \
+            line = json.dumps(json_safe(event.to_dict()), default=str) if args.json \
                 else format_event(event)
             print(line, flush=True)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from store import Store  # noqa: E402
+from store.codec import json_safe  # noqa: E402
 from store.report import build_report  # noqa: E402
 from store.report_html import render_html  # noqa: E402
 
@@ -51,15 +51,6 @@ def output_paths(out: str) -> tuple[Path, Path]:
     return html, stem.with_name(stem.name + ".json")
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf are not JSON: write them as null so every consumer can parse the file."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -80,7 +71,7 @@ def write_report(store_path: str | os.PathLike, out: str) -> tuple[Path, Path, d
     with Store.open(store_path, readonly=True, create=False) as st:
         report = build_report(st)
     try:
-        _write_atomic(json_path, json.dumps(_json_safe(report), indent=1, allow_nan=False))
+        _write_atomic(json_path, json.dumps(json_safe(report), indent=1, allow_nan=False))
         _write_atomic(html_path, render_html(report))
     except OSError as exc:
         raise ReportOutputError(f"cannot write the report to {html_path.parent}: "

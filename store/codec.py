@@ -7,6 +7,8 @@ Event keys are 8-byte big-endian integers so that LMDB's lexicographic key order
 """
 from __future__ import annotations
 
+import math
+
 import struct
 from typing import Any
 
@@ -73,3 +75,14 @@ def decode_seq_key(key: bytes | memoryview) -> int:
     if len(key) != _SEQ.size:
         raise StoreCorrupt(f"events: key of {len(key)} bytes is not an 8-byte sequence number")
     return _SEQ.unpack(bytes(key))[0]
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON: turn them into null (recursively) so every consumer can parse output."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
