@@ -197,6 +197,11 @@ class Agent:
         population = [self.view.path(m) for m in self.state.population]
         self._population = population
         self._rescore(population)
+        if self.verbose:
+            print(f"[{self.opts.task}] cycle {self.state.cycle + 1}/{self.cycles} from generation "
+                  f"{self.state.generation + 1} with preset {self.preset.name}; population: "
+                  f"{', '.join(p.id for p in population) or 'empty (parents come from the system)'}",
+                  flush=True)
         self.progress["cycle"] = self.state.cycle
         while self.state.generation < self.preset.budget.children_per_cycle:
             if self.stop_requested:
