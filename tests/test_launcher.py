@@ -63,6 +63,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
     states = {t: read(store, lambda s: s.get_agent(agent_id_for(t))).state for t in TASKS}
     assert set(states.values()) <= {"stopped", "finished"}, states
     before = {t: read(store, lambda s: s.get_agent_state(agent_id_for(t))) for t in TASKS}
+    assert any(st is not None and (st.cycle, st.generation) != (3, 0) for st in before.values())
     assert read(store, lambda s: s.verify()) == []
     again = _launch(store, str(tmp_path / "2.log"), cycles=3)
     assert again.wait(240) == 0, open(tmp_path / "2.log").read()[-2000:]
@@ -72,7 +73,6 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
         trials = read(store, lambda s: s.trials(agent=agent_id_for(t)))
         pairs = [(x.cycle, x.generation) for x in trials]
         assert len(pairs) == len(set(pairs)) == 6  # resumed, nothing redone, nothing skipped
-        assert before[t] is None or len(trials) >= 0
     assert read(store, lambda s: s.verify()) == []
 
 
