@@ -137,7 +137,8 @@ class Agent:
             try:
                 self.store.heartbeat(self.agent_id, self.token, ttl=self.opts.lease_ttl,
                                      progress=self._progress())
-            except LeaseLost:
+            except LeaseLost as exc:
+                print(f"[{self.opts.task}] stopping: {exc}", flush=True)
                 self.lease_lost = self.stop_requested = True
                 return
             except Exception:  # a transient store error must not kill the lease thread
@@ -172,6 +173,11 @@ class Agent:
         try:
             while self.state.cycle < self.cycles and not self.stop_requested:
                 self._run_cycle()
+        except LeaseLost as exc:
+            # Another agent took this task over (our heartbeats were late): it owns the task now,
+            # and nothing of ours was written after the takeover (the store refused it).
+            self.lease_lost = True
+            print(f"[{self.opts.task}] stopping: {exc}", flush=True)
         finally:
             self._close()
 
@@ -363,7 +369,9 @@ def agent_process_main(opts: AgentOptions, log_path: str) -> None:
 
     sys.stdout = sys.stderr = log
     try:
-        run_agent(opts)
+        agent = run_agent(opts)
     except USER_ERRORS as exc:
         print(f"agent[{opts.task}]: error: {exc}", flush=True)
         sys.exit(2)
+    if agent.lease_lost:
+        sys.exit(1)  # superseded by another agent for this task

@@ -50,6 +50,8 @@ def main() -> int:
                         cycles=args.cycles, seed=args.seed, threads=args.threads,
                         lease_ttl=args.lease_ttl)
     agent = run_agent(opts, verbose=True)
+    if agent.lease_lost:
+        return 1  # superseded by another agent for this task: it did not finish its cycles here
     return 0 if agent.state.cycle >= agent.cycles or agent.stop_requested else 1
 
 

@@ -61,3 +61,29 @@ def test_agent_publishes_survives_kill9_and_resumes(tmp_path):
     kinds = [e.kind for e in read(store, lambda s: s.events())]
     assert kinds.count("cycle_end") == 3 and "published" in kinds
     assert read(store, lambda s: s.get_agent(AID)).state == "finished"
+
+
+def test_an_agent_whose_lease_was_taken_over_stops_without_writing(tmp_path):
+    import time
+
+    from store import Store
+
+    store = str(tmp_path / "store")
+    make_store(store)
+    agent = start("attach.py", "--store", store, "--task", TASK, "--preset", "test", "--cycles", "50",
+                  "--threads", "1", log=str(tmp_path / "a.log"))
+    try:
+        wait_for(lambda: read(store, lambda s: s.get_task(TASK)), 120, "a first publish")
+        with Store.open(store) as st:  # a new holder whose clock says the old lease ran out
+            st.acquire_lease(AID, TASK, ttl=3600, host="elsewhere", pid=1, device="cpu",
+                             endpoint="", preset="test", now=time.time() + 1000)
+            trials_at_takeover = len(st.trials(agent=AID))
+        assert agent.wait(120) == 1
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    log = open(tmp_path / "a.log").read()
+    assert "stopping:" in log and "Traceback" not in log, log[-2000:]
+    assert len(read(store, lambda s: s.trials(agent=AID))) == trials_at_takeover
+    assert read(store, lambda s: s.get_agent(AID)).host == "elsewhere"
+    assert read(store, lambda s: s.verify()) == []
