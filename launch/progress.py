@@ -70,8 +70,11 @@ class ProgressView:
             self._drawn = len(lines)
         else:
             for r in rows:
-                line = " ".join(f"{c}={v}" for c, v in zip(COLUMNS[1:], r[1:]))
-                if self._last_lines.get(r[0]) != line or final:
-                    self._last_lines[r[0]] = line
+                # print when state, cycle, generation or a result changed; the rate and the
+                # last-event text change with every heartbeat and would flood a log
+                key = " ".join(r[1:8])
+                if self._last_lines.get(r[0]) != key or final:
+                    self._last_lines[r[0]] = key
+                    line = " ".join(f"{c}={v}" for c, v in zip(COLUMNS[1:], r[1:]))
                     self.out.write(f"[{time.time() - self._t0:6.0f}s] {r[0]}: {line}\n")
         self.out.flush()
