@@ -34,9 +34,14 @@ def start(script: str, *args: str, log: str | None = None) -> subprocess.Popen:
 
 def wait_for(cond, timeout: float, what: str, every: float = 0.2):
     """Poll ``cond`` until it returns something truthy; fail the test with ``what`` on timeout."""
+    from store import NotAStore
+
     deadline = time.time() + timeout
     while time.time() < deadline:
-        got = cond()
+        try:
+            got = cond()
+        except NotAStore:  # the launcher is still creating the store
+            got = None
         if got:
             return got
         time.sleep(every)

@@ -54,8 +54,11 @@ def test_agent_publishes_survives_kill9_and_resumes(tmp_path):
     gens = 2  # children per cycle in the test preset
     assert seen == [(c, g) for c in range(3) for g in range(gens)], seen  # no gap, no repeat
     # the resumed agent started at the generation the store recorded, not from scratch
-    first_line = next(line for line in log.splitlines() if line.startswith(f"[{TASK}]"))
-    assert f"cycle {state_before.cycle + 1}/3 gen {state_before.generation + 1}/" in first_line
+    resumed = next(line for line in log.splitlines() if line.startswith(f"[{TASK}] cycle"))
+    assert (f"cycle {state_before.cycle + 1}/3 from generation {state_before.generation + 1} "
+            in resumed), resumed
+    first_child = next(line for line in log.splitlines() if " gen " in line)
+    assert f"cycle {state_before.cycle + 1}/3 gen {state_before.generation + 1}/" in first_child
     final = read(store, lambda s: s.get_model(s.get_task(TASK).model_id))
     assert final.metrics["test_quality"] > 0.5  # 10 classes: chance is 0.1
     kinds = [e.kind for e in read(store, lambda s: s.events())]
