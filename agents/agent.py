@@ -32,7 +32,7 @@ from agents.scoring import Scorer
 from agents.selection import best_path, retain, select_parent
 from agents.training import TaskTensors, test_accuracy, train_child
 from agents.view import SystemView, component_write, model_record
-from agents.vit import VIT_CONFIGS, VitConfig
+from agents.vit import VitConfig, preset_vit
 from protocol.bus import PeerBus
 from protocol.messages import Bye, Hello, Published
 from store import (AgentState, LeaseHeld, LeaseLost, MissingReference, NotAStore, Store,
@@ -76,8 +76,7 @@ class Agent:
     def __init__(self, opts: AgentOptions):
         self.opts = opts
         self.preset: Preset = resolve_preset(opts.preset, root=opts.root)
-        self.vit: VitConfig = dataclasses.replace(VIT_CONFIGS[self.preset.budget.vit],
-                                                  depth=self.preset.budget.depth)
+        self.vit: VitConfig = preset_vit(self.preset)
         self.agent_id = agent_id_for(opts.task)
         self.device = torch.device(opts.device)
         self.cycles = opts.cycles if opts.cycles is not None else self.preset.budget.cycles
@@ -147,18 +146,17 @@ class Agent:
     # ---- messages ----------------------------------------------------------------------------
     def _on_step(self) -> bool:
         """Between training steps: react to peers' announcements; True abandons the child."""
-        refresh = False
+        last = None
         for msg in self.bus.poll(0):
             if isinstance(msg, Published) and msg.agent_id != self.agent_id:
-                refresh = True
+                last = msg
                 self.progress["announcements"] = self.progress.get("announcements", 0) + 1
-                self._last_published_msg = msg
             elif isinstance(msg, Hello):
                 self._peers()
-        if refresh:
+        if last is not None:
             self.view.refresh()
             self._rescore(self._population)
-            msg = self._last_published_msg
+            msg = last
             lat = (time.time() - msg.time) * 1000.0
             self.progress["refresh_latency_ms"] = round(lat, 2)
             recent = self.progress.setdefault("refresh_latencies_ms", [])

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 
 from agents.data.augment import preprocess_eval, to_tensor
 from agents.view import from_raw
-from agents.vit import VIT_CONFIGS, PathModel, VitConfig
+from agents.vit import PathModel, VitConfig, vit_config
 from store import Store
 from store.export import FORMAT, UnknownTask
 
@@ -66,7 +65,7 @@ class TaskModel:
 
 
 def _vit_of(meta: dict) -> VitConfig:
-    return dataclasses.replace(VIT_CONFIGS[meta["vit"]], depth=int(meta["depth"]))
+    return vit_config(meta["vit"], depth=int(meta["depth"]))
 
 
 def load_model(store_path: str, task: str, device: str = "cpu") -> TaskModel:

@@ -170,7 +170,7 @@ def train_child(
                 snapshot = {k: p.detach().clone() for k, p in tensors.items()}
                 moms = {k: opt.state[p].get("momentum_buffer") for k, p in tensors.items()}
                 snapshot_mom = {k: (m.detach().clone() if m is not None else None) for k, m in moms.items()}
-                result.score, result.quality = s, q
+                result.score = s
     result.quality = max(result.evals) if result.evals else None
     if snapshot is not None and not result.aborted:
         result.improved = True

@@ -67,6 +67,11 @@ def vit_config(name: str, depth: int | None = None) -> VitConfig:
     return cfg if depth is None else dataclasses.replace(cfg, depth=depth)
 
 
+def preset_vit(preset) -> VitConfig:
+    """The architecture a preset grows: its budget's ViT with the root's depth (one place for it)."""
+    return vit_config(preset.budget.vit, depth=preset.budget.depth)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Component layout
 # ----------------------------------------------------------------------------------------------------

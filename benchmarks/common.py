@@ -6,7 +6,6 @@ Everything here is measurement plumbing; the things being measured live in ``age
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -297,11 +296,10 @@ def vit_for(preset_name: str):
     """(Preset, VitConfig) exactly as an agent resolves them."""
     import agents  # noqa: F401  (must precede timm)
     from agents.config import resolve_preset
-    from agents.vit import VIT_CONFIGS
+    from agents.vit import preset_vit
 
     preset = resolve_preset(preset_name)
-    vit = dataclasses.replace(VIT_CONFIGS[preset.budget.vit], depth=preset.budget.depth)
-    return preset, vit
+    return preset, preset_vit(preset)
 
 
 def ensure_store_with_root(path: str, preset_name: str, seed: int) -> None:

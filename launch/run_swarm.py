@@ -87,8 +87,6 @@ def main() -> int:
     devices = parse_devices(args.devices)
     if args.cycles is not None and args.cycles < 0:
         raise UserError("--cycles must be >= 0")
-    import dataclasses
-
     from agents.config import format_preset, resolve_preset
 
     preset = resolve_preset(args.preset, root=args.root)
@@ -102,11 +100,11 @@ def main() -> int:
     from agents.agent import agent_id_for
     from agents.bootstrap import ensure_root
     from agents.data import fetch_all
-    from agents.vit import VIT_CONFIGS
+    from agents.vit import preset_vit
     from launch.progress import ProgressView
     from store import Store
 
-    vit = dataclasses.replace(VIT_CONFIGS[preset.budget.vit], depth=preset.budget.depth)
+    vit = preset_vit(preset)
     if args.root != "random":  # a bad checkpoint must fail before anything is created
         from agents.roots import root_from_timm_checkpoint
 

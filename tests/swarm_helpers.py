@@ -1,7 +1,6 @@
 """Helpers for tests that run real agent processes against a real store."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -17,11 +16,11 @@ def make_store(path: str, preset: str = "test") -> None:
     import agents  # noqa: F401
     from agents.bootstrap import ensure_root
     from agents.config import resolve_preset
-    from agents.vit import VIT_CONFIGS
+    from agents.vit import preset_vit
     from store import Store
 
     p = resolve_preset(preset)
-    vit = dataclasses.replace(VIT_CONFIGS[p.budget.vit], depth=p.budget.depth)
+    vit = preset_vit(p)
     with Store.open(path, create=True) as store:
         ensure_root(store, p, vit)
 
