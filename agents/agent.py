@@ -26,6 +26,7 @@ from agents.config import Preset, PresetError, resolve_preset
 from agents.data import TaskDataError, load_task
 from agents.mutation import Mutator, hparams_diff
 from agents.paths import Path
+from agents.probe import probe_pick
 from agents.bootstrap import RootMismatch, ensure_root
 from agents.roots import CheckpointError
 from agents.scoring import Scorer
@@ -90,6 +91,7 @@ class Agent:
         self._started = time.time()
         self.verbose = False
         self._population: list[Path] = []
+        self._probe_cache: dict[str, float] = {}  # model id -> probe accuracy (+probe)
 
     # ---- set-up ------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -236,7 +238,14 @@ class Agent:
         mut = Mutator(self.preset, self.vit, rng, gen)
         best = best_path(population)
         ds, ds_fired = mut.sample_ds_hparams(best, self.data.num_classes)
-        parent = select_parent(population, self.view.foreign_paths(), self.state.offsprings, rng)
+        probed = []
+
+        def pick(candidates):
+            probed.append(True)
+            return probe_pick(candidates, self.vit, self.tensors, rng, self._probe_cache)
+
+        parent = select_parent(population, self.view.foreign_paths(), self.state.offsprings, rng,
+                               pick=pick if self.preset.probe_parents else None)
         child_id = f"{self.agent_id}:m{self.state.next_model_id}"
         self.state.next_model_id += 1
 
@@ -249,20 +258,32 @@ class Agent:
             next_component_id=next_cid, ancestors=self.view.ancestors, is_frozen=self.view.is_frozen,
             root_posemb=self.view.root.components["posembed_input"].params["pos_embedding"],
             device=self.device)
-        child.mutations = ds_fired + child.mutations
+        child.mutations = ds_fired + child.mutations + (["select:probe"] if probed else [])
         if parent.agent == self.agent_id:
             self.state.offsprings[parent.id] = self.state.offsprings.get(parent.id, 0) + 1
         threshold = -math.inf
         if parent.task == self.opts.task:
             threshold = self.scorer.rescore(parent, self.view.lockers)
             threshold = -math.inf if threshold is None else threshold
+        elif self.preset.guard_foreign and best is not None and best.score is not None:
+            # +guard: a child of another task's model joins only if it already beats our best, so
+            # the budget is not spent re-climbing from a fresh head.
+            threshold = best.score
         b = self.preset.budget
         child_score = self.scorer.score_fn(child, self.view.lockers)
+        steps_between = self.preset.steps_between_validations(self.tensors.n_train)
+        schedule, lineage_start = None, 0
+        if self.preset.continue_schedule:
+            # One schedule over everything this agent will train, shared by a same-task lineage.
+            if parent.task == self.opts.task:
+                lineage_start = int(parent.metrics.get("lineage_steps", 0))
+            schedule = (lineage_start, self.cycles * b.children_per_cycle * steps_between
+                        * b.validations_per_child)
         result, model = train_child(
             child, self.vit, self.tensors, batch_size=b.batch_size,
-            steps_between_validations=self.preset.steps_between_validations(self.tensors.n_train),
+            steps_between_validations=steps_between,
             validations=b.validations_per_child, threshold=threshold,
-            score_of=child_score, gen=gen, on_step=self._on_step)
+            score_of=child_score, gen=gen, on_step=self._on_step, schedule=schedule)
         if result.aborted:
             return  # nothing of an abandoned child is written; the generation reruns on resume
         self.progress["children"] += 1
@@ -272,7 +293,8 @@ class Agent:
         if result.improved:
             terms = self.scorer.size_terms(child, self.view.lockers)
             child.metrics = {"quality": result.quality, "score": result.score, **terms,
-                             "num_cycles": self.state.cycle + 1, "steps": result.steps}
+                             "num_cycles": self.state.cycle + 1, "steps": result.steps,
+                             "lineage_steps": lineage_start + result.snapshot_step}
             child.created_at = time.time()
             population.append(child)
             population[:] = retain(population, b.max_population)

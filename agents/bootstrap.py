@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from agents.config import Preset
+from agents.root_source import RootSource, resolve_root
 from agents.roots import root_from_timm_checkpoint, root_random
 from agents.view import ROOT_AGENT, to_raw
 from agents.vit import VitConfig
@@ -21,16 +22,23 @@ class RootMismatch(ValueError):
     """The store's root was built for another architecture than the requested preset."""
 
 
-def ensure_root(store: Store, preset: Preset, vit: VitConfig, seed: int = 0) -> str:
-    """Return the store's root model id, creating the root first if the store has none."""
+def ensure_root(store: Store, preset: Preset, vit: VitConfig, seed: int = 0,
+                source: RootSource | None = None) -> str:
+    """Return the store's root model id, creating the root first if the store has none.
+
+    ``source`` is the already resolved ``preset.root`` (the launcher resolves it before it creates
+    anything); without it the spec is resolved here, building the built-in root if needed.
+    """
     root_id = store.root_model_id()
     if root_id is None:
         hparams = preset.default_hparams(None)
         hparams["num_layers"] = vit.depth
-        if preset.root == "random":
+        if source is None:
+            source = resolve_root(preset.root, vit, int(hparams["ds_image_size"]))
+        if source.kind == "random":
             params = root_random(vit, hparams, seed)
         else:
-            params = root_from_timm_checkpoint(preset.root, vit, hparams)
+            params = root_from_timm_checkpoint(source.path, vit, hparams)
         writes, keys = [], []
         for i, (name, tensors) in enumerate(params.items()):
             cid = f"{ROOT_AGENT}:{i}"
@@ -40,7 +48,8 @@ def ensure_root(store: Store, preset: Preset, vit: VitConfig, seed: int = 0) -> 
         model = ModelRecord(
             id=ROOT_MODEL_ID, task="root", agent=ROOT_AGENT, components=keys, hparams=hparams,
             metrics={"vit": vit.name, "hidden": vit.hidden, "depth": vit.depth, "patch": vit.patch,
-                     "source": preset.root if preset.root == "random" else "timm-checkpoint"},
+                     "source": "random" if source.kind == "random" else "timm-checkpoint",
+                     **source.provenance()},
             parent=None, preset=preset.name, preset_hash=preset.hash, created_at=time.time())
         root_id = store.ensure_root(model, writes)
     rec = store.get_model(root_id)

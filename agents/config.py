@@ -26,7 +26,7 @@ MOMENTUM_RANGE = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
 DELTA_RANGE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 ADAPTER_DIM_RANGE = (8, 16, 32, 64, 128)
 
-EXTENSIONS = ("autotune", "adapters", "layers", "imagesize", "penalty")
+EXTENSIONS = ("autotune", "adapters", "layers", "imagesize", "penalty", "continue", "probe", "guard")
 DEFAULT_METHOD = ("autotune", "adapters", "layers", "imagesize")  # µ2Net+ as published
 PENALTY_SCALE_FACTOR = 0.9  # scale factor s used by +penalty when the budget's own s is 1.0
 
@@ -57,19 +57,25 @@ class Budget:
     scale_factor: float
     p_ref: float
     f_ref: float
+    root: str = "random"         # default --root (agents.root_source): glyphs_cjk = offline pretrained
 
 
 BUDGETS: dict[str, Budget] = {
     # The reference's character-benchmark budget (VitT3 / MCCB), unchanged.
     "vit-t3": Budget("vit-t3", "ti", 3, 32, (16, 32, 48, 64, 80, 96, 112), 512, 51_200, 4, 5_120, 32, 5,
-                     None, 0.1, 0.1, True, 1.0, 1_484_162, 15_000_000),
+                     None, 0.1, 0.1, True, 1.0, 1_484_162, 15_000_000, "glyphs_cjk"),
     "vit-b": Budget("vit-b", "b", 12, 80, (16, 32, 48, 64, 80, 96, 112), 128, 51_200, 4, 5_120, 32, 10,
                     None, 0.1, 0.1, True, 1.0, 85_652_738, 1e11),
     "vit-l": Budget("vit-l", "l", 24, 384, (224, 384), 16, 100_000, 8, 10_000, 16, 24,
                     16, 0.2, 0.05, False, 0.99, 2.2e9, 3.8e12),
     # Minutes on 2 CPU cores for a whole 8-task swarm: T3 architecture, cut batch/steps/children/cycles.
     "demo": Budget("demo", "ti", 3, 32, (16, 32, 48), 64, 2_048, 2, 1_024, 4, 3,
-                   None, 0.1, 0.1, True, 1.0, 1_484_162, 15_000_000),
+                   None, 0.1, 0.1, True, 1.0, 1_484_162, 15_000_000, "glyphs_cjk"),
+    # The reference's shape on 2 CPU cores (the quality benchmark's budget): 4 validations per child,
+    # 96 steps per child, 12 children per cycle, 3 cycles; the whole 8-task benchmark (swarm and the
+    # three baselines) fits in well under an hour.
+    "cpu": Budget("cpu", "ti", 3, 32, (16, 32, 48), 32, 768, 4, 1_024, 12, 3,
+                  None, 0.1, 0.1, True, 1.0, 1_484_162, 15_000_000, "glyphs_cjk"),
     # Seconds, for the test suite.
     "test": Budget("test", "ti", 3, 32, (16, 32, 48), 32, 512, 2, 256, 2, 2,
                    7, 0.1, 0.1, True, 1.0, 1_484_162, 15_000_000),
@@ -83,7 +89,7 @@ class Preset:
     name: str
     budget: Budget
     extensions: tuple[str, ...]
-    root: str = "random"          # "random" or a path to a local timm checkpoint (import)
+    root: str = "random"          # --root spec (agents.root_source); the budget's default if not given
     hash: str = field(default="", compare=False)
 
     # ---- method switches -------------------------------------------------------------------
@@ -94,6 +100,21 @@ class Preset:
     @property
     def mutate_adapters(self) -> bool:
         return "adapters" in self.extensions and self.budget.adapters_allowed
+
+    @property
+    def continue_schedule(self) -> bool:
+        """+continue: a child resumes its same-task parent's learning-rate schedule."""
+        return "continue" in self.extensions
+
+    @property
+    def probe_parents(self) -> bool:
+        """+probe: the fallback parent is the candidate whose frozen features probe best."""
+        return "probe" in self.extensions
+
+    @property
+    def guard_foreign(self) -> bool:
+        """+guard: a child of another task's model must beat this agent's best to be kept."""
+        return "guard" in self.extensions
 
     @property
     def scale_factor(self) -> float:
@@ -170,8 +191,12 @@ def _hash(budget: Budget, extensions: tuple[str, ...], root: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def resolve_preset(name: str, root: str = "random") -> Preset:
-    """``BUDGET[@base][+ext...]`` -> Preset. Raises PresetError with one line on bad names."""
+def resolve_preset(name: str, root: str | None = None) -> Preset:
+    """``BUDGET[@base][+ext...]`` -> Preset. Raises PresetError with one line on bad names.
+
+    ``root`` is the ``--root`` spec; None takes the budget's default (the pretrained root where one can
+    be built offline, random for the seconds-long ``test`` budget).
+    """
     text = name.strip()
     parts = text.split("+")
     head, adds = parts[0], [p for p in parts[1:]]
@@ -189,6 +214,7 @@ def resolve_preset(name: str, root: str = "random") -> Preset:
             exts.append(ext)
     ordered = tuple(e for e in EXTENSIONS if e in exts)
     budget = BUDGETS[budget_name]
+    root = budget.root if root is None else root
     return Preset(text, budget, ordered, root, _hash(budget, ordered, root))
 
 

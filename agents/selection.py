@@ -8,7 +8,7 @@ knowledge moves between tasks, and a new agent's first parent always comes from 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from agents.paths import Path
 
@@ -20,7 +20,8 @@ def best_path(population: Sequence[Path]) -> Path | None:
 
 
 def select_parent(own: Sequence[Path], foreign: Sequence[Path], offsprings: Mapping[str, int],
-                  rng: random.Random) -> Path:
+                  rng: random.Random, pick: Callable[[list[Path]], Path] | None = None) -> Path:
+    """``pick`` replaces the uniform fallback draw (the ``+probe`` extension, agents/probe.py)."""
     ranked = sorted((p for p in own if p.score is not None), key=lambda p: (p.score, p.seq()),
                     reverse=True)
     for p in ranked:
@@ -29,6 +30,8 @@ def select_parent(own: Sequence[Path], foreign: Sequence[Path], offsprings: Mapp
     candidates = {p.id: p for p in list(foreign) + list(own)}
     if not candidates:
         raise RuntimeError("no parent candidates: the store has no root model")
+    if pick is not None:
+        return pick([candidates[k] for k in sorted(candidates)])
     return candidates[rng.choice(sorted(candidates))]
 
 

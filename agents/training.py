@@ -109,6 +109,7 @@ class TrainResult:
     score: float | None            # score at the kept snapshot (None if not improved)
     evals: list[float] = field(default_factory=list)
     steps: int = 0
+    snapshot_step: int = 0          # steps trained when the kept snapshot was taken
     train_images: int = 0
     seconds: float = 0.0
     aborted: bool = False
@@ -126,11 +127,15 @@ def train_child(
     score_of: Callable[[float], float],
     gen: torch.Generator,
     on_step: Callable[[], bool] | None = None,
+    schedule: tuple[int, int] | None = None,
 ) -> tuple[TrainResult, PathModel]:
     """Train the child's trainable (not yet stored) components in place; return the kept result.
 
     ``score_of(quality)`` turns a validation accuracy into the child's score (size/compute penalty
     applied). ``on_step`` is called between steps; returning True abandons the child (e.g. Ctrl-C).
+    ``schedule = (start, total)`` places the child's steps at ``start`` of one warm-up/cosine schedule
+    of ``total`` steps (the ``+continue`` extension: a lineage shares one schedule, restarting only
+    when it runs past its end); None restarts the schedule for this child (the reference's rule).
     """
     t0 = time.perf_counter()
     h = child.hparams
@@ -149,7 +154,10 @@ def train_child(
             break
         idx = next(batches)
         x = augment_train(data.train_x[idx], h, size, gen)
-        lr = lr_at(step, total, h["opt_lr"], h["opt_lr_warmup_ratio"])
+        if schedule is None:
+            lr = lr_at(step, total, h["opt_lr"], h["opt_lr_warmup_ratio"])
+        else:
+            lr = lr_at((schedule[0] + step) % schedule[1], schedule[1], h["opt_lr"], h["opt_lr_warmup_ratio"])
         for g in opt.param_groups:
             g["lr"] = lr
         loss = F.cross_entropy(model(x), data.train_y[idx])
@@ -171,6 +179,7 @@ def train_child(
                 moms = {k: opt.state[p].get("momentum_buffer") for k, p in tensors.items()}
                 snapshot_mom = {k: (m.detach().clone() if m is not None else None) for k, m in moms.items()}
                 result.score = s
+                result.snapshot_step = step + 1
     result.quality = max(result.evals) if result.evals else None
     if snapshot is not None and not result.aborted:
         result.improved = True

@@ -164,7 +164,8 @@ class SwarmRun:
 
 
 def run_swarm(store: str, tasks: Sequence[str], preset: str, *, cycles: int | None = None,
-              seed: int = 0, threads: int | None = None, log_path: str | None = None,
+              seed: int = 0, threads: int | None = None, root: str | None = None,
+              log_path: str | None = None,
               timeout: float | None = None, prefix: str = "bench",
               progress_every: float = 15.0) -> SwarmRun:
     """Run ``launch/run_swarm.py`` as a subprocess until every agent finished; print progress.
@@ -179,6 +180,8 @@ def run_swarm(store: str, tasks: Sequence[str], preset: str, *, cycles: int | No
         cmd += ["--cycles", str(cycles)]
     if threads is not None:
         cmd += ["--threads", str(threads)]
+    if root is not None:
+        cmd += ["--root", root]
     log_path = log_path or os.path.join(os.path.dirname(os.path.abspath(store)),
                                         os.path.basename(store) + ".launcher.log")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -292,22 +295,30 @@ def swarm_unique_params(store, tasks: Sequence[str]) -> tuple[int, dict[str, int
 
 # ---- the root ------------------------------------------------------------------------------------
 
-def vit_for(preset_name: str):
+def vit_for(preset_name: str, root: str | None = None):
     """(Preset, VitConfig) exactly as an agent resolves them."""
     import agents  # noqa: F401  (must precede timm)
     from agents.config import resolve_preset
     from agents.vit import preset_vit
 
-    preset = resolve_preset(preset_name)
+    preset = resolve_preset(preset_name, root=root)
     return preset, preset_vit(preset)
 
 
-def ensure_store_with_root(path: str, preset_name: str, seed: int) -> None:
+def root_provenance(view) -> dict:
+    """What every method started from: the store root's spec, file hash and corpus."""
+    m = view.root.metrics
+    return {"name": m.get("root_spec", m.get("source")), "kind": m.get("root_kind"),
+            "file_sha256": m.get("root_file_sha256"), "corpus": m.get("root_corpus"),
+            "heldout_accuracy": m.get("root_heldout_accuracy"), "model_id": view.root.id}
+
+
+def ensure_store_with_root(path: str, preset_name: str, seed: int, root: str | None = None) -> None:
     """A store holding only the root a swarm with this preset and seed would create."""
     from agents.bootstrap import ensure_root
     from store import Store
 
-    preset, vit = vit_for(preset_name)
+    preset, vit = vit_for(preset_name, root)
     with Store.open(path, create=True) as store:
         ensure_root(store, preset, vit, seed=seed)
 

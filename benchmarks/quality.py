@@ -33,7 +33,7 @@ QUICK_TASKS = ("uci_digits", "mnist5k", "glyphs_latin", "glyphs_greek")
 MODES = {  # mode -> (tasks, preset, cycles); None = the benchmark's tasks / the preset's cycles
     "smoke": (("uci_digits", "mnist5k"), "test", 1),
     "quick": (QUICK_TASKS, "test", 4),
-    "full": (None, "demo", None),
+    "full": (None, "cpu", None),
 }
 
 
@@ -53,9 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(ALL_METHODS),
                    help=f"subset of {','.join(ALL_METHODS)} (default all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for the baselines (default 1: on a shared machine extra "
-                        "threads mostly wait on each other; the swarm's agents divide the cores)")
+    p.add_argument("--root", default=None,
+                   help="root of the swarm and every baseline (run_swarm.py --root; default: the "
+                        "preset's, glyphs_cjk for the demo and cpu budgets)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads for the baselines (default 2: the cores the swarm's agents "
+                        "divide among themselves)")
+    p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the baselines at once, each in its own process (default on)")
     p.add_argument("--out", default=str(common.RESULTS_DIR), help="result directory")
     p.add_argument("--work", default=None, help="directory for the swarm's store (default: a temp dir, "
                                                 "removed at the end)")
@@ -142,6 +147,34 @@ def baseline_method(outcome) -> dict:
             "wall_seconds": outcome.wall_seconds}
 
 
+def targets_line(methods: dict) -> str:
+    """The issue's targets, judged on this run's numbers."""
+    s, f = methods["swarm"], methods["finetune-all"]
+    gap = 100 * (s["mean_test_accuracy"] - f["mean_test_accuracy"])
+    share = 100 * s["total_params"] / f["total_params"]
+    text = (f"Targets: swarm mean test accuracy >= finetune-all + 1.0 point ({fmt(s['mean_test_accuracy'])} "
+            f"vs {fmt(f['mean_test_accuracy'])}: {gap:+.2f} points, {'met' if gap >= 1.0 else 'NOT met'}); "
+            f"swarm total params <= 50% of finetune-all's ({share:.1f}%: "
+            f"{'met' if share <= 50.0 else 'NOT met'})")
+    if "joint" in methods:
+        j = methods["joint"]
+        text += (f"; against joint: {100 * (s['mean_test_accuracy'] - j['mean_test_accuracy']):+.2f} points "
+                 f"at {100 * s['total_params'] / j['total_params']:.0f}% of its params")
+    return text + "."
+
+
+def root_line(root: dict | None) -> str:
+    if not root:
+        return "Root: not recorded."
+    if root.get("kind") in (None, "random"):
+        return f"Root: `{root.get('name')}` (random initialisation, seed of the run)."
+    sha = (root.get("file_sha256") or "")[:12]
+    acc = root.get("heldout_accuracy")
+    return (f"Root: `{root.get('name')}` (file sha256 {sha}..., corpus {root.get('corpus') or '-'}"
+            + (f", held-out pretraining accuracy {acc:.4f}" if isinstance(acc, float) else "") + "), the same "
+            "tensors for the swarm and every baseline.")
+
+
 def markdown(result: dict) -> str:
     tasks, methods = result["tasks"], result["methods"]
     b = result["budget"]
@@ -151,7 +184,8 @@ def markdown(result: dict) -> str:
              f"Preset `{b['preset']}`, {b['cycles']} cycle(s) per agent, seed {b['seed']}, "
              f"tasks: {', '.join(tasks)}. Budget per task = the training images the swarm's agent "
              f"consumed (every trained child, accepted or not); `joint` gets their sum. "
-             f"Test accuracy on each task's test split (never used for selection).", ""]
+             f"Test accuracy on each task's test split (never used for selection).", "",
+             root_line(b.get("root")), ""]
     headers = ["method", "mean test acc"] + tasks + ["total params", "params/task", "FLOPs/image",
                                                       "train images", "wall s"]
     rows = []
@@ -162,18 +196,51 @@ def markdown(result: dict) -> str:
                      fmt(m["wall_seconds"], 1)])
     lines.append(md_table(headers, rows))
     if "swarm" in methods and "finetune-all" in methods:
-        s, f = methods["swarm"], methods["finetune-all"]
-        lines += ["", "Targets: swarm mean test accuracy >= finetune-all "
-                      f"({fmt(s['mean_test_accuracy'])} vs {fmt(f['mean_test_accuracy'])}: "
-                      f"{'met' if s['mean_test_accuracy'] >= f['mean_test_accuracy'] else 'NOT met'}); "
-                      f"swarm total params <= 50% of finetune-all "
-                      f"({100 * s['total_params'] / f['total_params']:.1f}%: "
-                      f"{'met' if s['total_params'] <= 0.5 * f['total_params'] else 'NOT met'})."]
+        lines += ["", targets_line(methods)]
+    ex = result.get("baseline_execution", {"processes_at_once": 1,
+                                           "torch_threads_each": result["machine"]["torch_threads"]})
     lines += ["", "Wall time: the swarm's is the whole `run_swarm.py` run (process start-up, data "
                   "loading, agents sharing the cores); a baseline's is its training and test "
-                  "evaluation in one process with the data already loaded, using "
-                  f"{result['machine']['torch_threads']} torch thread(s)."]
+                  f"evaluation with the data already loaded, {ex['torch_threads_each']} torch thread(s), "
+                  f"{ex['processes_at_once']} baseline process(es) sharing the cores at once."]
     return "\n".join(lines)
+
+
+def _baseline(name, root, vit, preset, tensors, images, seed):
+    from benchmarks.baselines import RUNNERS
+
+    _say(f"{name}: training {len(tensors)} task(s)")
+    return RUNNERS[name](root, vit, preset, tensors, images, seed, log=_say)
+
+
+def _baseline_process(name, store_path, preset_name, root_spec, tasks, images, seed, threads):
+    """One baseline in its own process: it reads the root and the tasks itself (nothing big is pickled)."""
+    import torch
+
+    from agents.data import load_task
+    from agents.training import TaskTensors
+    from store import Store
+
+    torch.set_num_threads(threads)
+    preset, vit = common.vit_for(preset_name, root_spec)
+    with Store.open(store_path, readonly=True) as store:
+        root = common.load_root(store).root
+    tensors = {t: TaskTensors(load_task(t), torch.device("cpu"), preset.budget.validation_examples)
+               for t in tasks}
+    return _baseline(name, root, vit, preset, tensors, images, seed)
+
+
+def _parallel_baselines(names, store_path, preset_name, args, tasks, images, threads) -> dict:
+    """Each baseline in its own spawned process, one torch thread each: on a few cores, small matmuls
+    scale better across processes than across threads. Their numbers do not depend on this."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    per = max(1, threads // len(names))
+    with ProcessPoolExecutor(len(names), mp_context=mp.get_context("spawn")) as pool:
+        futures = {n: pool.submit(_baseline_process, n, store_path, preset_name, args.root, tasks,
+                                  images, args.seed, per) for n in names}
+        return {n: f.result() for n, f in futures.items()}
 
 
 def run(args) -> dict:
@@ -186,13 +253,14 @@ def run(args) -> dict:
     from store import Store
 
     threads = max(1, args.threads)
-    preset, vit = common.vit_for(preset_name)
+    preset, vit = common.vit_for(preset_name, args.root)
     work = args.work or tempfile.mkdtemp(prefix="quality_")
     store_path = os.path.join(work, "swarm_store")
     if os.path.exists(store_path):
         raise BenchmarkError(f"{store_path} exists: pass an empty --work directory")
     os.makedirs(work, exist_ok=True)
-    overrides = {k: getattr(args, k) for k in ("tasks", "preset", "cycles") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("tasks", "preset", "cycles", "root")
+                 if getattr(args, k) is not None}
     result: dict = {"mode": mode, "overrides": overrides, "tasks": tasks, "methods": {},
                     "command": " ".join([Path(sys.executable).name, *sys.argv]),
                     "machine": common.machine_info(threads)}
@@ -201,11 +269,11 @@ def run(args) -> dict:
         if "swarm" in methods:
             _say(f"swarm: {len(tasks)} agents, preset {preset_name}, cycles {cycles or 'preset'}")
             run_ = common.run_swarm(store_path, tasks, preset_name, cycles=cycles, seed=args.seed,
-                                    prefix="quality")
+                                    root=args.root, prefix="quality")
             swarm_wall = run_.wall_seconds
             _say(f"swarm finished in {swarm_wall:.1f}s")
         else:
-            common.ensure_store_with_root(store_path, preset_name, args.seed)
+            common.ensure_store_with_root(store_path, preset_name, args.seed, args.root)
         torch.set_num_threads(threads)
         with Store.open(store_path, readonly=True) as store:
             view = common.load_root(store)
@@ -226,15 +294,22 @@ def run(args) -> dict:
                             "validation_examples": preset.budget.validation_examples,
                             "train_images_per_task": images,
                             "train_images_total": sum(images.values()),
-                            "root_model_id": root.id, "vit": vit.name, "depth": vit.depth}
-        from benchmarks.baselines import RUNNERS
-
-        for name in [m for m in ALL_METHODS if m in methods and m != "swarm"]:
-            _say(f"{name}: training {len(tasks)} task(s)")
-            outcome = RUNNERS[name](root, vit, preset, tensors, images, args.seed, log=_say)
-            result["methods"][name] = finish(baseline_method(outcome), tasks)
+                            "root_model_id": root.id, "vit": vit.name, "depth": vit.depth,
+                            "root": common.root_provenance(view)}
+        baselines = [m for m in ALL_METHODS if m in methods and m != "swarm"]
+        parallel = args.parallel and len(baselines) > 1
+        result["baseline_execution"] = {
+            "processes_at_once": len(baselines) if parallel else 1,
+            "torch_threads_each": max(1, threads // len(baselines)) if parallel else threads}
+        if parallel:
+            outcomes = _parallel_baselines(baselines, store_path, preset_name, args, tasks, images, threads)
+        else:
+            outcomes = {name: _baseline(name, view.root, vit, preset, tensors, images, args.seed)
+                        for name in baselines}
+        for name in baselines:
+            result["methods"][name] = finish(baseline_method(outcomes[name]), tasks)
             _say(f"{name}: mean test {result['methods'][name]['mean_test_accuracy']:.4f} "
-                 f"in {outcome.wall_seconds:.1f}s")
+                 f"in {outcomes[name].wall_seconds:.1f}s")
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -40,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu or cuda:0,cuda:1,...; assigned to agents round-robin (default cpu)")
     p.add_argument("--cycles", type=int, default=None, help="cycles per agent (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--root", default="random",
-                   help="'random' or a local timm ViT checkpoint file to import the root from "
-                        "(only used when the store has no root yet)")
+    p.add_argument("--root", default=None,
+                   help="where a new store's root comes from (ignored when the store has one): "
+                        "glyphs_cjk (offline pretrained, built on first use; the default of the demo, "
+                        "cpu and vit-t3 budgets), random (the test budget's default), a checkpoint file, "
+                        "a root built with make_root.py --name NAME, or timm:MODEL_NAME")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per CPU agent (default: cores divided among CPU agents)")
     p.add_argument("--refresh", type=float, default=1.0, help="progress refresh period in seconds")
@@ -82,6 +84,18 @@ def spawn_agents(args, tasks: list[str], devices: list[str]) -> dict[str, mp.Pro
     return procs
 
 
+def _has_root(path: str) -> bool:
+    from store import NotAStore, Store
+
+    if not os.path.isdir(path):
+        return False
+    try:
+        with Store.open(path, readonly=True) as store:
+            return store.root_model_id() is not None
+    except NotAStore:
+        return False
+
+
 def main() -> int:
     args = build_parser().parse_args()
     devices = parse_devices(args.devices)
@@ -93,8 +107,6 @@ def main() -> int:
     if args.print_config:
         print(format_preset(preset))
         return 0
-    if args.root != "random" and not os.path.isfile(args.root):
-        raise UserError(f"--root {args.root}: no such checkpoint file")
     check_devices(devices)
     tasks = resolve_tasks(args)
     from agents.agent import agent_id_for
@@ -105,14 +117,20 @@ def main() -> int:
     from store import Store
 
     vit = preset_vit(preset)
-    if args.root != "random":  # a bad checkpoint must fail before anything is created
+    fetch_all(tasks)  # every task's data is there (or one clear line says what is missing)
+    source = None
+    if not _has_root(args.store):
+        # A bad root must fail before anything is created; the built-in one is built here, once.
+        from agents.root_source import resolve_root
         from agents.roots import root_from_timm_checkpoint
 
-        root_from_timm_checkpoint(args.root, vit, preset.default_hparams(None))
-    fetch_all(tasks)  # every task's data is there (or one clear line says what is missing)
+        source = resolve_root(preset.root, vit, preset.budget.image_size,
+                              log=lambda m: print(m, flush=True))
+        if source.path is not None:
+            root_from_timm_checkpoint(source.path, vit, preset.default_hparams(None))
     os.makedirs(args.store, exist_ok=True)
     with Store.open(args.store, create=True) as store:
-        ensure_root(store, preset, vit, seed=args.seed)
+        ensure_root(store, preset, vit, seed=args.seed, source=source)
         live = {a.agent_id: a for a in store.live_agents()}
         for t in tasks:
             if agent_id_for(t) in live:

@@ -201,11 +201,18 @@ def _draw_split(rng: np.random.Generator, classes, font_ids, per_class, bank: _G
         for f, c, u, v in zip(font_pick, labels, form_u, stroke_u)
     ], dtype=np.int64)
 
+    return _distortions(rng, labels, bank_idx, bank.extent[bank_idx])
+
+
+def _distortions(rng: np.random.Generator, labels: np.ndarray, bank_idx: np.ndarray,
+                 extent: np.ndarray) -> _Draws:
+    """Per-image geometry and photometry for images already assigned a bank row (fixed draw order)."""
+    n = len(labels)
     # Geometry. A capital's height is ~29 px of the 64 px bank canvas; zoom so it spans ~18 of 28 px,
     # which keeps natural size differences (x vs X). Tall or wide glyphs (Arabic alef, Hebrew lamed,
     # Cyrillic shcha) are zoomed less so that their larger side fits in ~22 px and is not cut off.
     zoom = np.minimum((18.0 / IMAGE_SIZE) / (29.0 / CANVAS),
-                      (22.0 / IMAGE_SIZE) / (bank.extent[bank_idx] / CANVAS))[:, None, None]
+                      (22.0 / IMAGE_SIZE) / (extent / CANVAS))[:, None, None]
     scale = rng.uniform(0.8, 1.2, n)
     aspect = np.exp(rng.uniform(-0.12, 0.12, n))
     angle = np.deg2rad(rng.uniform(-15.0, 15.0, n))
