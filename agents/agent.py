@@ -273,12 +273,18 @@ class Agent:
         child_score = self.scorer.score_fn(child, self.view.lockers)
         steps_between = self.preset.steps_between_validations(self.tensors.n_train)
         schedule, lineage_start = None, 0
+        child_steps = steps_between * b.validations_per_child
+        agent_steps = self.cycles * b.children_per_cycle * child_steps
         if self.preset.continue_schedule:
             # One schedule over everything this agent will train, shared by a same-task lineage.
             if parent.task == self.opts.task:
                 lineage_start = int(parent.metrics.get("lineage_steps", 0))
-            schedule = (lineage_start, self.cycles * b.children_per_cycle * steps_between
-                        * b.validations_per_child)
+            schedule = (lineage_start, agent_steps)
+        elif self.preset.clock_schedule:
+            # The agent's budget is one schedule: a child trains at the agent's position in it, so
+            # the last children of the last cycle anneal whatever lineage is best by then.
+            done = self.state.cycle * b.children_per_cycle + self.state.generation
+            schedule = (min(done * child_steps, agent_steps - child_steps), agent_steps)
         result, model = train_child(
             child, self.vit, self.tensors, batch_size=b.batch_size,
             steps_between_validations=steps_between,

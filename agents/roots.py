@@ -8,7 +8,6 @@ AugReg Ti/16 weights the VitT3 root uses (method.md 1.3).
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Mapping
 
@@ -16,45 +15,11 @@ import torch
 from torch import Tensor
 
 from agents.vit import VitConfig, component_names, image_grid, init_component, param_shapes, resize_posemb
+from store.timm_names import component_key, timm_key
 
 
 class CheckpointError(ValueError):
     """A root checkpoint file is missing, unreadable, or does not fit the ViT config."""
-
-
-# component name -> timm prefix (tensor names inside a component are timm's own below the prefix).
-# `residual_adapters.{i}` is this project's extension: timm has no adapters, so such a state dict only
-# loads into a timm model with strict=False (it is meant for export, not for timm).
-_FIXED_PREFIX = {"embedding": "patch_embed.proj", "encoder_norm": "norm", "head": "head"}
-_TIMM_KEY = re.compile(r"^(blocks|residual_adapters)\.(\d+)\.(.+)$")
-
-
-def _timm_key(component: str, tensor_name: str) -> str:
-    if component == "cls":
-        return "cls_token"
-    if component == "posembed_input":
-        return "pos_embed"
-    if component in _FIXED_PREFIX:
-        return f"{_FIXED_PREFIX[component]}.{tensor_name}"
-    kind, _, index = component.rpartition("_")
-    prefix = {"encoderblock": "blocks", "residual_adapter": "residual_adapters"}[kind]
-    return f"{prefix}.{index}.{tensor_name}"
-
-
-def _component_key(timm_key: str) -> tuple[str, str] | None:
-    """Inverse of `_timm_key`; None for keys that are no component of ours."""
-    if timm_key == "cls_token":
-        return "cls", "token"
-    if timm_key == "pos_embed":
-        return "posembed_input", "pos_embedding"
-    match = _TIMM_KEY.match(timm_key)
-    if match:
-        kind = "encoderblock" if match.group(1) == "blocks" else "residual_adapter"
-        return f"{kind}_{match.group(2)}", match.group(3)
-    for component, prefix in _FIXED_PREFIX.items():
-        if timm_key.startswith(prefix + "."):
-            return component, timm_key[len(prefix) + 1:]
-    return None
 
 
 def timm_state_dict(params: Mapping[str, Mapping[str, Tensor]], hparams: Mapping[str, object]) -> dict[str, Tensor]:
@@ -66,7 +31,7 @@ def timm_state_dict(params: Mapping[str, Mapping[str, Tensor]], hparams: Mapping
     if missing:
         raise ValueError(f"cannot build a timm state dict: parameters missing for components {missing}")
     return {
-        _timm_key(name, tensor_name): tensor
+        timm_key(name, tensor_name): tensor
         for name in component_names(hparams)
         for tensor_name, tensor in params[name].items()
     }
@@ -77,7 +42,7 @@ def params_from_timm_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, 
     params: dict[str, dict[str, Tensor]] = {}
     unmapped: list[str] = []
     for key, tensor in state.items():
-        target = _component_key(key)
+        target = component_key(key)
         if target is None:
             unmapped.append(key)
         else:

@@ -28,7 +28,7 @@ def _load(path: Path) -> dict | None:
 def extensions_table(runs: list[tuple[str, dict]], reference: dict | None) -> str:
     """One row per tried preset: the swarm's mean and per-task test accuracy and its params."""
     tasks = runs[0][1]["tasks"]
-    headers = ["swarm preset", "mean test acc", "vs finetune-all (points)"] + tasks + [
+    headers = ["run (swarm preset)", "mean test acc", "vs finetune-all (points)"] + tasks + [
         "total params", "acceptance", "wall s"]
     ref = reference["methods"]["finetune-all"] if reference else None
     rows = []
@@ -36,7 +36,7 @@ def extensions_table(runs: list[tuple[str, dict]], reference: dict | None) -> st
         s = r["methods"]["swarm"]
         acc = sum(s["accepted"].values()) / max(1, sum(s["children"].values()))
         delta = 100 * (s["mean_test_accuracy"] - ref["mean_test_accuracy"]) if ref else None
-        rows.append([f"`{r['budget']['preset']}`", fmt(s["mean_test_accuracy"]),
+        rows.append([f"{name} (`{r['budget']['preset']}`)", fmt(s["mean_test_accuracy"]),
                      "-" if delta is None else f"{delta:+.2f}"] + [fmt(s["per_task"][t]) for t in tasks]
                     + [fmt(s["total_params"]), f"{acc:.2f}", fmt(s["wall_seconds"], 1)])
     if ref:
@@ -76,10 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         ref = next((r for _, r in runs if "finetune-all" in r["methods"]), None)
         b = runs[0][1]["budget"]
         parts += ["", "## Method extensions tried", "",
-                  f"Tasks {', '.join(runs[0][1]['tasks'])}; budget `{b['preset'].split('+')[0]}`, "
-                  f"{b['cycles']} cycle(s), seed {b['seed']}, root `{(b.get('root') or {}).get('name')}`; "
-                  f"every swarm and the reference trained the same images per task. Commands are in each "
-                  f"`extensions/NAME/quality.json`.", "", extensions_table(runs, ref)]
+                  f"Tasks {', '.join(runs[0][1]['tasks'])}; {b['cycles']} cycle(s), seed {b['seed']}, root "
+                  f"`{(b.get('root') or {}).get('name')}`; every swarm and the reference trained the same "
+                  f"images per task ({fmt(b['train_images_total'])} in all). Commands are in each "
+                  "`extensions/NAME/quality.json`. These ran on the first version of the `cpu` budget "
+                  "(1,024 validation examples, image sizes 16/32/48, 12 children per cycle; the same 96 "
+                  "steps of 32 per child) and before `+continue` joined the default method, so their "
+                  "`cpu` means the published µ2Net+ method. The budget was then cut to fit two full "
+                  "runs in a session (512 validation examples, 10 children per cycle) and 16 px was "
+                  "dropped from the image-size grid (children there scored 0.07-0.12 and were wasted).",
+                  "", extensions_table(runs, ref)]
     out = Path(args.out) if args.out else res / "quality.md"
     common.write_text(out, "\n".join(parts))
     print(f"wrote {out}")

@@ -17,7 +17,8 @@ stage() {  # stage PRESET CYCLES
 stage demo@base 2                                   # clone-only base method
 stage demo@base+autotune 3                          # + learned mutation probabilities, hparam moves
 stage demo@base+autotune+adapters 4                 # + residual adapters
-stage demo@base+autotune+adapters+layers+imagesize 5  # = the default µ2Net+ method
-stage demo+penalty 6                                # + size/compute penalty (s = 0.9)
+stage demo@base+autotune+adapters+layers+imagesize 5  # = µ2Net+ as published
+stage demo 6                                        # + continue: the project's default method
+stage demo+penalty 7                                # + size/compute penalty (s = 0.9)
 "$PY" launch/query.py --store "$STORE" report --out "$STORE-report.html"
 echo "report: $STORE-report.html (+ .json)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launch.common import UserError, check_devices, parse_devices, run_main  # noqa: E402
@@ -43,8 +44,19 @@ def main() -> int:
     check_devices(parse_devices(args.device))
     from store import Store
 
-    Store.open(args.store, readonly=True).close()  # NotAStore -> exit 2, creates nothing
-    from agents.agent import AgentOptions, run_agent
+    with Store.open(args.store, readonly=True) as store:  # NotAStore -> exit 2, creates nothing
+        from agents.agent import AgentOptions, agent_id_for, run_agent
+        from agents.config import resolve_preset
+
+        target = args.cycles if args.cycles is not None else resolve_preset(args.preset).budget.cycles
+        state = store.get_agent_state(agent_id_for(args.task))
+        holder = store.get_agent(agent_id_for(args.task))
+    held = holder is not None and holder.lease_live(time.time())
+    if state is not None and state.cycle >= target and not held:  # a held lease is refused below
+        # Nothing to do is still an answer: say it, and how to get more.
+        print(f"attach.py: task {args.task} is already at cycle {state.cycle} of {target}; nothing "
+              f"to do (raise --cycles above {state.cycle} to continue it)", file=sys.stderr)
+        return 0
 
     opts = AgentOptions(store=args.store, task=args.task, preset=args.preset, device=args.device,
                         cycles=args.cycles, seed=args.seed, threads=args.threads,

@@ -31,8 +31,12 @@ try:  # run from a checkout without installing: put the repository root on the p
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+if __name__ == "__main__":  # one module identity, so launch.query_views shares its helpers and errors
+    sys.modules.setdefault("launch.query", sys.modules[__name__])
+
 from store import MissingReference, Store, StoreCorrupt, StoreError  # noqa: E402
 from store.codec import json_safe  # noqa: E402
+from launch.query_views import cmd_agents, cmd_trials, register_agents, register_trials  # noqa: E402
 from launch.report_cmd import cmd_report, register_report  # noqa: E402
 
 DEFAULT_STORE = "swarm-store"
@@ -43,7 +47,7 @@ LEADERBOARD_KEYS = ("task", "model_id", "agent_id", "score", "quality", "test_qu
                     "cycles", "parent_id", "updated_at")
 
 
-EXTRA_KEYS = ("shared_components", "foreign_components", "num_components")
+EXTRA_KEYS = ("shared_components", "foreign_components", "num_components", "model_cycle")
 
 
 class UsageError(Exception):
@@ -104,6 +108,11 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 # ---- leaderboard --------------------------------------------------------------------------------------
 
+def _completed_cycles(st: Store, agent_id: str, fallback: Any) -> Any:
+    state = st.get_agent_state(agent_id)
+    return state.cycle if state is not None else fallback
+
+
 def leaderboard_rows(st: Store) -> list[dict[str, Any]]:
     """One row per task with a published model, sorted by task (the `leaderboard --json` schema)."""
     pointers = {t.task: t for t in st.tasks()}
@@ -128,7 +137,11 @@ def leaderboard_rows(st: Store) -> list[dict[str, Any]]:
             "num_layers": h.get("num_layers", m.get("num_layers")),
             "adapter_layers": h.get("adapter_layers", m.get("adapter_layers")),
             "image_size": h.get("ds_image_size"),
-            "cycles": m.get("num_cycles"),
+            # cycles: how far the task has come (its agent's completed cycles); model_cycle: the
+            # cycle that produced the current model (it stays put while no child beats it)
+            "cycles": _completed_cycles(st, pointers[task].agent if task in pointers else model.agent,
+                                        m.get("num_cycles")),
+            "model_cycle": m.get("num_cycles"),
             "parent_id": model.parent,
             "updated_at": pointers[task].updated_at if task in pointers else model.created_at,
         }
@@ -149,11 +162,12 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         print_json(rows)
         return 0
     headers = ["task", "model", "score", "quality", "test_q", "params", "acc_params", "flops",
-               "layers", "adapters", "img", "shared", "foreign", "cycles", "updated"]
+               "layers", "adapters", "img", "shared", "foreign", "cycles", "model_cycle", "updated"]
     table = [[r["task"], r["model_id"], r["score"], r["quality"], r["test_quality"], r["params"],
               r["accounted_params"], r["flops"], r["num_layers"], r["adapter_layers"] or "-",
               r["image_size"], f"{r['shared_components']}/{r['num_components']}",
-              r["foreign_components"], r["cycles"], format_time(r["updated_at"])] for r in rows]
+              r["foreign_components"], r["cycles"], r["model_cycle"], format_time(r["updated_at"])]
+             for r in rows]
     print(format_table(headers, table))
     if not rows:
         print("(no task has a published model yet)")
@@ -186,7 +200,9 @@ def describe_task(st: Store, task: str) -> dict[str, Any]:
             "has_momentum": bool(record.momentum), "cloned_from": record.cloned_from,
             "shared_with": sorted(t for t in users.get(cid, []) if t != task),
         })
-    return {"task": pointer.to_dict(), "model": model.to_dict(), "components": components}
+    return {"task": pointer.to_dict(), "model": model.to_dict(), "components": components,
+            "cycles": _completed_cycles(st, pointer.agent, model.metrics.get("num_cycles")),
+            "model_cycle": model.metrics.get("num_cycles")}
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -200,6 +216,8 @@ def cmd_show(args: argparse.Namespace) -> int:
           f"published {format_time(pointer['updated_at'])}")
     print(f"  parent {model['parent'] or '-'}, preset {model['preset']} ({model['preset_hash']}), "
           f"created {format_time(model['created_at'])}, {pointer['num_classes']} classes")
+    print(f"  the task's agent completed {info['cycles']} cycle(s); this model was made in cycle "
+          f"{info['model_cycle']}")
     for title, values in (("metrics", model["metrics"]), ("hparams", model["hparams"])):
         print(f"{title}:")
         for key in sorted(values):
@@ -290,9 +308,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not os.path.isdir(folder):
         raise UsageError(f"--out {args.out}: directory {folder} does not exist")
     with open_store(args) as st:
-        info = export_task(st, args.task, args.out)
+        info = export_task(st, args.task, args.out, fmt=args.format)
     print(f"exported {info['task']} model {info['model_id']}: {info['components']} components, "
           f"{info['tensors']} tensors, {info['bytes']:,} bytes -> {info['path']}")
+    if info["timm_create_model"]:
+        a = dict(info["timm_create_model"])
+        name = a.pop("model_name")
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in a.items())
+        print(f"load it with timm: m = timm.create_model({name!r}, {kwargs}); "
+              f"m.load_state_dict(safetensors.torch.load_file({info['path']!r}))")
     return 0
 
 
@@ -346,6 +370,10 @@ def register_export(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a task's current model to one .safetensors file")
     p.add_argument("task")
     p.add_argument("--out", required=True, metavar="FILE", help="output .safetensors path")
+    p.add_argument("--format", choices=("munet", "timm"), default="munet",
+                   help="munet (default: agents.api.load_exported reads it) or timm (timm's "
+                        "VisionTransformer state-dict names plus its create_model arguments in the "
+                        "metadata; models without residual adapters only)")
     return p
 
 
@@ -360,6 +388,8 @@ SUBCOMMANDS: list[tuple[Callable[[Any], argparse.ArgumentParser],
     (register_stats, cmd_stats),
     (register_export, cmd_export),
     (register_report, cmd_report),
+    (register_agents, cmd_agents),
+    (register_trials, cmd_trials),
 ]
 
 

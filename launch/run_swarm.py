@@ -117,17 +117,20 @@ def main() -> int:
     from store import Store
 
     vit = preset_vit(preset)
-    fetch_all(tasks)  # every task's data is there (or one clear line says what is missing)
-    source = None
-    if not _has_root(args.store):
-        # A bad root must fail before anything is created; the built-in one is built here, once.
-        from agents.root_source import resolve_root
-        from agents.roots import root_from_timm_checkpoint
+    source, needs_root = None, not _has_root(args.store)
+    from agents.pretrain import BUILTIN_ROOT
+    from agents.root_source import resolve_root
+    from agents.roots import root_from_timm_checkpoint
 
-        source = resolve_root(preset.root, vit, preset.budget.image_size,
-                              log=lambda m: print(m, flush=True))
+    if needs_root and preset.root != BUILTIN_ROOT:
+        # A bad root must fail at once, before any data is fetched and before anything is created.
+        source = resolve_root(preset.root, vit, preset.budget.image_size, build=False)
         if source.path is not None:
             root_from_timm_checkpoint(source.path, vit, preset.default_hparams(None))
+    fetch_all(tasks)  # every task's data is there (or one clear line says what is missing)
+    if needs_root and source is None:  # the built-in pretrained root: built here once, then cached
+        source = resolve_root(preset.root, vit, preset.budget.image_size,
+                              log=lambda m: print(m, flush=True))
     os.makedirs(args.store, exist_ok=True)
     with Store.open(args.store, create=True) as store:
         ensure_root(store, preset, vit, seed=args.seed, source=source)

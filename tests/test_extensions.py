@@ -25,8 +25,8 @@ def _moved(child, before) -> float:
 
 
 def test_continue_places_a_child_on_its_lineage_schedule(digits):
-    preset = resolve_preset("test+continue")
-    assert preset.continue_schedule and not resolve_preset("test").continue_schedule
+    preset = resolve_preset("test")  # +continue is part of the default method
+    assert preset.continue_schedule and not resolve_preset("test@base+autotune").continue_schedule
     root = make_root(preset)
     moved = {}
     for name, schedule in (("restart", None), ("start", (0, 16)), ("late", (10_000 - 16, 10_000))):
@@ -61,8 +61,10 @@ def test_probe_prefers_features_that_separate_the_task(digits):
 
 
 def test_extension_names_resolve_and_change_the_hash():
-    names = ["cpu", "cpu+continue", "cpu+probe", "cpu+guard", "cpu+continue+probe"]
+    names = ["cpu@base", "cpu@base+continue", "cpu@base+probe", "cpu@base+guard", "cpu", "cpu+probe"]
     presets = [resolve_preset(n) for n in names]
     assert len({p.hash for p in presets}) == len(names)
     assert resolve_preset("cpu+guard").guard_foreign and not resolve_preset("cpu").guard_foreign
     assert resolve_preset("cpu+probe").probe_parents
+    assert resolve_preset("cpu+clock").clock_schedule is False  # +continue (default) takes precedence
+    assert resolve_preset("cpu@base+clock").clock_schedule

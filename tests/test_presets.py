@@ -12,7 +12,10 @@ from agents.config import EXTENSIONS, PresetError, resolve_preset
 def test_presets_resolve_and_hash_deterministically():
     a, b = resolve_preset("demo"), resolve_preset("demo")
     assert a.hash == b.hash and len(a.hash) == 12
-    assert a.extensions == ("autotune", "adapters", "layers", "imagesize")
+    # the default: µ2Net+ as published plus +continue (the measured winner, README "Presets")
+    assert a.extensions == ("autotune", "adapters", "layers", "imagesize", "continue")
+    assert resolve_preset("demo@base+autotune+adapters+layers+imagesize").extensions == (
+        "autotune", "adapters", "layers", "imagesize")
     base = resolve_preset("demo@base")
     assert base.extensions == () and base.ranges() == {} and not base.mutate_adapters
     # extensions are a set: order of writing does not change the method or its hash

@@ -189,3 +189,48 @@ def test_query_does_not_import_torch(two_tasks):
                             timeout=60, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "False False"
+
+
+def test_cycles_is_how_far_the_task_came_model_cycle_is_the_models_age(tmp_path):
+    """An agent that ran 4 cycles without beating its cycle-1 model: cycles 4, model_cycle 1."""
+    import time
+
+    from store import AgentState
+
+    path = tmp_path / "store"
+    with Store.open(path, create=True) as st:
+        root = make_root(st)
+        token = lease(st, "agent_gamma", "gamma")
+        publish_next(st, "agent_gamma", token, "gamma", 0, root, np.random.default_rng(0))
+        for cycle in (2, 3, 4):  # later cycles end without a better model: only the state moves
+            st.commit("agent_gamma", token, state=AgentState(
+                agent_id="agent_gamma", task="gamma", cycle=cycle, generation=0,
+                population=["agent_gamma:m0"], best_model_id="agent_gamma:m0", next_component_id=9,
+                next_model_id=5, offsprings={"agent_gamma:m0": 3}, updated_at=time.time()),
+                      event_kind="cycle_end", event_data={"cycle": cycle})
+    row = json.loads(run_query(path, "leaderboard", "--json").stdout)[0]
+    assert row["cycles"] == 4 and row["model_cycle"] == 1
+    table = run_query(path, "leaderboard").stdout.splitlines()
+    header, line = table[0].split(), table[2].split()
+    assert line[header.index("cycles")] == "4" and line[header.index("model_cycle")] == "1"
+    shown = json.loads(run_query(path, "show", "gamma", "--json").stdout)
+    assert shown["cycles"] == 4 and shown["model_cycle"] == 1
+    assert "completed 4 cycle(s); this model was made in cycle 1" in run_query(path, "show", "gamma").stdout
+
+
+def test_agents_and_trials_views(two_tasks):
+    rows = json.loads(run_query(two_tasks, "agents", "--json").stdout)
+    assert [r["task"] for r in rows] == ["alpha", "beta"]
+    for key in ("agent_id", "state", "host", "pid", "device", "heartbeat_age_s", "lease_expires_in_s",
+                "cycle", "generation", "children", "accepted", "children_per_min", "preset"):
+        assert key in rows[0], key
+    assert rows[0]["cycle"] == 1 and rows[1]["cycle"] == 0
+    trials = json.loads(run_query(two_tasks, "trials", "--json").stdout)
+    assert [t["id"] for t in trials] == ["agent_alpha:t0", "agent_alpha:t1", "agent_beta:t0"]
+    last = json.loads(run_query(two_tasks, "trials", "alpha", "--last", "1", "--json").stdout)
+    assert [t["id"] for t in last] == ["agent_alpha:t1"] and last[0]["parent"] == "agent_alpha:m0"
+    assert {"parent", "mutations", "quality", "score", "accepted", "seconds", "train_images",
+            "preset"} <= set(last[0])
+    bad = run_query(two_tasks, "trials", "nope")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert run_query(two_tasks, "trials", "alpha", "--last", "0").stdout.startswith("(no trials yet)")

@@ -45,6 +45,7 @@ def swarm(tmp_path_factory):
                  90, "the swarm's first publish")
         attached = start("attach.py", "--store", store, "--task", fourth, "--preset", "test",
                          "--cycles", "2", "--threads", "1", log=str(tmp / "attach.log"))
+        live_agents = run_cli("launch/query.py", "--store", store, "agents", "--json")  # while they run
         code = launcher.wait(240)
         swarm_seconds = time.time() - t0
         attach_code = attached.wait(240)
@@ -53,6 +54,7 @@ def swarm(tmp_path_factory):
             if p is not None and p.poll() is None:
                 p.kill()
     return {"store": store, "code": code, "seconds": swarm_seconds, "attach_code": attach_code,
+            "live_agents": live_agents,
             "fourth": fourth, "tmp": tmp, "log": open(tmp / "swarm.log").read()}
 
 
@@ -153,3 +155,75 @@ def test_a_new_task_starts_from_another_tasks_model_and_shares_its_components(tm
     shared = set(model.components) & set(donor_made)
     assert donor_agent in creators and shared, (creators, donor_made)
     assert read(store, lambda s: s.verify()) == []
+
+
+def test_agents_view_live_and_after_the_swarm(swarm):
+    live = swarm["live_agents"]
+    assert live.returncode == 0, live.stderr
+    rows = {r["task"]: r for r in json.loads(live.stdout)}
+    assert set(TASKS) <= set(rows)
+    running = [r for r in rows.values() if r["state"] == "running"]
+    assert running and all(r["pid"] > 0 and r["lease_expires_in_s"] > 0 and r["device"] == "cpu"
+                           for r in running)
+    after = {r["task"]: r for r in json.loads(run_cli("launch/query.py", "--store", swarm["store"],
+                                                      "agents", "--json").stdout)}
+    for t in TASKS:
+        assert after[t]["state"] == "finished" and after[t]["cycle"] == 3 and after[t]["preset"] == "test"
+        trials = json.loads(run_cli("launch/query.py", "--store", swarm["store"], "trials", t,
+                                    "--json").stdout)
+        assert len(trials) == after[t]["children"] == 3 * 2  # test preset: 2 children per cycle
+        assert sum(tr["accepted"] for tr in trials) == after[t]["accepted"]
+
+
+def test_attach_to_a_task_that_is_done_says_so(swarm):
+    r = run_cli("launch/attach.py", "--store", swarm["store"], "--task", "uci_digits", "--preset", "test",
+                "--cycles", "3")
+    assert r.returncode == 0
+    assert r.stderr.strip() == ("attach.py: task uci_digits is already at cycle 3 of 3; nothing to do "
+                                "(raise --cycles above 3 to continue it)")
+
+
+def test_export_timm_format_loads_into_timms_own_model(swarm, tmp_path):
+    import safetensors.torch
+    import timm
+    import torch
+    from safetensors import safe_open
+
+    from agents.api import load_model
+
+    # A store grown by the base method alone never has adapters (they can only be inherited from a
+    # parent that has them): its model is timm-compatible for sure.
+    base_store = str(tmp_path / "base_store")
+    r = run_cli("launch/run_swarm.py", "--store", base_store, "--tasks", "uci_digits", "--preset",
+                "test@base", "--cycles", "1", timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [dict(r, store=swarm["store"]) for r in json.loads(
+        run_cli("launch/query.py", "--store", swarm["store"], "leaderboard", "--json").stdout)]
+    rows += [dict(r, store=base_store) for r in json.loads(
+        run_cli("launch/query.py", "--store", base_store, "leaderboard", "--json").stdout)]
+    plain = [r for r in rows if not r["adapter_layers"]]
+    with_adapters = [r for r in rows if r["adapter_layers"]]
+    assert base_store in {r["store"] for r in plain}
+    for row in plain:
+        out = str(tmp_path / f"{len(os.listdir(tmp_path))}.safetensors")
+        r = run_cli("launch/query.py", "--store", row["store"], "export", row["task"], "--out", out,
+                    "--format", "timm")
+        assert r.returncode == 0, r.stderr
+        assert "timm.create_model('vit_tiny_patch16_224'" in r.stdout and "act_layer='gelu_tanh'" in r.stdout
+        with safe_open(out, "pt") as f:
+            args = json.loads(f.metadata()["timm_create_model"])
+        name = args.pop("model_name")
+        model = timm.create_model(name, **args).eval()
+        model.load_state_dict(safetensors.torch.load_file(out))  # strict: every key is timm's own
+        ours = load_model(row["store"], row["task"])
+        x = (np.random.default_rng(0).random((16, 28, 28)) * 255).astype(np.uint8)
+        xt = torch.nn.functional.interpolate(torch.from_numpy(x).float()[:, None].repeat(1, 3, 1, 1),
+                                             size=(args["img_size"],) * 2, mode="bilinear",
+                                             align_corners=False) / 127.5 - 1
+        with torch.no_grad():
+            assert torch.allclose(model(xt), ours.module(xt), atol=1e-5)
+            assert np.array_equal(model(xt).argmax(-1).numpy(), ours.predict(x))
+    for row in with_adapters:
+        r = run_cli("launch/query.py", "--store", row["store"], "export", row["task"], "--out",
+                    str(tmp_path / "x.safetensors"), "--format", "timm")
+        assert r.returncode == 2 and "residual adapters" in r.stderr and not (tmp_path / "x.safetensors").exists()

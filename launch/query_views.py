@@ -1,0 +1,117 @@
+"""``query.py agents`` and ``query.py trials``: the operator's view of a live (or finished) swarm.
+
+Torch-free (query.py never loads the agent stack). Names match ``run_swarm.py``'s live table: state,
+cycle, generation, children per minute (``children_per_min``, the agent's own heartbeat figure).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from store import Store
+
+
+def agent_state(rec, now: float) -> str:
+    """running | finished | stopped | stale (says running, but its heartbeats stopped)."""
+    if rec.state == "running":
+        return "running" if rec.lease_live(now) else "stale"
+    return rec.state or "unknown"
+
+
+def agent_rows(st: Store, now: float | None = None) -> list[dict[str, Any]]:
+    now = time.time() if now is None else now
+    rows = []
+    for rec in sorted(st.agents(), key=lambda a: a.task):
+        pr = rec.progress or {}
+        state = st.get_agent_state(rec.agent_id)
+        rows.append({
+            "agent_id": rec.agent_id, "task": rec.task, "state": agent_state(rec, now),
+            "host": rec.host, "pid": rec.pid, "device": rec.device, "preset": rec.preset,
+            "heartbeat_age_s": round(now - rec.heartbeat_at, 1) if rec.heartbeat_at else None,
+            "lease_expires_in_s": round(rec.lease_expiry - now, 1) if rec.lease_token else None,
+            "cycle": state.cycle if state else pr.get("cycle"),
+            "cycles": pr.get("cycles"),
+            "generation": state.generation if state else pr.get("generation"),
+            "generations": pr.get("generations"),
+            "children": pr.get("children"), "accepted": pr.get("accepted"),
+            "children_per_min": pr.get("children_per_min"),
+            "last_event": pr.get("last_event"),
+        })
+    return rows
+
+
+def trial_rows(st: Store, task: str | None, last: int | None) -> list[dict[str, Any]]:
+    trials = st.trials(task=task)
+    if last is not None:
+        trials = trials[-last:] if last > 0 else []
+    return [{"id": t.id, "task": t.task, "cycle": t.cycle, "generation": t.generation,
+             "parent": t.parent, "model_id": t.model_id, "mutations": list(t.mutations),
+             "quality": t.quality, "score": t.score, "accepted": t.accepted, "seconds": t.seconds,
+             "train_images": t.train_images, "preset": t.preset, "created_at": t.created_at}
+            for t in trials]
+
+
+def _age(x) -> str:
+    return "-" if x is None else f"{x:.0f}s"
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    from launch.query import format_table, open_store, print_json
+
+    with open_store(args) as st:
+        rows = agent_rows(st)
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        print("(no agent has registered with this store yet)")
+        return 0
+    headers = ["task", "state", "host", "pid", "device", "heartbeat", "lease", "cycle", "gen", "children",
+               "accepted", "ch/min", "preset"]
+    table = [[r["task"], r["state"], r["host"], r["pid"], r["device"], _age(r["heartbeat_age_s"]),
+              _age(r["lease_expires_in_s"]) if r["state"] == "running" else "-",
+              f"{r['cycle']}/{r['cycles'] if r['cycles'] is not None else '?'}",
+              f"{r['generation']}/{r['generations'] if r['generations'] is not None else '?'}",
+              r["children"], r["accepted"], r["children_per_min"], r["preset"]] for r in rows]
+    print(format_table(headers, table))
+    return 0
+
+
+def cmd_trials(args: argparse.Namespace) -> int:
+    from launch.query import UsageError, format_table, open_store, print_json
+
+    if args.last is not None and args.last < 0:
+        raise UsageError("--last must be >= 0")
+    with open_store(args) as st:
+        if args.task is not None and args.task not in {a.task for a in st.agents()} | {t.task for t in st.tasks()}:
+            known = ", ".join(sorted({a.task for a in st.agents()})) or "none"
+            raise UsageError(f"unknown task {args.task!r} (tasks with agents: {known})")
+        rows = trial_rows(st, args.task, args.last)
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        print("(no trials yet)" + (f" for {args.task}" if args.task else ""))
+        return 0
+    headers = ["trial", "cycle", "gen", "parent", "quality", "score", "accepted", "seconds", "images",
+               "preset", "mutations"]
+    table = [[r["id"], r["cycle"], r["generation"], r["parent"] or "-", r["quality"], r["score"],
+              "yes" if r["accepted"] else "no", r["seconds"], r["train_images"], r["preset"],
+              " ".join(r["mutations"]) or "-"] for r in rows]
+    print(format_table(headers, table))
+    return 0
+
+
+def register_agents(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("agents", help="every agent: state, host, pid, device, heartbeat, lease, progress")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def register_trials(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("trials", help="the trials log: every trained child, accepted or not")
+    p.add_argument("task", nargs="?", default=None, help="only this task's trials")
+    p.add_argument("--last", type=int, default=None, metavar="N", help="only the last N trials")
+    p.add_argument("--json", action="store_true")
+    return p
