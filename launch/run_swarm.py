@@ -5,7 +5,9 @@ With no arguments it runs the built-in offline benchmark (mccb-offline, eight ta
 preset on this machine in minutes, shows live progress, and ends with the leaderboard. Re-running the
 same command resumes from the store; Ctrl-C stops every agent cleanly (nothing published is lost).
 The launcher is only a launcher: agents keep working if it dies, and more can be attached at any time
-with launch/attach.py.
+with launch/attach.py. A new store grows from the preset's default root: for demo, cpu and vit-t3 the
+offline pretrained root glyphs_cjk, built on first use (about 5 minutes on 2 cores, then cached;
+launch/make_root.py builds it ahead); --root random for a random initialisation.
 
   python launch/run_swarm.py
   python launch/run_swarm.py --store runs/s1 --tasks mnist5k,uci_digits --preset test --cycles 2
@@ -34,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tasks", default=None,
                    help="comma-separated tasks: built-ins, glyphs_<script>, folder:PATH, npz:PATH")
     p.add_argument("--preset", default="demo",
-                   help="BUDGET[@base][+ext...]: budgets vit-t3, vit-b, vit-l, demo, test; extensions "
-                        "autotune, adapters, layers, imagesize, penalty (default demo)")
+                   help="BUDGET[@base][+ext...]: budgets vit-t3, vit-b, vit-l, cpu, demo, test; extensions "
+                        "autotune, adapters, layers, imagesize, continue (these five are the default "
+                        "method), penalty, clock, probe, guard (default demo)")
     p.add_argument("--devices", default="cpu",
                    help="cpu or cuda:0,cuda:1,...; assigned to agents round-robin (default cpu)")
     p.add_argument("--cycles", type=int, default=None, help="cycles per agent (default: the preset's)")
