@@ -26,6 +26,7 @@ Pipeline (deterministic for a seed, the font packages and the library versions):
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -241,7 +242,7 @@ def benchmark_templates() -> np.ndarray:
     chars = sorted({form for cls in glyphs.SCRIPTS.values() for forms in cls for form in forms}
                    | set("0123456789"))
     renders = []
-    for path in sorted(p for pat in glyphs.FONT_GLOBS for p in __import__("glob").glob(pat)):
+    for path in sorted(p for pat in glyphs.FONT_GLOBS for p in glob.glob(pat)):
         font = ImageFont.truetype(path, glyphs.FONT_PX, layout_engine=ImageFont.Layout.BASIC)
         if glyphs._has_all_glyphs(font, chars):
             renders.append(np.stack([_render(font, ch) for ch in chars]))
