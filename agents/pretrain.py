@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from agents.data import TaskData, load_task
 from agents.data.augment import augment_train
 from agents.data.cache import TaskDataError, resolve_cache_dir
-from agents.data.root_corpus import CORPUS_NAME, CorpusConfig, load_corpus
+from agents.data.root_corpus import CORPUS_NAME, CorpusConfig, fetch_fonts, load_corpus
 from agents.roots import root_component_names, timm_state_dict
 from agents.training import TaskTensors, accuracy, test_accuracy
 from agents.vit import PathModel, VitConfig, init_component, vit_config
@@ -106,6 +106,14 @@ def _corpus(recipe: RootRecipe, cache: Path) -> tuple[TaskData, str, dict]:
                                       "fingerprint": data.fingerprint()}
 
 
+def _corpus_id(recipe: RootRecipe, cache: Path) -> str:
+    """The corpus part of the key; for the built-in corpus without reading its 200 MB of arrays."""
+    if recipe.corpus == CORPUS_NAME:
+        _, packages = fetch_fonts(cache)  # a manifest read once the fonts are on this machine
+        return recipe.corpus_config.key(packages)
+    return _corpus(recipe, cache)[1]
+
+
 def find_built(name: str, cache_dir=None) -> list[BuiltRoot]:
     """Roots built under ``name`` on this machine, newest first."""
     base = roots_dir(cache_dir)
@@ -136,8 +144,7 @@ def build_root(recipe: RootRecipe, cache_dir=None, log=print, threads: int | Non
     cache = resolve_cache_dir(cache_dir)
     if threads:
         torch.set_num_threads(threads)
-    data, corpus_id, corpus_info = _corpus(recipe, cache)
-    key = _key(recipe, corpus_id)
+    key = _key(recipe, _corpus_id(recipe, cache))
     out = roots_dir(cache) / f"{recipe.name}-{key}"
     if (out / "card.json").is_file():
         return BuiltRoot(out / "root.safetensors", json.loads((out / "card.json").read_text()))
@@ -146,6 +153,7 @@ def build_root(recipe: RootRecipe, cache_dir=None, log=print, threads: int | Non
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (out / "card.json").is_file():  # another process built it while we waited
             return BuiltRoot(out / "root.safetensors", json.loads((out / "card.json").read_text()))
+        data, corpus_id, corpus_info = _corpus(recipe, cache)  # only now: a cached root needs none
         params, stats = _train(recipe, data, log)
         card = _card(recipe, key, corpus_info, data, stats)
         tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}-", dir=out.parent))
