@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from agents.config import Preset, PresetError, resolve_preset
-from agents.data import TaskDataError, load_task
+from taskdata import TaskDataError, load_task
 from agents.mutation import Mutator, hparams_diff
 from agents.paths import Path
 from agents.probe import probe_pick

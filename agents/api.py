@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.data.augment import preprocess_eval, to_tensor
+from taskdata.augment import preprocess_eval, to_tensor
 from agents.view import from_raw
 from agents.vit import PathModel, VitConfig, vit_config
 from store import Store

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from agents.data import TaskData, load_task
-from agents.data.augment import augment_train
-from agents.data.cache import TaskDataError, resolve_cache_dir
-from agents.data.root_corpus import CORPUS_NAME, CorpusConfig, fetch_fonts, load_corpus
+from taskdata import TaskData, load_task
+from taskdata.augment import augment_train
+from taskdata.cache import TaskDataError, resolve_cache_dir
+from taskdata.root_corpus import CORPUS_NAME, CorpusConfig, fetch_fonts, load_corpus
 from agents.roots import root_component_names, timm_state_dict
 from agents.training import TaskTensors, accuracy, test_accuracy
 from agents.vit import PathModel, VitConfig, init_component, vit_config

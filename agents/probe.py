@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from agents.data.augment import preprocess_eval
+from taskdata.augment import preprocess_eval
 from agents.paths import Path
 from agents.training import TaskTensors
 from agents.vit import PathModel, VitConfig, init_component

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from agents.data import TaskData
-from agents.data.augment import augment_train, preprocess_eval, to_tensor
+from taskdata import TaskData
+from taskdata.augment import augment_train, preprocess_eval, to_tensor
 from agents.paths import Path
 from agents.vit import PathModel, VitConfig
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 import agents  # noqa: F401  (must precede timm)
 from agents.config import Preset
-from agents.data.augment import augment_train
+from taskdata.augment import augment_train
 from agents.paths import Component, Path, copy_component
 from agents.training import TaskTensors, accuracy, lr_at, test_accuracy, train_child
 from agents.vit import PathModel, VitConfig, component_names, count_flops, count_params, init_component

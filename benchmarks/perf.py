@@ -87,7 +87,7 @@ def bare_loop(child, vit, data, batch_size: int, steps: int, validate_every: int
     import torch
     import torch.nn.functional as F
 
-    from agents.data.augment import augment_train
+    from taskdata.augment import augment_train
     from agents.training import lr_at
     from agents.vit import PathModel
 
@@ -122,7 +122,7 @@ def bare_loop(child, vit, data, batch_size: int, steps: int, validate_every: int
 def measure_training(mode: Mode, root, task: str, seed: int) -> dict:
     import torch
 
-    from agents.data import load_task
+    from taskdata import load_task
     from agents.training import TaskTensors, train_child
     from protocol.bus import PeerBus
 

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args) -> tuple[list[str], str, int | None, list[str]]:
     from agents.config import resolve_preset
-    from agents.data import benchmark_tasks
+    from taskdata import benchmark_tasks
 
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     tasks, preset, cycles = MODES[mode]
@@ -217,7 +217,7 @@ def _baseline_process(name, store_path, preset_name, root_spec, tasks, images, s
     """One baseline in its own process: it reads the root and the tasks itself (nothing big is pickled)."""
     import torch
 
-    from agents.data import load_task
+    from taskdata import load_task
     from agents.training import TaskTensors
     from store import Store
 
@@ -248,7 +248,7 @@ def run(args) -> dict:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     import torch
 
-    from agents.data import load_task
+    from taskdata import load_task
     from agents.training import TaskTensors
     from store import Store
 
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import agents  # noqa: F401  (must precede timm)
     from agents.config import PresetError
-    from agents.data import TaskDataError
+    from taskdata import TaskDataError
 
     USER_ERRORS = (PresetError, TaskDataError)
     start = time.perf_counter()

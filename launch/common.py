@@ -23,7 +23,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     if "agents" in sys.modules:  # only when the agent stack is loaded (query.py never loads it)
         from agents.bootstrap import RootMismatch
         from agents.config import PresetError
-        from agents.data import TaskDataError
+        from taskdata import TaskDataError
         from agents.roots import CheckpointError
 
         types += [PresetError, TaskDataError, RootMismatch, CheckpointError]

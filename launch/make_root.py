@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def recipe_from_args(args):
-    from agents.data.root_corpus import CORPUS_NAME, CorpusConfig
+    from taskdata.root_corpus import CORPUS_NAME, CorpusConfig
     from agents.pretrain import RootRecipe
 
     if args.corpus != CORPUS_NAME and not args.corpus.startswith(("folder:", "npz:")):

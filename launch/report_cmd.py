@@ -22,8 +22,8 @@ except ImportError:
 
 from store import Store  # noqa: E402
 from store.codec import json_safe  # noqa: E402
-from store.report import build_report  # noqa: E402
-from store.report_html import render_html  # noqa: E402
+from report.build import build_report  # noqa: E402
+from report.html import render_html  # noqa: E402
 
 HTML_SUFFIXES = (".html", ".htm")
 

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_tasks(args) -> list[str]:
-    from agents.data import benchmark_tasks
+    from taskdata import benchmark_tasks
 
     if args.tasks:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -114,7 +114,7 @@ def main() -> int:
     tasks = resolve_tasks(args)
     from agents.agent import agent_id_for
     from agents.bootstrap import ensure_root
-    from agents.data import fetch_all
+    from taskdata import fetch_all
     from agents.vit import preset_vit
     from launch.progress import ProgressView
     from store import Store

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import agents  # noqa: F401
-from agents.data import augment_train, preprocess_eval, to_tensor
-from agents.data.augment import _jpeg_like
+from taskdata import augment_train, preprocess_eval, to_tensor
+from taskdata.augment import _jpeg_like
 
 ALL_OFF = {
     "ds_area_range_min": 1.0, "ds_aspect_ratio_range_min": 1.0, "ds_flip_left_right": False,

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import agents  # noqa: F401  (must precede anything that could import timm)
-from agents.data import (
+from taskdata import (
     BENCHMARKS, TaskData, TaskDataError, benchmark_tasks, describe_tasks, fetch_all, load_task,
 )
-from agents.data import cache as data_cache
-from agents.data import sources
+from taskdata import cache as data_cache
+from taskdata import sources
 
 PINNED_FINGERPRINTS = {
     "mnist5k": "2017681b69bda349",
@@ -164,7 +164,7 @@ def test_fetch_all_reports_every_failure_in_one_line(tmp_path):
 
 def _load_in_child(name: str, cache_dir: str, queue) -> None:
     import agents  # noqa: F401
-    from agents.data import load_task as load
+    from taskdata import load_task as load
 
     queue.put(load(name, cache_dir=cache_dir).fingerprint())
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 import agents  # noqa: F401
-from agents.data import TaskDataError, load_task
-from agents.data.safe_pickle import load_numpy_pickle
+from taskdata import TaskDataError, load_task
+from taskdata.safe_pickle import load_numpy_pickle
 
 
 def _write_png(path, array):

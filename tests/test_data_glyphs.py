@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import agents  # noqa: F401
-from agents.data import load_task
-from agents.data import glyphs
+from taskdata import load_task
+from taskdata import glyphs
 
 DEJAVU = "/usr/share/fonts/truetype/dejavu"
 needs_dejavu = pytest.mark.skipif(not os.path.isdir(DEJAVU), reason="DejaVu fonts not installed")
@@ -87,7 +87,7 @@ def test_glyph_task_shapes_splits_and_held_out_fonts():
 
 
 def glyphs_seed(name: str) -> int:
-    from agents.data.splits import task_seed
+    from taskdata.splits import task_seed
 
     return task_seed(name)
 
@@ -119,7 +119,7 @@ def test_optional_arabic_script_renders():
 def test_no_usable_font_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(glyphs, "FONT_GLOBS", ())
     monkeypatch.delenv("MUNET_FONT_DIRS", raising=False)
-    from agents.data import TaskDataError
+    from taskdata import TaskDataError
 
     with pytest.raises(TaskDataError, match="no installed font draws every hebrew letter"):
         load_task("glyphs_hebrew")

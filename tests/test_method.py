@@ -11,7 +11,7 @@ import torch
 
 import agents  # noqa: F401  (torchvision fix before timm)
 from agents.config import MU_RANGE, resolve_preset
-from agents.data import load_task
+from taskdata import load_task
 from agents.mutation import Mutator, incremental_mutation
 from agents.paths import Component, Path, copy_component
 from agents.roots import root_random

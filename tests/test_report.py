@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from store import Store, TrialRecord
-from store.report import action_family, build_report, parse_preset_name
+from report.build import action_family, build_report, parse_preset_name
 from test_store_helpers import lease, make_root, publish_next
 
 REPO = Path(__file__).resolve().parent.parent

@@ -183,8 +183,8 @@ def test_make_root_bad_input_is_one_line_and_exit_2(tmp_path):
 # ---------------------------------------------------------------------------------- built-in corpus
 
 def test_corpus_code_points_are_outside_every_benchmark_script():
-    from agents.data import glyphs
-    from agents.data.root_corpus import han_candidates, hangul_candidates, kana_candidates
+    from taskdata import glyphs
+    from taskdata.root_corpus import han_candidates, hangul_candidates, kana_candidates
 
     benchmark = {form for cls in glyphs.SCRIPTS.values() for forms in cls for form in forms} | set("0123456789")
     corpus = set(han_candidates()) | set(hangul_candidates()) | set(kana_candidates())
@@ -195,8 +195,8 @@ def test_corpus_code_points_are_outside_every_benchmark_script():
 
 @pytest.mark.slow
 def test_builtin_corpus_is_deterministic_and_disjoint_from_the_benchmark(tmp_path):
-    from agents.data import load_task
-    from agents.data.root_corpus import CorpusConfig, build_corpus, fetch_fonts
+    from taskdata import load_task
+    from taskdata.root_corpus import CorpusConfig, build_corpus, fetch_fonts
 
     font_dir, packages = fetch_fonts(tmp_path)
     assert len(packages) >= 15 and all(packages.values())

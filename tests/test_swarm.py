@@ -17,7 +17,7 @@ from conftest import run_cli
 from swarm_helpers import make_store, read, start, wait_for
 
 from agents.agent import agent_id_for, generation_rng
-from agents.data import load_task
+from taskdata import load_task
 
 TASKS = ["uci_digits", "mnist5k", "glyphs_latin"]
 

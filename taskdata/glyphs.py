@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.data.cache import TaskDataError
+from taskdata.cache import TaskDataError
 
 GENERATOR_VERSION = 2
 TRAIN_PER_CLASS = 240

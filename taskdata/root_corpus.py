@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.data import glyphs
-from agents.data.cache import TaskDataError, load_splits, progress, save_splits_atomic
+from taskdata import glyphs
+from taskdata.cache import TaskDataError, load_splits, progress, save_splits_atomic
 
 CORPUS_VERSION = 1
 CORPUS_NAME = "glyphs_cjk"

@@ -2,8 +2,8 @@
 extension (preset) and each mutation action contributed to it.
 
 ``build_report(store)`` reads only store records (trials, models, components, events, tasks) and
-returns a dict of plain JSON values; ``store.report_html`` draws the same dict as a page, so the
-JSON file and the pictures can never disagree. torch-free by design (the store package never
+returns a dict of plain JSON values; ``report.html`` draws the same dict as a page, so the
+JSON file and the pictures can never disagree. torch-free by design (the report never
 imports the agent stack), which is why preset names are parsed here instead of being resolved
 through agents.config.
 

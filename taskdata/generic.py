@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.data.cache import TaskDataError
-from agents.data.splits import apply_three_way, task_seed, train_val_split
+from taskdata.cache import TaskDataError
+from taskdata.splits import apply_three_way, task_seed, train_val_split
 
 SPLIT_DIRS = ("train", "val", "test")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.data.cache import TaskDataError
+from taskdata.cache import TaskDataError
 
 
 def _reconstruct_fn():

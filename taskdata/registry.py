@@ -16,12 +16,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from agents.data import glyphs, sources
-from agents.data.cache import (
+from taskdata import glyphs, sources
+from taskdata.cache import (
     TaskDataError, load_splits, progress, resolve_cache_dir, save_splits_atomic,
 )
-from agents.data.generic import load_folder, load_npz, parse_generic
-from agents.data.splits import task_seed
+from taskdata.generic import load_folder, load_npz, parse_generic
+from taskdata.splits import task_seed
 
 GLYPH_PREFIX = "glyphs_"
 

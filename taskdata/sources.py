@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from agents.data.cache import TaskDataError, progress, read_member, verify_sha256
-from agents.data.safe_pickle import load_numpy_pickle
-from agents.data.splits import apply_three_way, task_seed
+from taskdata.cache import TaskDataError, progress, read_member, verify_sha256
+from taskdata.safe_pickle import load_numpy_pickle
+from taskdata.splits import apply_three_way, task_seed
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
-"""The report dict (``store.report.build_report``) as one self-contained HTML page.
+"""The report dict (``report.build.build_report``) as one self-contained HTML page.
 
 No external resources and no JavaScript: styles are inline in ``<style>``, figures are inline SVG
-(``store.report_svg``), tooltips are SVG ``<title>`` elements. Everything drawn comes from the
+(``report.svg``), tooltips are SVG ``<title>`` elements. Everything drawn comes from the
 report dict, so the page shows exactly the numbers of the JSON file written beside it.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ import datetime as _dt
 from html import escape
 from typing import Any, Callable, Sequence
 
-from store import report_svg as svg
-from store.report import NO_ACTION
+from report import svg
+from report.build import NO_ACTION
 
 _CSS = """
 *{box-sizing:border-box}

@@ -1,4 +1,4 @@
-"""Task data for the agents: the offline benchmark tasks, user data sources, batched augmentation.
+"""Task data: the offline benchmark tasks, user data sources, rendering, caching, batched augmentation.
 
 Public API:
 
@@ -14,9 +14,9 @@ them; otherwise the examples are shuffled once with the task's seed (CRC-32 of i
 then validation (15% of the rest) are carved; train is the rest. Test is never used for selection.
 The cache lives in ``$MUNET_DATA_DIR`` or ``~/.cache/munet-swarm``.
 """
-from agents.data.augment import augment_train, preprocess_eval, to_tensor
-from agents.data.cache import TaskDataError, default_cache_dir
-from agents.data.registry import (
+from taskdata.augment import augment_train, preprocess_eval, to_tensor
+from taskdata.cache import TaskDataError, default_cache_dir
+from taskdata.registry import (
     BENCHMARKS,
     BUILTIN_TASKS,
     TaskData,
