@@ -1,20 +1,21 @@
 """One agent: a process that grows the system for one task (method.md sections 3 and 4).
 
-    lease -> announce -> for each cycle: refresh view -> generations (sample ds hparams, pick a
-    parent, build + train + score a child, commit) -> keep the best, publish -> ... -> release
+    lease -> announce -> for each cycle: refresh view -> generations -> publish the best -> release
+    one generation (agents/generation.py): propose -> train -> judge -> commit
 
 Everything it needs to resume after kill -9 is committed with each generation in one store
 transaction (new components, the kept child, the trial, the cycle/generation counters), so a restart
 continues the same cycle at the next generation. ZeroMQ messages are only hints to refresh sooner.
+The store is any ``StoreAPI``: a local directory or a store service (``tcp://HOST:PORT``).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 import signal
 import socket
+import sys
 import threading
 import time
 import zlib
@@ -22,22 +23,21 @@ from dataclasses import dataclass
 
 import torch
 
-from agents.config import Preset, PresetError, resolve_preset
-from taskdata import TaskDataError, load_task
-from agents.mutation import Mutator, hparams_diff
-from agents.paths import Path
-from agents.probe import probe_pick
+from agents import generation as step
 from agents.bootstrap import RootMismatch, ensure_root
+from agents.config import Preset, PresetError, resolve_preset
+from agents.paths import ModelPath
+from agents.progress import Progress
 from agents.roots import CheckpointError
 from agents.scoring import Scorer
-from agents.selection import best_path, retain, select_parent
-from agents.training import TaskTensors, test_accuracy, train_child
-from agents.view import SystemView, component_write, model_record
+from agents.selection import best_path
+from agents.training import TaskTensors
+from agents.view import SystemView, component_write, model_record, publication
 from agents.vit import VitConfig, preset_vit
 from protocol.bus import PeerBus
 from protocol.messages import Bye, Hello, Published
-from store import (AgentState, LeaseHeld, LeaseLost, MissingReference, NotAStore, Store,
-                   TrialRecord)
+from store import AgentState, LeaseHeld, LeaseLost, MissingReference, NotAStore, StoreAPI, open_store
+from taskdata import TaskDataError, load_task
 
 
 def agent_id_for(task: str) -> str:
@@ -67,6 +67,7 @@ class AgentOptions:
     heartbeat_every: float = 2.0
     bind_host: str = "127.0.0.1"
     data_dir: str | None = None
+    keys: str | None = None          # CURVE key folder, for a store service beyond loopback
 
 
 # Errors that mean the request was impossible (bad preset/task/data, task already leased): exit 2.
@@ -74,7 +75,8 @@ USER_ERRORS = (PresetError, TaskDataError, RootMismatch, CheckpointError, LeaseH
 
 
 class Agent:
-    def __init__(self, opts: AgentOptions):
+    def __init__(self, opts: AgentOptions, store: StoreAPI | None = None):
+        """``store``: an already open store to use (in-process tests); else ``opts.store`` is opened."""
         self.opts = opts
         self.preset: Preset = resolve_preset(opts.preset, root=opts.root)
         self.vit: VitConfig = preset_vit(self.preset)
@@ -83,15 +85,11 @@ class Agent:
         self.cycles = opts.cycles if opts.cycles is not None else self.preset.budget.cycles
         self.stop_requested = False
         self.lease_lost = False
-        self.progress: dict = {"cycle": 0, "cycles": self.cycles, "generation": 0,
-                               "generations": self.preset.budget.children_per_cycle, "children": 0,
-                               "accepted": 0, "best_score": None, "best_quality": None,
-                               "best_test": None, "params": None, "children_per_min": 0.0,
-                               "last_event": "", "preset": self.preset.name}
-        self._started = time.time()
+        self.progress = Progress(cycles=self.cycles, preset=self.preset.name,
+                                 generations=self.preset.budget.children_per_cycle)
         self.verbose = False
-        self._population: list[Path] = []
-        self._probe_cache: dict[str, float] = {}  # model id -> probe accuracy (+probe)
+        self.population: list[ModelPath] = []
+        self._given_store = store
 
     # ---- set-up ------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -100,20 +98,23 @@ class Agent:
             torch.set_num_threads(o.threads)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.data = load_task(o.task, o.data_dir)
-        self.tensors = TaskTensors(self.data, self.device, self.preset.budget.validation_examples)
-        self.store = Store.open(o.store, create=True)
+        data = load_task(o.task, o.data_dir)
+        tensors = TaskTensors(data, self.device, self.preset.budget.validation_examples)
+        self.store = self._given_store or open_store(o.store, create=True, keys=o.keys)
         ensure_root(self.store, self.preset, self.vit, seed=o.seed)
         self.bus = PeerBus(self.agent_id, host=o.bind_host)
         self.token = self.store.acquire_lease(
             self.agent_id, o.task, ttl=o.lease_ttl, host=socket.gethostname(), pid=os.getpid(),
             device=str(self.device), endpoint=self.bus.endpoint, preset=self.preset.name)
         self.view = SystemView(self.store, self.agent_id, self.device)
-        self.scorer = Scorer(self.preset, self.vit)
-        st = self.store.get_agent_state(self.agent_id)
-        self.state = st or AgentState(self.agent_id, o.task, 0, 0, [], None, 0, 0, {}, time.time(), {})
+        self.ctx = step.Context(self.agent_id, o.task, self.preset, self.vit, self.cycles, tensors,
+                                self.view, Scorer(self.preset, self.vit), probe_cache={})
+        self.state = self.store.get_agent_state(self.agent_id) or AgentState(
+            agent_id=self.agent_id, task=o.task, cycle=0, generation=0, population=[],
+            best_model_id=None, next_component_id=0, next_model_id=0, offsprings={},
+            updated_at=time.time())
         self.store.heartbeat(self.agent_id, self.token, ttl=o.lease_ttl, state="running",
-                             progress=self._progress())
+                             progress=self.progress.to_dict())
         self._peers()
         self.bus.send(Hello(agent_id=self.agent_id, task=o.task, endpoint=self.bus.endpoint,
                             pid=os.getpid(), host=socket.gethostname()))
@@ -125,19 +126,12 @@ class Agent:
         self.bus.set_peers({a.agent_id: a.endpoint for a in self.store.live_agents()
                             if a.agent_id != self.agent_id and a.endpoint})
 
-    def _progress(self) -> dict:
-        mins = max(1e-9, (time.time() - self._started) / 60.0)
-        self.progress["children_per_min"] = round(self.progress["children"] / mins, 2)
-        snap = dict(self.progress)  # the lease thread packs this while the loop keeps updating
-        snap["refresh_latencies_ms"] = list(snap.get("refresh_latencies_ms", ()))
-        return snap
-
     def _heartbeat_loop(self) -> None:
         """Keeps the lease fresh even while a long child trains (main thread owns the bus)."""
         while not self._hb_stop.wait(self.opts.heartbeat_every):
             try:
                 self.store.heartbeat(self.agent_id, self.token, ttl=self.opts.lease_ttl,
-                                     progress=self._progress())
+                                     progress=self.progress.to_dict())
             except LeaseLost as exc:
                 print(f"[{self.opts.task}] stopping: {exc}", flush=True)
                 self.lease_lost = self.stop_requested = True
@@ -145,26 +139,20 @@ class Agent:
             except Exception:  # a transient store error must not kill the lease thread
                 continue
 
-    # ---- messages ----------------------------------------------------------------------------
-    def _on_step(self) -> bool:
-        """Between training steps: react to peers' announcements; True abandons the child."""
+    def _listen(self) -> bool:
+        """Between training steps: refresh the view when a peer published; True abandons the child.
+
+        Only the view (a cache of the store) changes here; the population is re-scored by the
+        judge step, so nothing the generation holds moves under it."""
         last = None
         for msg in self.bus.poll(0):
             if isinstance(msg, Published) and msg.agent_id != self.agent_id:
                 last = msg
-                self.progress["announcements"] = self.progress.get("announcements", 0) + 1
             elif isinstance(msg, Hello):
                 self._peers()
         if last is not None:
             self.view.refresh()
-            self._rescore(self._population)
-            msg = last
-            lat = (time.time() - msg.time) * 1000.0
-            self.progress["refresh_latency_ms"] = round(lat, 2)
-            recent = self.progress.setdefault("refresh_latencies_ms", [])
-            recent.append(round(lat, 2))
-            del recent[:-50]  # the last 50: enough for a median, small enough for every heartbeat
-            self.progress["last_event"] = f"saw {msg.task} publish #{msg.seq}"
+            self.progress.heard(last.time, f"saw {last.task} publish #{last.seq}")
         return self.stop_requested
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -188,199 +176,126 @@ class Agent:
         if not self.lease_lost:
             try:
                 self.store.heartbeat(self.agent_id, self.token, ttl=self.opts.lease_ttl,
-                                     state=state, progress=self._progress())
+                                     state=state, progress=self.progress.to_dict())
                 self.store.release_lease(self.agent_id, self.token, state=state)
             except LeaseLost:
                 pass
         self.bus.send(Bye(agent_id=self.agent_id, task=self.opts.task, reason=state))
         time.sleep(0.05)  # let the bye leave before LINGER cuts it
         self.bus.close()
-        self.store.close()
+        if self._given_store is None:
+            self.store.close()
 
     def _run_cycle(self) -> None:
         self.view.refresh()
         self._peers()
-        population = [self.view.path(m) for m in self.state.population]
-        self._population = population
-        self._rescore(population)
+        self.population = [self.view.path(m) for m in self.state.population]
+        self._rescore()
         if self.verbose:
             print(f"[{self.opts.task}] cycle {self.state.cycle + 1}/{self.cycles} from generation "
                   f"{self.state.generation + 1} with preset {self.preset.name}; population: "
-                  f"{', '.join(p.id for p in population) or 'empty (parents come from the system)'}",
+                  f"{', '.join(p.id for p in self.population) or 'empty (parents come from the system)'}",
                   flush=True)
-        self.progress["cycle"] = self.state.cycle
+        self.progress.cycle = self.state.cycle
         while self.state.generation < self.preset.budget.children_per_cycle:
             if self.stop_requested:
                 return
-            self._run_generation(population)
-            self.view.prune(population)
-        best = best_path(population)
-        self.state.cycle += 1
-        self.state.generation = 0
-        self.state.population = [best.id] if best else []
-        self.state.best_model_id = best.id if best else None
-        self._commit(publish=best.id if best else None, event_kind="cycle_end",
+            self.run_generation()
+            self.view.prune(self.population)
+        self._rescore()
+        best = best_path(self.population)
+        self.state = dataclasses.replace(
+            self.state, cycle=self.state.cycle + 1, generation=0,
+            population=[best.id] if best else [], best_model_id=best.id if best else None)
+        self._commit(step.Writes([], [], [], best), event_kind="cycle_end",
                      event_data={"cycle": self.state.cycle})
-        self.progress["cycle"] = self.state.cycle
-        self.progress["last_event"] = f"cycle {self.state.cycle} done"
+        self.progress.cycle = self.state.cycle
+        self.progress.last_event = f"cycle {self.state.cycle} done"
 
-    def _rescore(self, population: list[Path]) -> None:
+    def _rescore(self) -> None:
         """Rank own paths by their score *now*: other agents' publishes change the accounted params,
         and a path recorded under another preset (say, before +penalty) is judged by this one's."""
-        for p in population:
-            p.current_score = self.scorer.rescore(p, self.view.lockers)
+        for p in self.population:
+            p.current_score = self.ctx.scorer.rescore(p, self.view.lockers)
 
-    def _rng(self) -> tuple[random.Random, torch.Generator]:
-        return generation_rng(self.opts.seed, self.agent_id, self.state.cycle, self.state.generation)
-
-    def _run_generation(self, population: list[Path]) -> None:
-        rng, gen = self._rng()
-        mut = Mutator(self.preset, self.vit, rng, gen)
-        best = best_path(population)
-        ds, ds_fired = mut.sample_ds_hparams(best, self.data.num_classes)
-        probed = []
-
-        def pick(candidates):
-            probed.append(True)
-            return probe_pick(candidates, self.vit, self.tensors, rng, self._probe_cache)
-
-        parent = select_parent(population, self.view.foreign_paths(), self.state.offsprings, rng,
-                               pick=pick if self.preset.probe_parents else None)
-        child_id = f"{self.agent_id}:m{self.state.next_model_id}"
-        self.state.next_model_id += 1
-
-        def next_cid() -> int:
-            self.state.next_component_id += 1
-            return self.state.next_component_id - 1
-
-        child = mut.build_child(
-            parent, ds, agent_id=self.agent_id, task=self.opts.task, child_id=child_id,
-            next_component_id=next_cid, ancestors=self.view.ancestors, is_frozen=self.view.is_frozen,
-            root_posemb=self.view.root.components["posembed_input"].params["pos_embedding"],
-            device=self.device)
-        child.mutations = ds_fired + child.mutations + (["select:probe"] if probed else [])
-        if parent.agent == self.agent_id:
-            self.state.offsprings[parent.id] = self.state.offsprings.get(parent.id, 0) + 1
-        threshold = -math.inf
-        if parent.task == self.opts.task:
-            threshold = self.scorer.rescore(parent, self.view.lockers)
-            threshold = -math.inf if threshold is None else threshold
-        elif self.preset.guard_foreign and best is not None and best.score is not None:
-            # +guard: a child of another task's model joins only if it already beats our best, so
-            # the budget is not spent re-climbing from a fresh head.
-            threshold = best.score
-        b = self.preset.budget
-        child_score = self.scorer.score_fn(child, self.view.lockers)
-        steps_between = self.preset.steps_between_validations(self.tensors.n_train)
-        schedule, lineage_start = None, 0
-        child_steps = steps_between * b.validations_per_child
-        agent_steps = self.cycles * b.children_per_cycle * child_steps
-        if self.preset.continue_schedule:
-            # One schedule over everything this agent will train, shared by a same-task lineage.
-            if parent.task == self.opts.task:
-                lineage_start = int(parent.metrics.get("lineage_steps", 0))
-            schedule = (lineage_start, agent_steps)
-        elif self.preset.clock_schedule:
-            # The agent's budget is one schedule: a child trains at the agent's position in it, so
-            # the last children of the last cycle anneal whatever lineage is best by then.
-            done = self.state.cycle * b.children_per_cycle + self.state.generation
-            schedule = (min(done * child_steps, agent_steps - child_steps), agent_steps)
-        result, model = train_child(
-            child, self.vit, self.tensors, batch_size=b.batch_size,
-            steps_between_validations=steps_between,
-            validations=b.validations_per_child, threshold=threshold,
-            score_of=child_score, gen=gen, on_step=self._on_step, schedule=schedule)
-        if result.aborted:
-            return  # nothing of an abandoned child is written; the generation reruns on resume
-        self.progress["children"] += 1
-        publish = None
-        trial_model = None
-        new_components = []
-        if result.improved:
-            terms = self.scorer.size_terms(child, self.view.lockers)
-            child.metrics = {"quality": result.quality, "score": result.score, **terms,
-                             "num_cycles": self.state.cycle + 1, "steps": result.steps,
-                             "lineage_steps": lineage_start + result.snapshot_step}
-            child.created_at = time.time()
-            population.append(child)
-            population[:] = retain(population, b.max_population)
-            if best_path(population) is child:
-                child.metrics["test_quality"] = test_accuracy(model, self.tensors,
-                                                              child.hparams["ds_image_size"])
-                publish = child.id
-            if child in population:
-                new_components = [c for c in child.ordered() if not c.stored]
-                trial_model = child
-            self.progress["accepted"] += 1
-        self.state.generation += 1
-        self.state.population = [p.id for p in population]
-        self.state.best_model_id = (best_path(population) or child).id if population else None
-        trial = TrialRecord(
-            id=child.id, agent=self.agent_id, task=self.opts.task, cycle=self.state.cycle,
-            generation=self.state.generation - 1, parent=parent.id,
-            model_id=trial_model.id if trial_model else None, mutations=list(child.mutations),
-            hparams_diff=hparams_diff(parent.hparams, child.hparams), quality=result.quality,
-            score=result.score if result.improved else (
-                None if result.quality is None else child_score(result.quality)),
-            accepted=result.improved, seconds=round(result.seconds, 4),
-            train_images=result.train_images, preset=self.preset.name,
-            preset_hash=self.preset.hash, created_at=time.time())
+    def run_generation(self) -> step.Verdict | None:
+        """One child, start to end: propose, train, judge, commit. None if it was abandoned."""
+        s = self.state
+        counters = step.Counters(s.cycle, s.generation, s.next_model_id, s.next_component_id,
+                                 dict(s.offsprings))
+        rng, gen = generation_rng(self.opts.seed, self.agent_id, s.cycle, s.generation)
+        proposal = step.propose(self.ctx, counters, self.population, rng, gen)
+        outcome = step.train(self.ctx, proposal, gen, should_stop=self._listen)
+        if outcome.result.aborted:
+            return None  # nothing of an abandoned child is written; the generation reruns on resume
+        verdict = step.judge(self.ctx, proposal, outcome, self.population)
         try:
-            self._commit(components=new_components, models=[trial_model] if trial_model else [],
-                         trials=[trial], publish=publish)
+            self._apply(verdict)
         except MissingReference as exc:
             # `gc` removed something this child shares (an old model another agent replaced):
             # drop the child, forget cached paths, keep the trial and the counters.
-            print(f"[{self.opts.task}] child {child.id} dropped: {exc}", flush=True)
-            if trial_model is not None:
-                population.remove(trial_model)
-            self.state.population = [p.id for p in population]
-            best = best_path(population)
-            self.state.best_model_id = best.id if best else None
-            trial = dataclasses.replace(trial, model_id=None, accepted=False)
-            self.view.prune(population, forget_cached=True)
-            self._commit(trials=[trial])
-            return
-        if publish:
-            m = child.metrics
-            self.progress.update(best_score=m["score"], best_quality=m["quality"],
-                                 best_test=m["test_quality"], params=m["params"])
-        self.progress["generation"] = self.state.generation
+            print(f"[{self.opts.task}] child {proposal.child.id} dropped: {exc}", flush=True)
+            verdict = step.dropped(verdict)
+            self.view.prune(verdict.population, forget_cached=True)
+            self._apply(verdict)
+        self.progress.children += 1
+        self.progress.accepted += int(verdict.accepted)
+        self.progress.generation = self.state.generation
+        if verdict.published is not None:
+            self.progress.published(step.ChildMetrics(**verdict.published.metrics))
         if self.verbose:
-            verdict = "PUBLISHED" if publish else ("kept" if trial_model else "dropped")
-            q = "-" if result.quality is None else f"{result.quality:.4f}"
-            print(f"[{self.opts.task}] cycle {self.state.cycle + 1}/{self.cycles} "
-                  f"gen {self.state.generation}/{b.children_per_cycle}: {child.id} from {parent.id} "
-                  f"q={q} {verdict} {result.seconds:.1f}s {' '.join(child.mutations) or '-'}",
-                  flush=True)
+            self._print_generation(proposal, verdict)
+        return verdict
 
-    def _commit(self, *, components=(), models=(), trials=(), publish=None, event_kind="published",
-                event_data=None) -> None:
+    def _apply(self, v: step.Verdict) -> None:
+        """The verdict's counters and population become the agent's state, committed at once."""
+        c, best = v.counters, best_path(v.population)
+        state = dataclasses.replace(
+            self.state, generation=c.generation, next_model_id=c.next_model_id,
+            next_component_id=c.next_component_id, offsprings=dict(c.offsprings),
+            population=[p.id for p in v.population], best_model_id=best.id if best else None)
+        self._commit(v.writes, state=state)
+        self.population = v.population
+
+    def _print_generation(self, p: step.Proposal, v: step.Verdict) -> None:
+        verdict = "PUBLISHED" if v.published else ("kept" if v.kept else "dropped")
+        q = "-" if v.quality is None else f"{v.quality:.4f}"
+        print(f"[{self.opts.task}] cycle {self.state.cycle + 1}/{self.cycles} "
+              f"gen {self.state.generation}/{self.preset.budget.children_per_cycle}: {p.child.id} "
+              f"from {p.parent.id} q={q} {verdict} {v.seconds:.1f}s "
+              f"{' '.join(p.child.mutations) or '-'}", flush=True)
+
+    def _commit(self, w: step.Writes, *, state: AgentState | None = None,
+                event_kind: str = "published", event_data: dict | None = None) -> None:
         """One store transaction; the announcement goes out only after it committed."""
-        self.state.updated_at = time.time()
+        state = dataclasses.replace(state or self.state, updated_at=time.time())
         seq = self.store.commit(
-            self.agent_id, self.token, components=[component_write(c) for c in components],
-            models=[model_record(m) for m in models], state=self.state, publish=publish,
-            trials=list(trials), event_kind=event_kind, event_data=event_data)
-        for m in models:
+            self.agent_id, self.token, components=[component_write(c) for c in w.components],
+            models=[model_record(m) for m in w.models], state=state,
+            publish=publication(w.publish) if w.publish else None, trials=list(w.trials),
+            event_kind=event_kind, event_data=event_data)
+        self.state = state
+        for m in w.models:
             self.view.remember(m)
-        if publish and seq is not None:
-            m = self.view.path(publish).metrics
-            self.bus.send(Published(agent_id=self.agent_id, task=self.opts.task, model_id=publish,
-                                    seq=seq, score=m.get("score"), quality=m.get("quality")))
-            self.progress["last_event"] = f"{event_kind} #{seq}"
+        if w.publish and seq is not None:
+            m = w.publish.metrics
+            self.bus.send(Published(agent_id=self.agent_id, task=self.opts.task,
+                                    model_id=w.publish.id, seq=seq, score=m.get("score"),
+                                    quality=m.get("quality")))
+            self.progress.last_event = f"{event_kind} #{seq}"
 
 
-def run_agent(opts: AgentOptions, verbose: bool = True) -> Agent:
+def run_agent(opts: AgentOptions, verbose: bool = True, store: StoreAPI | None = None) -> Agent:
     """Run one agent in this process until its cycles are done; SIGINT/SIGTERM finish cleanly."""
-    agent = Agent(opts)
+    agent = Agent(opts, store=store)
     agent.verbose = verbose
 
     def _stop(signum, frame):
         agent.stop_requested = True
 
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGTERM, _stop)
     agent.run()
     return agent
 
@@ -391,8 +306,6 @@ def agent_process_main(opts: AgentOptions, log_path: str) -> None:
     log = open(log_path, "a", buffering=1)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
-    import sys
-
     sys.stdout = sys.stderr = log
     try:
         agent = run_agent(opts)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from agents.config import MU_RANGE, Preset
-from agents.paths import Component, Path, copy_component
+from agents.paths import Component, ModelPath, copy_component
 from agents.vit import VitConfig, component_names, init_component, param_shapes, resize_posemb
 
 FORCE_MUTATIONS = frozenset({"clone:encoder_norm"})
@@ -61,7 +61,7 @@ class Mutator:
         return p > self.rng.random()
 
     # ---- generation-shared data hparams (method.md 2.5) ------------------------------------
-    def sample_ds_hparams(self, best: Path | None, num_classes: int) -> tuple[dict[str, Any], list[str]]:
+    def sample_ds_hparams(self, best: ModelPath | None, num_classes: int) -> tuple[dict[str, Any], list[str]]:
         defaults = self.preset.default_hparams(num_classes)
         ds = {k: v for k, v in defaults.items() if k.startswith("ds_")}
         fired: list[str] = []
@@ -81,18 +81,18 @@ class Mutator:
     # ---- building a child (method.md 2.3) -------------------------------------------------
     def build_child(
         self,
-        parent: Path,
+        parent: ModelPath,
         ds: dict[str, Any],
         *,
         agent_id: str,
         task: str,
         child_id: str,
         next_component_id: Callable[[], int],
-        ancestors: Callable[[Path], Iterable[Path]],
+        ancestors: Callable[[ModelPath], Iterable[ModelPath]],
         is_frozen: Callable[[Component], bool],
         root_posemb: torch.Tensor,
         device: torch.device,
-    ) -> Path:
+    ) -> ModelPath:
         h = copy.deepcopy(parent.hparams)
         h.update(ds)
         fired: list[str] = []
@@ -142,7 +142,7 @@ class Mutator:
                 if not name.startswith("residual_adapter_"):
                     fired.append("new:" + name)
             comps[name] = chosen
-        child = Path(child_id, agent_id, task, h, comps, parent_id=parent.id,
+        child = ModelPath(child_id, agent_id, task, h, comps, parent_id=parent.id,
                      preset=self.preset.name, preset_hash=self.preset.hash, mutations=fired)
         return child
 

@@ -6,7 +6,7 @@ frozen ones are shared *by reference* between every path that uses them; trainab
 deep-copied into a new component before a child trains them. So nothing that was ever published is
 written again, in memory or in the store.
 
-A ``Path`` is one model for one task: an ordered set of components plus hparams and metrics.
+A ``ModelPath`` is one model for one task: an ordered set of components plus hparams and metrics.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class Component:
 
 
 @dataclass(eq=False)
-class Path:
+class ModelPath:
     id: str                                     # model id "{agent}:m{n}"
     agent: str
     task: str

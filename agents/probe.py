@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from taskdata.augment import preprocess_eval
-from agents.paths import Path
+from agents.paths import ModelPath
 from agents.training import TaskTensors
 from agents.vit import PathModel, VitConfig, init_component
 
@@ -25,7 +25,7 @@ RIDGE = 1e-2
 
 
 @torch.inference_mode()
-def _features(path: Path, vit: VitConfig, x_uint8: torch.Tensor, num_classes: int) -> torch.Tensor:
+def _features(path: ModelPath, vit: VitConfig, x_uint8: torch.Tensor, num_classes: int) -> torch.Tensor:
     h = dict(path.hparams)
     h["num_classes"] = num_classes
     params = {n: c.params for n, c in path.components.items() if n != "head"}
@@ -37,7 +37,7 @@ def _features(path: Path, vit: VitConfig, x_uint8: torch.Tensor, num_classes: in
                       for i in range(0, len(x_uint8), 256)])
 
 
-def probe_accuracy(path: Path, vit: VitConfig, data: TaskTensors) -> float:
+def probe_accuracy(path: ModelPath, vit: VitConfig, data: TaskTensors) -> float:
     """Validation accuracy of a closed-form ridge probe on ``path``'s frozen features."""
     n_tr, n_va = min(PROBE_TRAIN, data.n_train), min(PROBE_VAL, len(data.val_y))
     f_tr = _features(path, vit, data.train_x[:n_tr], data.num_classes).double()
@@ -52,8 +52,8 @@ def probe_accuracy(path: Path, vit: VitConfig, data: TaskTensors) -> float:
     return float(((f_va @ w).argmax(1) == data.val_y[:n_va]).double().mean())
 
 
-def probe_pick(candidates: Sequence[Path], vit: VitConfig, data: TaskTensors, rng: random.Random,
-               cache: dict[str, float]) -> Path:
+def probe_pick(candidates: Sequence[ModelPath], vit: VitConfig, data: TaskTensors, rng: random.Random,
+               cache: dict[str, float]) -> ModelPath:
     """The candidate with the best probe accuracy (ties drawn with ``rng``); ``cache`` keeps the
     accuracy per model id (published models are immutable, so a probe is computed once per model)."""
     scores = []

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from agents.config import Preset
-from agents.paths import Path
+from agents.paths import ModelPath
 from agents.vit import VitConfig, count_flops
 
 
-def accounted_params(path: Path, lockers: Mapping[str, set[str]]) -> float:
+def accounted_params(path: ModelPath, lockers: Mapping[str, set[str]]) -> float:
     """Sum over components of num_params / |agents locking it ∪ {path's agent}|."""
     total = 0.0
     for c in path.components.values():
@@ -23,7 +23,7 @@ def accounted_params(path: Path, lockers: Mapping[str, set[str]]) -> float:
     return total
 
 
-def total_params(path: Path) -> int:
+def total_params(path: ModelPath) -> int:
     return sum(c.num_params() for c in path.components.values())
 
 
@@ -41,15 +41,15 @@ class Scorer:
     def __init__(self, preset: Preset, vit: VitConfig):
         self.preset, self.vit = preset, vit
 
-    def size_terms(self, path: Path, lockers: Mapping[str, set[str]]) -> dict[str, float]:
+    def size_terms(self, path: ModelPath, lockers: Mapping[str, set[str]]) -> dict[str, float]:
         return {"params": total_params(path), "accounted_params": accounted_params(path, lockers),
                 "flops": count_flops(self.vit, path.hparams)}
 
-    def score_fn(self, path: Path, lockers: Mapping[str, set[str]]):
+    def score_fn(self, path: ModelPath, lockers: Mapping[str, set[str]]):
         terms = self.size_terms(path, lockers)
         return lambda q: score(q, terms["accounted_params"], terms["flops"], self.preset)
 
-    def rescore(self, path: Path, lockers: Mapping[str, set[str]]) -> float | None:
+    def rescore(self, path: ModelPath, lockers: Mapping[str, set[str]]) -> float | None:
         """A path's *current* score: accounted params change as other agents publish."""
         q = path.metrics.get("quality")
         return None if q is None else self.score_fn(path, lockers)(q)

@@ -10,17 +10,17 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 
-from agents.paths import Path
+from agents.paths import ModelPath
 
 
-def best_path(population: Sequence[Path]) -> Path | None:
+def best_path(population: Sequence[ModelPath]) -> ModelPath | None:
     """Highest score; ties go to the most recent path."""
     scored = [p for p in population if p.score is not None]
     return max(scored, key=lambda p: (p.score, p.seq())) if scored else None
 
 
-def select_parent(own: Sequence[Path], foreign: Sequence[Path], offsprings: Mapping[str, int],
-                  rng: random.Random, pick: Callable[[list[Path]], Path] | None = None) -> Path:
+def select_parent(own: Sequence[ModelPath], foreign: Sequence[ModelPath], offsprings: Mapping[str, int],
+                  rng: random.Random, pick: Callable[[list[ModelPath]], ModelPath] | None = None) -> ModelPath:
     """``pick`` replaces the uniform fallback draw (the ``+probe`` extension, agents/probe.py)."""
     ranked = sorted((p for p in own if p.score is not None), key=lambda p: (p.score, p.seq()),
                     reverse=True)
@@ -35,7 +35,7 @@ def select_parent(own: Sequence[Path], foreign: Sequence[Path], offsprings: Mapp
     return candidates[rng.choice(sorted(candidates))]
 
 
-def retain(population: list[Path], max_size: int | None) -> list[Path]:
+def retain(population: list[ModelPath], max_size: int | None) -> list[ModelPath]:
     """Keep the top ``max_size`` paths by score (newest first on ties); all of them if unbounded."""
     if not max_size or len(population) <= max_size:
         return population

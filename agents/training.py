@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from taskdata import TaskData
 from taskdata.augment import augment_train, preprocess_eval, to_tensor
-from agents.paths import Path
+from agents.paths import ModelPath
 from agents.vit import PathModel, VitConfig
 
 
@@ -83,7 +83,7 @@ def test_accuracy(model: PathModel, data: TaskTensors, image_size: int) -> float
     return accuracy(model, data.test_x, data.test_y, prep=lambda xb: preprocess_eval(xb, image_size))
 
 
-def make_model_and_optimizer(child: Path, vit: VitConfig):
+def make_model_and_optimizer(child: ModelPath, vit: VitConfig):
     """The child's module and an SGD over its trainable (not yet stored) components only.
 
     Frozen components get neither gradients nor optimizer state. Clones start from their parent's
@@ -104,9 +104,9 @@ def make_model_and_optimizer(child: Path, vit: VitConfig):
 
 @dataclass
 class TrainResult:
-    improved: bool
+    accepted: bool                 # a snapshot reached the threshold (method.md 3.5)
     quality: float | None          # best validation accuracy seen
-    score: float | None            # score at the kept snapshot (None if not improved)
+    score: float | None            # score at the kept snapshot (None if not accepted)
     evals: list[float] = field(default_factory=list)
     steps: int = 0
     snapshot_step: int = 0          # steps trained when the kept snapshot was taken
@@ -116,7 +116,7 @@ class TrainResult:
 
 
 def train_child(
-    child: Path,
+    child: ModelPath,
     vit: VitConfig,
     data: TaskTensors,
     *,
@@ -145,7 +145,7 @@ def train_child(
     size = h["ds_image_size"]
     val_x = data.val_inputs(size)
     batches = data.batch_indices(batch_size, gen)
-    result = TrainResult(improved=False, quality=None, score=None)
+    result = TrainResult(accepted=False, quality=None, score=None)
     best_threshold, snapshot = threshold, None
     model.train()
     for step in range(total):
@@ -182,7 +182,7 @@ def train_child(
                 result.snapshot_step = step + 1
     result.quality = max(result.evals) if result.evals else None
     if snapshot is not None and not result.aborted:
-        result.improved = True
+        result.accepted = True
         with torch.no_grad():
             for k, p in tensors.items():
                 p.copy_(snapshot[k])

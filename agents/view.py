@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from agents.paths import Component, Path
+from agents.paths import Component, ModelPath
 from protocol.tensors import RawTensor
-from store import ComponentWrite, ModelRecord, Store
+from store import ComponentWrite, ModelRecord, Publication, StoreAPI
 
 ROOT_AGENT = "root"
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -56,20 +56,26 @@ def component_write(c: Component) -> ComponentWrite:
                                 mom, cloned_from=c.cloned_from)
 
 
-def model_record(p: Path) -> ModelRecord:
+def model_record(p: ModelPath) -> ModelRecord:
     return ModelRecord(id=p.id, task=p.task, agent=p.agent,
                        components=[c.key for c in p.ordered()], hparams=dict(p.hparams),
                        metrics=dict(p.metrics), parent=p.parent_id, preset=p.preset,
                        preset_hash=p.preset_hash, created_at=p.created_at or time.time())
 
 
+def publication(p: ModelPath) -> Publication:
+    """What readers of the published pointer need: the class count and the input (``ds_*``) spec."""
+    return Publication(p.id, int(p.hparams["num_classes"]),
+                       {k: v for k, v in p.hparams.items() if k.startswith("ds_")})
+
+
 class SystemView:
-    def __init__(self, store: Store, agent_id: str, device: torch.device):
+    def __init__(self, store: StoreAPI, agent_id: str, device: torch.device):
         self.store, self.agent_id, self.device = store, agent_id, device
         self._components: dict[str, Component] = {}
-        self._paths: dict[str, Path] = {}
-        self.root: Path | None = None
-        self.published: dict[str, Path] = {}       # task -> current model
+        self._paths: dict[str, ModelPath] = {}
+        self.root: ModelPath | None = None
+        self.published: dict[str, ModelPath] = {}       # task -> current model
         self.lockers: dict[str, set[str]] = {}
         self.last_refresh = 0.0
 
@@ -88,20 +94,20 @@ class SystemView:
             self._components[key] = c
         return c
 
-    def path(self, model_id: str) -> Path:
+    def path(self, model_id: str) -> ModelPath:
         p = self._paths.get(model_id)
         if p is None:
             rec = self.store.get_model(model_id)
             if rec is None:
                 raise KeyError(f"model {model_id} is not in the store")
             comps = [self.component(k) for k in rec.components]
-            p = Path(rec.id, rec.agent, rec.task, dict(rec.hparams), {c.name: c for c in comps},
+            p = ModelPath(rec.id, rec.agent, rec.task, dict(rec.hparams), {c.name: c for c in comps},
                      dict(rec.metrics), rec.parent, rec.preset, rec.preset_hash, rec.created_at,
                      stored=True)
             self._paths[model_id] = p
         return p
 
-    def remember(self, p: Path) -> None:
+    def remember(self, p: ModelPath) -> None:
         """Register a path this agent just committed (its components are now immutable)."""
         for c in p.components.values():
             c.stored = True
@@ -109,7 +115,7 @@ class SystemView:
         p.stored = True
         self._paths[p.id] = p
 
-    def ancestors(self, p: Path) -> Iterator[Path]:
+    def ancestors(self, p: ModelPath) -> Iterator[ModelPath]:
         """p, its parent, grandparent, ... (parents missing from the store end the walk)."""
         seen = 0
         while p is not None and seen < MAX_LINEAGE:
@@ -139,13 +145,13 @@ class SystemView:
     def is_frozen(self, c: Component) -> bool:
         return bool(self.lockers.get(c.key, set()) - {self.agent_id})
 
-    def foreign_paths(self) -> list[Path]:
+    def foreign_paths(self) -> list[ModelPath]:
         """Root and other agents' published models: the uniform fallback's candidates."""
         out = [self.root] if self.root is not None else []
         out += [p for p in self.published.values() if p.agent != self.agent_id]
         return out
 
-    def prune(self, keep: list[Path], forget_cached: bool = False) -> None:
+    def prune(self, keep: list[ModelPath], forget_cached: bool = False) -> None:
         """Drop cached paths/components nothing in use refers to (bounded memory on long runs).
 
         ``forget_cached`` also drops the published views, to be reloaded by the next refresh (after

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 import agents  # noqa: F401  (must precede timm)
 from agents.config import Preset
 from taskdata.augment import augment_train
-from agents.paths import Component, Path, copy_component
+from agents.paths import Component, ModelPath, copy_component
 from agents.training import TaskTensors, accuracy, lr_at, test_accuracy, train_child
 from agents.vit import PathModel, VitConfig, component_names, count_flops, count_params, init_component
 
@@ -76,8 +76,8 @@ def validations_for(images: int, batch_size: int, steps_between: int) -> int:
     return max(1, round(images / (batch_size * steps_between)))
 
 
-def build_path(root: Path, vit: VitConfig, h: dict, *, clone: set[str], agent: str, task: str,
-               gen: torch.Generator) -> Path:
+def build_path(root: ModelPath, vit: VitConfig, h: dict, *, clone: set[str], agent: str, task: str,
+               gen: torch.Generator) -> ModelPath:
     """A path over the root: root components are shared (frozen) unless named in ``clone`` (then
     a private trainable copy); components the root lacks (head, adapters) are freshly initialised."""
     comps: dict[str, Component] = {}
@@ -89,10 +89,10 @@ def build_path(root: Path, vit: VitConfig, h: dict, *, clone: set[str], agent: s
             comps[name] = copy_component(src, agent, i)
         else:
             comps[name] = Component(name, agent, i, init_component(name, vit, h, gen))
-    return Path(f"{agent}:m0", agent, task, h, comps, parent_id=root.id)
+    return ModelPath(f"{agent}:m0", agent, task, h, comps, parent_id=root.id)
 
 
-def _train_single(root: Path, vit: VitConfig, preset: Preset, data: TaskTensors, images: int,
+def _train_single(root: ModelPath, vit: VitConfig, preset: Preset, data: TaskTensors, images: int,
                   h: dict, clone: set[str], method: str, seed: int) -> TaskOutcome:
     b = preset.budget
     sbv = preset.steps_between_validations(data.n_train)
@@ -107,7 +107,7 @@ def _train_single(root: Path, vit: VitConfig, preset: Preset, data: TaskTensors,
                        time.perf_counter() - start, count_flops(vit, h))
 
 
-def run_finetune_all(root: Path, vit: VitConfig, preset: Preset, tasks: Mapping[str, TaskTensors],
+def run_finetune_all(root: ModelPath, vit: VitConfig, preset: Preset, tasks: Mapping[str, TaskTensors],
                      images: Mapping[str, int], seed: int, log=print) -> MethodOutcome:
     """An independent copy of the whole root plus a head per task, every parameter trained."""
     start, per_task, total = time.perf_counter(), {}, 0
@@ -122,7 +122,7 @@ def run_finetune_all(root: Path, vit: VitConfig, preset: Preset, tasks: Mapping[
     return MethodOutcome("finetune-all", per_task, total, time.perf_counter() - start)
 
 
-def run_adapters(root: Path, vit: VitConfig, preset: Preset, tasks: Mapping[str, TaskTensors],
+def run_adapters(root: ModelPath, vit: VitConfig, preset: Preset, tasks: Mapping[str, TaskTensors],
                  images: Mapping[str, int], seed: int, adapter_dim: int = 32, log=print) -> MethodOutcome:
     """Frozen shared root; per task: adapters before every block, cloned encoder_norm, fresh head."""
     start, per_task, private = time.perf_counter(), {}, 0
@@ -178,7 +178,7 @@ class _TaskHead(nn.Module):
         return F.linear(self.backbone.forward_features(x), self.weight, self.bias)
 
 
-def run_joint(root: Path, vit: VitConfig, preset: Preset, tasks: Mapping[str, TaskTensors],
+def run_joint(root: ModelPath, vit: VitConfig, preset: Preset, tasks: Mapping[str, TaskTensors],
               images: Mapping[str, int], seed: int, log=print) -> MethodOutcome:
     """One backbone (a trainable copy of the root) + one head per task, trained on mixed batches.
 

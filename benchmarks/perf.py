@@ -292,7 +292,7 @@ def measure_latency(publishes: int, workdir: str, seed: int) -> dict:
     from protocol.bus import PeerBus
     from protocol.messages import Bye, Hello, Published
     from protocol.tensors import RawTensor
-    from store import ComponentWrite, ModelRecord, Store, component_id
+    from store import ComponentWrite, ModelRecord, Publication, Store, component_id
 
     preset, vit = common.vit_for("test")
     path = os.path.join(workdir, "latency_store")
@@ -329,7 +329,7 @@ def measure_latency(publishes: int, workdir: str, seed: int) -> dict:
                                     components=shared + [w.record.id for w in writes], hparams=h,
                                     metrics={}, parent=None, preset="test", preset_hash=preset.hash,
                                     created_at=time.time())
-                seq = store.commit(PUBLISHER, token, components=writes, models=[model], publish=model.id)
+                seq = store.commit(PUBLISHER, token, components=writes, models=[model], publish=Publication(model.id, int(model.hparams["num_classes"]), {k: v for k, v in model.hparams.items() if k.startswith("ds_")}))
                 bus.send(Published(agent_id=PUBLISHER, task=LATENCY_TASK, model_id=model.id, seq=seq,
                                    time=time.time()))
                 got_seq, ms, ok = results.get(timeout=30)

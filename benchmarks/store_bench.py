@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from protocol.tensors import RawTensor, blob_key  # noqa: E402
-from store import ComponentWrite, ModelRecord, Store, component_id  # noqa: E402
+from store import ComponentWrite, ModelRecord, Publication, Store, component_id  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "store_bench.json"
 HIDDEN, MLP, PATCH, BLOCKS, IMAGE, CLASSES = 192, 768, 16, 3, 32, 10
@@ -121,7 +121,7 @@ def run(repeats: int, workdir: str) -> dict:
                                 hparams={"num_classes": CLASSES, "ds_image_size": IMAGE},
                                 metrics={}, parent=None, preset="bench", preset_hash="-",
                                 created_at=time.time())
-            st.commit("bench", token, components=writes, models=[model], publish=model.id)
+            st.commit("bench", token, components=writes, models=[model], publish=Publication(model.id, int(model.hparams["num_classes"]), {k: v for k, v in model.hparams.items() if k.startswith("ds_")}))
             published.append(model.id)
 
         torch_file = os.path.join(root, "model.pt")

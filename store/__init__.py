@@ -3,13 +3,14 @@
 from store.errors import (Conflict, LeaseHeld, LeaseLost, MissingReference, NotAStore,
                           StoreCorrupt, StoreError, StoreFull)
 from store.records import (AgentRecord, AgentState, ComponentRecord, ComponentWrite, Event,
-                           ModelRecord, TaskRecord, TrialRecord, component_id, parse_component_id)
+                           ModelRecord, Publication, TaskRecord, TrialRecord, component_id, parse_component_id)
 from store.store import Store
+from store.api import StoreAPI, is_remote, open_store
 from store.txnops import SCHEMA_VERSION
 
 __all__ = [
     "AgentRecord", "AgentState", "ComponentRecord", "ComponentWrite", "Conflict", "Event",
-    "LeaseHeld", "LeaseLost", "MissingReference", "ModelRecord", "NotAStore", "SCHEMA_VERSION",
-    "Store", "StoreCorrupt", "StoreError", "StoreFull", "TaskRecord", "TrialRecord",
-    "component_id", "parse_component_id",
+    "LeaseHeld", "LeaseLost", "MissingReference", "ModelRecord", "NotAStore", "Publication", "SCHEMA_VERSION",
+    "Store", "StoreAPI", "StoreCorrupt", "StoreError", "StoreFull", "TaskRecord", "TrialRecord",
+    "component_id", "is_remote", "open_store", "parse_component_id",
 ]

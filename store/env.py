@@ -27,6 +27,9 @@ MAX_DBS = 16
 
 DB_NAMES = ("meta", "blobs", "components", "models", "tasks", "agents", "agent_state", "trials",
             "events")
+#: databases added after schema 1 shipped: made on the first writable open, absent (None) in a
+#: read-only open of an older store. ``requests`` maps a retried request's id to its recorded reply.
+LATER_DB_NAMES = ("requests",)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -67,6 +70,7 @@ class Databases:
     agent_state: object
     trials: object
     events: object
+    requests: object = None
 
 
 def _looks_like_store(path: str) -> str | None:
@@ -117,6 +121,14 @@ def open_environment(path: str, *, readonly: bool, create: bool,
     except lmdb.Error as exc:
         env.close()
         raise NotAStore(path, f"LMDB cannot open its databases: {exc}") from None
+    for name in LATER_DB_NAMES:
+        try:
+            handles[name] = env.open_db(name.encode(), create=not readonly)
+        except lmdb.NotFoundError:  # an older store opened read-only: nothing recorded there yet
+            handles[name] = None
+        except lmdb.Error as exc:
+            env.close()
+            raise NotAStore(path, f"LMDB cannot open its databases: {exc}") from None
     return env, Databases(**handles)
 
 

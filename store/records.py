@@ -328,6 +328,39 @@ class Event(_Record):
                        "data": _PLAIN_MAP}
 
 
+# ---- a publication ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Publication:
+    """What an agent asks the store to publish: the model that now serves its task, and what a reader
+    needs to run it (class count, input spec). The agent says it; the store does not read hparams."""
+
+    model_id: str
+    num_classes: int
+    data_spec: dict[str, Any] = field(default_factory=dict)
+
+    def validated(self) -> Publication:
+        try:
+            _id(self.model_id)
+            _int(self.num_classes)
+            spec = _PLAIN_MAP(self.data_spec)
+        except _Invalid as exc:
+            raise StoreError(f"publication of {self.model_id!r} is invalid: {exc}") from None
+        if self.num_classes < 1:
+            raise StoreError(f"publication of {self.model_id}: num_classes must be >= 1, "
+                             f"got {self.num_classes}")
+        return dataclasses.replace(self, data_spec=spec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "num_classes": self.num_classes,
+                "data_spec": dict(self.data_spec)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Publication:
+        return cls(model_id=d["model_id"], num_classes=d["num_classes"],
+                   data_spec=dict(d.get("data_spec") or {})).validated()
+
+
 # ---- component writes -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)

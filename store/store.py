@@ -19,7 +19,7 @@ from store import leases, maintenance, txnops
 from store.env import SharedEnvironment, resolve_map_size
 from store.errors import Conflict, MissingReference, NotAStore, StoreError, StoreFull
 from store.records import (AgentRecord, AgentState, ComponentRecord, ComponentWrite, Event,
-                           ModelRecord, TaskRecord, TrialRecord, parse_component_id,
+                           ModelRecord, Publication, TaskRecord, TrialRecord, parse_component_id,
                            plain_value)
 from store.txnops import TensorDict
 
@@ -164,7 +164,7 @@ class Store:
 
     def commit(self, agent_id: str, lease_token: str, *,
                components: Sequence[ComponentWrite] = (), models: Sequence[ModelRecord] = (),
-               state: AgentState | None = None, publish: str | None = None,
+               state: AgentState | None = None, publish: Publication | None = None,
                trials: Sequence[TrialRecord] = (), event_kind: str = "published",
                event_data: dict | None = None) -> int | None:
         """Write everything an agent produced in ONE transaction; see DESIGN.md section 4.
@@ -172,6 +172,9 @@ class Store:
         Returns the sequence number of the event appended when ``publish`` moves the task pointer,
         else None. On any error nothing at all is written.
         """
+        if publish is not None and not isinstance(publish, Publication):
+            raise StoreError(f"publish must be a Publication, got {type(publish).__name__}")
+        publish = publish.validated() if publish is not None else None
         prepared = self._prepare_components(agent_id, components)
         models = [m.validated() for m in models]
         trials = [t.validated() for t in trials]
@@ -201,34 +204,21 @@ class Store:
                 return None
             return self._publish(txn, agent, publish, event_kind, event_data)
 
-    def _publish(self, txn: lmdb.Transaction, agent: AgentRecord, model_id: str, kind: str,
+    def _publish(self, txn: lmdb.Transaction, agent: AgentRecord, pub: Publication, kind: str,
                  event_data: dict) -> int:
-        model = txnops.get_record(txn, self._dbs.models, model_id, ModelRecord, "models")
+        model = txnops.get_record(txn, self._dbs.models, pub.model_id, ModelRecord, "models")
         if model is None:
-            raise MissingReference(f"cannot publish model {model_id}: it is not in the store")
+            raise MissingReference(f"cannot publish model {pub.model_id}: it is not in the store")
         if model.task != agent.task:
-            raise Conflict(f"agent {agent.agent_id} cannot publish model {model_id} of task "
+            raise Conflict(f"agent {agent.agent_id} cannot publish model {pub.model_id} of task "
                            f"{model.task!r} for its task {agent.task!r}")
-        num_classes = model.hparams.get("num_classes")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-            raise StoreError(f"cannot publish model {model_id}: hparams['num_classes'] must be an "
-                             f"int, got {num_classes!r}")
-        data_spec = {k: v for k, v in model.hparams.items() if k.startswith("ds_")}
-        if isinstance(event_data.get("data_spec"), dict):
-            data_spec.update(event_data["data_spec"])
         now = time.time()
         pointer = TaskRecord(task=model.task, model_id=model.id, agent=agent.agent_id,
-                             num_classes=num_classes, data_spec=data_spec, updated_at=now)
+                             num_classes=pub.num_classes, data_spec=dict(pub.data_spec),
+                             updated_at=now)
         txnops.put_record(txn, self._dbs.tasks, model.task, pointer.validated())
         return txnops.append_event(txn, self._dbs, kind, task=model.task, agent=agent.agent_id,
                                    model_id=model.id, data=event_data, now=now)
-
-    def append_event(self, kind: str, *, task: str | None = None, agent: str | None = None,
-                     model_id: str | None = None, data: dict | None = None) -> int:
-        """Append an event that moves no pointer (agent_started, agent_stopped, ...)."""
-        with self._write() as txn:
-            return txnops.append_event(txn, self._dbs, kind, task=task, agent=agent,
-                                       model_id=model_id, data=data)
 
     def ensure_root(self, model: ModelRecord, components: Sequence[ComponentWrite]) -> str:
         """Write the root model once; every later call (from any process) returns the same id."""

@@ -217,3 +217,57 @@ def iter_events(txn: lmdb.Transaction, dbs: Databases, after: int = 0) -> Iterat
         for key, raw in cursor:
             seq = decode_seq_key(key)
             yield Event.from_dict(unpack_value(raw, f"events/{seq}"))
+
+
+# ---- recorded replies of retried requests -------------------------------------------------------------
+#
+# A client of the store service may send a mutating request twice (its reply was lost, the service
+# restarted). The request carries an id; the reply is recorded under it in the same write transaction
+# as the change, so a second arrival finds it and gets the first reply instead of a second change.
+
+MAX_REQUEST_ID_LEN = 128
+
+
+def recorded_reply(txn: lmdb.Transaction, dbs: Databases, request_id: str | None
+                   ) -> tuple[bool, Any]:
+    """(True, result) if ``request_id`` was already applied, else (False, None)."""
+    if request_id is None:
+        return False, None
+    if dbs.requests is None:
+        raise StoreError("this store was opened read-only and has no request log")
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID_LEN:
+        raise StoreError(f"request id must be a str of 1..{MAX_REQUEST_ID_LEN} characters")
+    raw = txn.get(str_key(request_id), db=dbs.requests)
+    if raw is None:
+        return False, None
+    value = unpack_value(raw, f"requests/{request_id}")
+    if not isinstance(value, dict) or "result" not in value:
+        raise StoreCorrupt(f"requests/{request_id}: expected a map with a result")
+    return True, value["result"]
+
+
+def record_reply(txn: lmdb.Transaction, dbs: Databases, request_id: str | None, result: Any,
+                 now: float | None = None) -> None:
+    """Remember ``result`` (plain msgpack data) as the reply to ``request_id``."""
+    if request_id is None:
+        return
+    txn.put(str_key(request_id), pack_value({"at": time.time() if now is None else now,
+                                             "result": result}), db=dbs.requests)
+
+
+def prune_replies(txn: lmdb.Transaction, dbs: Databases, older_than: float) -> int:
+    """Forget replies recorded before ``older_than`` (unix seconds); returns how many."""
+    if dbs.requests is None:
+        return 0
+    stale = []
+    with txn.cursor(db=dbs.requests) as cursor:
+        for key, raw in cursor:
+            try:
+                at = unpack_value(raw, "requests").get("at", 0.0)
+            except (StoreCorrupt, AttributeError):
+                at = 0.0
+            if not isinstance(at, (int, float)) or at < older_than:
+                stale.append(bytes(key))
+    for key in stale:
+        txn.delete(key, db=dbs.requests)
+    return len(stale)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
-from swarm_helpers import make_store, read, start, wait_for
+from helpers.swarm import make_store, read, start, wait_for
 
 from agents.agent import agent_id_for
 

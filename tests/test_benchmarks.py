@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from conftest import run_cli
+from helpers.swarm import run_cli
 
 PERF_RATIOS = ("train_vs_bare_loop", "top_only_vs_full_step_speed", "store_load_vs_torch_load_speed",
                "two_agents_vs_one_throughput", "store_bytes_vs_checkpoints")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 
-from bus_peers import peer_main
+from helpers.bus_peers import peer_main
+from helpers.store_records import make_root
 from store import Store
-from test_store_helpers import make_root
 
 
 def test_three_peers_and_a_late_joiner(tmp_path):

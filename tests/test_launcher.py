@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_cli
-from swarm_helpers import ENV, read, wait_for
+from helpers import REPO
+from helpers.swarm import ENV, read, run_cli, wait_for
 
 from agents.agent import agent_id_for
 

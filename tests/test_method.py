@@ -13,7 +13,7 @@ import agents  # noqa: F401  (torchvision fix before timm)
 from agents.config import MU_RANGE, resolve_preset
 from taskdata import load_task
 from agents.mutation import Mutator, incremental_mutation
-from agents.paths import Component, Path, copy_component
+from agents.paths import Component, ModelPath, copy_component
 from agents.roots import root_random
 from agents.scoring import Scorer, accounted_params, score
 from agents.selection import best_path, select_parent
@@ -24,16 +24,16 @@ VIT = dataclasses.replace(VIT_CONFIGS["ti"], depth=3)
 SIZE = 16  # one patch: the smallest legal image keeps these tests fast
 
 
-def make_root(preset, seed: int = 0) -> Path:
+def make_root(preset, seed: int = 0) -> ModelPath:
     h = preset.default_hparams(None)
     h.update(num_layers=3, ds_image_size=SIZE)
     params = root_random(VIT, h, seed)
     comps = {n: Component(n, "root", i, p, stored=True) for i, (n, p) in enumerate(params.items())}
-    return Path("root:m0", "root", "root", h, comps, stored=True)
+    return ModelPath("root:m0", "root", "root", h, comps, stored=True)
 
 
-def build(preset, parent: Path, *, seed=0, task="uci_digits", lineage=None, frozen=None,
-          num_classes=10, child_id="a:m1") -> Path:
+def build(preset, parent: ModelPath, *, seed=0, task="uci_digits", lineage=None, frozen=None,
+          num_classes=10, child_id="a:m1") -> ModelPath:
     mut = Mutator(preset, VIT, random.Random(seed), torch.Generator().manual_seed(seed))
     ds, _ = mut.sample_ds_hparams(None, num_classes)
     ds["ds_image_size"] = SIZE
@@ -59,7 +59,7 @@ def digits():
     return TaskTensors(load_task("uci_digits"), torch.device("cpu"), 256)
 
 
-def model_of(p: Path) -> PathModel:
+def model_of(p: ModelPath) -> PathModel:
     return PathModel(VIT, p.hparams, {n: c.params for n, c in p.components.items()}, set())
 
 
@@ -78,7 +78,7 @@ def test_training_never_touches_frozen_components(digits):
     result, _ = train_child(child, VIT, digits, batch_size=32, steps_between_validations=4,
                             validations=2, threshold=-math.inf, score_of=lambda q: q,
                             gen=torch.Generator().manual_seed(0))
-    assert result.steps == 8 and result.improved
+    assert result.steps == 8 and result.accepted
     for (n, k), t in before.items():
         now = root.components[n].params[k]
         assert torch.equal(now, t), f"frozen {n}.{k} changed"
@@ -173,12 +173,12 @@ def test_incremental_mutation_moves_one_step():
 
 
 def _paths(scores, agent="a", task="t"):
-    return [Path(f"{agent}:m{i}", agent, task, {}, {}, {"score": s}) for i, s in enumerate(scores)]
+    return [ModelPath(f"{agent}:m{i}", agent, task, {}, {}, {"score": s}) for i, s in enumerate(scores)]
 
 
 def test_parent_selection_decays_with_offsprings_and_falls_back_uniformly():
     own = _paths([0.9, 0.8])
-    foreign = _paths([0.5, 0.4], agent="b", task="u") + [Path("root:m0", "root", "root", {}, {})]
+    foreign = _paths([0.5, 0.4], agent="b", task="u") + [ModelPath("root:m0", "root", "root", {}, {})]
     rng = random.Random(0)
     assert all(select_parent(own, foreign, {}, rng) is own[0] for _ in range(200))
     picks = [select_parent(own, foreign, {"a:m0": 1}, rng).id for _ in range(4000)]
@@ -228,7 +228,7 @@ def test_child_is_kept_only_if_it_reaches_the_parent_and_keeps_the_best_checkpoi
     result, _ = train_child(child, VIT, digits, batch_size=32, steps_between_validations=3,
                             validations=2, threshold=1.01, score_of=lambda q: q,
                             gen=torch.Generator().manual_seed(0))
-    assert not result.improved and result.score is None and len(result.evals) == 2
+    assert not result.accepted and result.score is None and len(result.evals) == 2
     assert result.quality == max(result.evals)  # recorded for the trial log even when dropped
     # Find a run whose validation accuracy goes down at the end: the kept params must be the best.
     for seed in range(12):
@@ -238,7 +238,7 @@ def test_child_is_kept_only_if_it_reaches_the_parent_and_keeps_the_best_checkpoi
         result, model = train_child(child, VIT, digits, batch_size=32, steps_between_validations=2,
                                     validations=5, threshold=-math.inf, score_of=lambda q: q,
                                     gen=torch.Generator().manual_seed(seed))
-        assert result.improved and result.quality == max(result.evals)
+        assert result.accepted and result.quality == max(result.evals)
         again = accuracy(model, digits.val_inputs(SIZE), digits.val_y)
         assert again == pytest.approx(result.quality)
         if result.evals[-1] < max(result.evals):

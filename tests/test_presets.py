@@ -3,7 +3,7 @@ from its task's published model and records the new preset on everything it trai
 from __future__ import annotations
 
 import pytest
-from swarm_helpers import make_store, read, start
+from helpers.swarm import make_store, read, start
 
 from agents.agent import agent_id_for
 from agents.config import EXTENSIONS, PresetError, resolve_preset

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from store import Store
-from test_store_helpers import lease, make_root, publish_next
+from helpers.store_records import lease, make_root, publish_next
 
 REPO = Path(__file__).resolve().parent.parent
 QUERY = REPO / "launch" / "query.py"

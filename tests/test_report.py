@@ -25,7 +25,7 @@ import pytest
 
 from store import Store, TrialRecord
 from report.build import action_family, build_report, parse_preset_name
-from test_store_helpers import lease, make_root, publish_next
+from helpers.store_records import lease, make_root, publish_next
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}

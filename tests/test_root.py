@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
-from swarm_helpers import read
+from helpers.swarm import read, run_cli
 
 from agents.roots import CheckpointError
 from agents.vit import vit_config

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from store import Store
-from test_store_helpers import (check_model_integrity, make_root, reader_main, root_racer_main,
-                                slow_writer_main, writer_main)
+from helpers.store_procs import reader_main, root_racer_main, slow_writer_main, writer_main
+from helpers.store_records import check_model_integrity, make_root
 
 JOIN_TIMEOUT = 120
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from protocol.tensors import blob_key, encode_blob
-from store import (AgentState, ComponentWrite, Conflict, LeaseLost, MissingReference,
+from store import (AgentState, ComponentWrite, Conflict, LeaseLost, MissingReference, Publication,
                    ModelRecord, NotAStore, Store, StoreError, StoreFull, component_id)
 from store.codec import pack_value
 from store.env import DEFAULT_MAP_SIZE, parse_size, resolve_map_size
-from test_store_helpers import (child_model, child_writes, check_model_integrity, lease,
-                                make_root, publish_next, random_tensor, rt)
+from helpers.store_records import (check_model_integrity, child_model, child_writes, lease, make_root, pub,
+                                   publish_next, random_tensor, rt)
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_commit_with_missing_component_writes_nothing(st, root):
     bad = ModelRecord(**{**model.to_dict(), "components": [*model.components, "a:77"]})
     before = _counts(st)
     with pytest.raises(MissingReference, match="a:77"):
-        st.commit("a", token, components=writes, models=[bad], publish=bad.id)
+        st.commit("a", token, components=writes, models=[bad], publish=pub(bad))
     assert _counts(st) == before  # not even the blobs or components of the failed commit
     assert st.get_task("t1") is None and st.verify() == []
 
@@ -161,9 +161,9 @@ def test_commit_with_missing_component_writes_nothing(st, root):
 def test_publish_needs_an_existing_model_of_the_agents_task(st, root):
     token = lease(st, "a", "t1")
     with pytest.raises(MissingReference):
-        st.commit("a", token, publish="a:m5")
+        st.commit("a", token, publish=Publication("a:m5", 3))
     with pytest.raises(Conflict, match="task"):
-        st.commit("a", token, publish=root.id)
+        st.commit("a", token, publish=Publication(root.id, 3))
     assert st.last_event_seq() == 1
 
 
@@ -181,7 +181,7 @@ def test_components_and_models_are_immutable(st, root):
     other_model = ModelRecord(**{**model.to_dict(), "metrics": {"score": 1.0}})
     before = _counts(st)
     with pytest.raises(Conflict, match="immutable"):
-        st.commit("a", token, models=[other_model], publish=model.id)
+        st.commit("a", token, models=[other_model], publish=pub(model))
     assert _counts(st) == before and st.get_task("t1") is None
     assert st.get_model(model.id) == model.validated()
 

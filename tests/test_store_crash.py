@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from store import Store
-from test_store_helpers import (CRASH_AGENT, CRASH_TASK, check_model_integrity,
-                                crash_publisher_main, make_root)
+from helpers.store_procs import CRASH_AGENT, CRASH_TASK, crash_publisher_main
+from helpers.store_records import check_model_integrity, make_root
 
 PROGRESS_TIMEOUT = 60.0
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from store import Conflict, LeaseHeld, LeaseLost, Store
-from test_store_helpers import lease, make_root, publish_next
+from helpers.store_records import lease, make_root, publish_next
 
 T0 = 1_000_000.0  # a fixed clock for the lease tests
 

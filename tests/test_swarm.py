@@ -13,8 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import run_cli
-from swarm_helpers import make_store, read, start, wait_for
+from helpers.swarm import make_store, read, run_cli, start, wait_for
 
 from agents.agent import agent_id_for, generation_rng
 from taskdata import load_task

@@ -1,5 +1,6 @@
-"""Child-process entry point for the bus + store test: a peer that publishes through the store and
-announces on its PeerBus (what an agent does, without the model training)."""
+"""Child-process entry point (a multiprocessing ``spawn`` target) for the bus + store test: a peer
+that publishes through the store and announces on its PeerBus (what an agent does, without the model
+training)."""
 from __future__ import annotations
 
 import os
@@ -7,10 +8,10 @@ import time
 
 import numpy as np
 
+from helpers.store_records import publish_next
 from protocol.bus import PeerBus
 from protocol.messages import Hello, Published
 from store import Store
-from test_store_helpers import publish_next
 
 
 def peer_main(path: str, agent: str, task: str, publishes: int, expect_total: int, late: bool,

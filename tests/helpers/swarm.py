@@ -1,4 +1,8 @@
-"""Helpers for tests that run real agent processes against a real store."""
+"""Drivers for tests that run the launch/ scripts and real agent processes against a real store.
+
+The environment the children get is this process's (so the session data cache that conftest sets
+reaches them) plus an offline hub and unbuffered output.
+"""
 from __future__ import annotations
 
 import os
@@ -6,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO
+from helpers import REPO
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
 
@@ -25,7 +29,16 @@ def make_store(path: str, preset: str = "test") -> None:
         ensure_root(store, p, vit)
 
 
+def run_cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a launch/ script as a user would, capturing output."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=e)
+
+
 def start(script: str, *args: str, log: str | None = None) -> subprocess.Popen:
+    """Start launch/<script> in the background, its output to ``log`` (or nowhere)."""
     out = open(log, "w") if log else subprocess.DEVNULL
     return subprocess.Popen([sys.executable, os.path.join(REPO, "launch", script), *args], cwd=REPO,
                             env=ENV, stdout=out, stderr=subprocess.STDOUT)

@@ -1,11 +1,10 @@
-"""Builders and child-process entry points shared by the store tests (no tests in this file).
+"""Builders of real store records for the store tests: a tiny root, child components and models,
+leases and whole publishes through ``Store.commit`` (so every event comes from a real commit).
 
-Child entry points live here, not in the test modules, so that a spawned child imports only the
-store and numpy (fast start-up, no pytest). Everything is real: LMDB on disk, spawned processes.
+Everything is real: LMDB on disk, the store's own commit path; only numpy and the store are imported.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from protocol.tensors import RawTensor, blob_key
-from store import (AgentState, ComponentWrite, LeaseHeld, ModelRecord, Store, TrialRecord,
+from store import (AgentState, ComponentWrite, LeaseHeld, ModelRecord, Publication, Store, TrialRecord,
                    component_id)
 
 ROOT_AGENT = "root"
@@ -89,13 +88,13 @@ def publish_next(st: Store, agent: str, token: str, task: str, n: int, root: Mod
     model = child_model(agent, task, n, writes, root, parent)
     state = AgentState(agent_id=agent, task=task, cycle=n, generation=0, population=[model.id],
                        best_model_id=model.id, next_component_id=2 * n + 2, next_model_id=n + 1,
-                       offsprings={model.id: 0}, updated_at=time.time(), extra={"n": n})
+                       offsprings={model.id: 0}, updated_at=time.time())
     trial = TrialRecord(id=f"{agent}:t{n}", agent=agent, task=task, cycle=n, generation=0,
                         parent=model.parent, model_id=model.id, mutations=["clone:head"],
                         hparams_diff={}, quality=0.5, score=0.5, accepted=True, seconds=0.1,
                         train_images=64, preset="test", preset_hash="h0", created_at=time.time())
     seq = st.commit(agent, token, components=writes, models=[model], state=state,
-                    publish=model.id, trials=[trial], event_data={"score": model.metrics["score"]})
+                    publish=pub(model), trials=[trial], event_data={"score": model.metrics["score"]})
     assert seq is not None
     return seq
 
@@ -128,96 +127,7 @@ def acquire_waiting(st: Store, agent: str, task: str, ttl: float, deadline_s: fl
             time.sleep(min(max(exc.expires_in, 0.001), 0.5))
 
 
-# ---- child process entry points --------------------------------------------------------------
-
-def writer_main(path: str, agent: str, task: str, count: int, seed: int, go: Any) -> None:
-    """Publish ``count`` models for ``task`` as fast as possible (contends for the write lock)."""
-    rng = np.random.default_rng(seed)
-    with Store.open(path) as st:
-        root = st.get_model(st.root_model_id())
-        token = lease(st, agent, task)
-        if not go.wait(timeout=60):  # start together with the other writers, once readers run
-            raise TimeoutError("no go signal from the test")
-        parent = None
-        for n in range(count):
-            publish_next(st, agent, token, task, n, root, rng, parent)
-            parent = f"{agent}:m{n}"
-        st.release_lease(agent, token)
-
-
-def reader_main(path: str, ready: Any, stop: Any, out_file: str) -> None:
-    """Load published models until told to stop; assert integrity and monotone pointers."""
-    last_seq_seen: dict[str, int] = {}
-    last_event = 0
-    loads = tensors = 0
-    with Store.open(path, readonly=True) as st:
-        ready.set()
-        while True:
-            stopping = stop.is_set()  # read before the pass, so one full pass follows the stop
-            for task, model in st.published_models().items():
-                seq = model.metrics["seq"]
-                assert seq >= last_seq_seen.get(task, -1), f"{task} pointer went backwards"
-                last_seq_seen[task] = seq
-                tensors += check_model_integrity(st, model.id)
-                loads += 1
-            events = st.events(after=last_event)
-            for event in events:
-                assert event.seq == last_event + 1, "event log has a gap or is out of order"
-                last_event = event.seq
-            if stopping:
-                break
-    with open(out_file, "w") as f:
-        json.dump({"loads": loads, "tensors": tensors, "last_event": last_event,
-                   "last_seq_seen": last_seq_seen}, f)
-
-
-CRASH_AGENT = "crasher"
-CRASH_TASK = "crash_task"
-CRASH_TTL = 0.2
-
-
-def crash_publisher_main(path: str, side_file: str, seed: int) -> None:
-    """Resume from the store and publish forever; after each commit returns, record its number.
-
-    The side file is replaced atomically, so after a SIGKILL it names the last publish that the
-    store promised to keep.
-    """
-    rng = np.random.default_rng(seed)
-    with Store.open(path) as st:
-        root = st.get_model(st.root_model_id())
-        token = acquire_waiting(st, CRASH_AGENT, CRASH_TASK, ttl=CRASH_TTL)
-        state = st.get_agent_state(CRASH_AGENT)
-        n = state.next_model_id if state else 0
-        parent = state.best_model_id if state else None
-        while True:
-            publish_next(st, CRASH_AGENT, token, CRASH_TASK, n, root, rng, parent, elems=2048)
-            tmp = f"{side_file}.tmp"
-            with open(tmp, "w") as f:
-                f.write(str(n))
-            os.replace(tmp, side_file)
-            parent = f"{CRASH_AGENT}:m{n}"
-            n += 1
-
-
-def slow_writer_main(path: str, agent: str, task: str, count: int, pause: float) -> None:
-    """Publish ``count`` models with a pause between them (for read-while-writing tests)."""
-    rng = np.random.default_rng(7)
-    with Store.open(path) as st:
-        root = st.get_model(st.root_model_id())
-        token = lease(st, agent, task)
-        parent = None
-        for n in range(count):
-            publish_next(st, agent, token, task, n, root, rng, parent)
-            parent = f"{agent}:m{n}"
-            time.sleep(pause)
-
-
-def root_racer_main(path: str, seed: int, ready: Any, go: Any, out_file: str) -> None:
-    """Wait for the start signal, then try to create the root; record which root id won."""
-    with Store.open(path) as st:
-        ready.set()
-        if not go.wait(timeout=60):
-            raise TimeoutError("no go signal from the test")
-        proposed = make_root(st, seed=seed)
-        with open(out_file, "w") as f:
-            json.dump({"proposed": proposed.id, "root": st.root_model_id()}, f)
+def pub(model) -> Publication:
+    """The publication an agent makes for ``model``: its class count and input spec."""
+    return Publication(model.id, int(model.hparams["num_classes"]),
+                       {k: v for k, v in model.hparams.items() if k.startswith("ds_")})

@@ -1,0 +1,234 @@
+"""One generation of an agent: the path of one child, as four steps (method.md 3.1-3.8).
+
+    propose(ctx, counters, population, rng, gen) -> Proposal   parent, data hparams, child, threshold
+    train(ctx, proposal, gen, should_stop)       -> Outcome    the trained child, or aborted
+    judge(ctx, counters, proposal, outcome, population) -> Verdict   accepted? kept? published?
+    verdict.writes                               -> Writes     what the one store transaction holds
+
+Each step takes what it needs as arguments and returns a small frozen value; nothing here reads or
+writes the agent object, so a step can be run (and tested) on its own. The agent applies a verdict
+to its state and commits ``Writes`` in one transaction (agents/agent.py).
+
+Determinism: ``rng``/``gen`` are seeded per (seed, agent, cycle, generation), and the steps draw from
+them in a fixed order (data hparams, parent, child, then training batches), so a resumed agent
+replays the same choices for the same generation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from agents.config import Preset
+from agents.mutation import Mutator, hparams_diff
+from agents.paths import ModelPath
+from agents.probe import probe_pick
+from agents.progress import ChildMetrics
+from agents.scoring import Scorer
+from agents.selection import best_path, retain, select_parent
+from agents.training import TaskTensors, TrainResult, test_accuracy, train_child
+from agents.view import SystemView
+from agents.vit import PathModel, VitConfig
+from store import TrialRecord
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every step reads: fixed for the agent's life (the view refreshes itself in place)."""
+
+    agent_id: str
+    task: str
+    preset: Preset
+    vit: VitConfig
+    cycles: int
+    tensors: TaskTensors
+    view: SystemView
+    scorer: Scorer
+    probe_cache: dict[str, float]  # model id -> probe accuracy (+probe), a cache, not state
+
+
+@dataclass(frozen=True)
+class Counters:
+    """The part of the agent's resumable state a generation advances."""
+
+    cycle: int
+    generation: int
+    next_model_id: int
+    next_component_id: int
+    offsprings: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    parent: ModelPath
+    child: ModelPath                 # built, untrained; its new components are not yet stored
+    threshold: float                 # the score the child must reach to be kept
+    schedule: tuple[int, int] | None  # (start, total) of a shared learning-rate schedule
+    lineage_start: int               # steps the child's same-task lineage trained before it
+    score_of: Callable[[float], float]  # validation accuracy -> the child's score (size terms bound)
+    counters: Counters               # the counters after this proposal took its ids
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: TrainResult
+    model: PathModel
+
+
+@dataclass(frozen=True)
+class Writes:
+    """Everything one generation commits, in one transaction."""
+
+    components: list            # of agents.paths.Component, not yet stored
+    models: list[ModelPath]
+    trials: list[TrialRecord]
+    publish: ModelPath | None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool                 # the child reached its threshold (it may still be retained out)
+    kept: ModelPath | None         # the child, when it stays in the population
+    published: ModelPath | None    # the child, when it became the agent's best
+    population: list[ModelPath]
+    counters: Counters
+    writes: Writes
+    quality: float | None
+    seconds: float
+
+
+class _Ids:
+    """Component numbers handed out while one child is built."""
+
+    def __init__(self, first: int) -> None:
+        self.next = first
+
+    def take(self) -> int:
+        self.next += 1
+        return self.next - 1
+
+
+def _threshold(ctx: Context, parent: ModelPath, best: ModelPath | None) -> float:
+    if parent.task == ctx.task:
+        score = ctx.scorer.rescore(parent, ctx.view.lockers)
+        return -math.inf if score is None else score
+    if ctx.preset.guard_foreign and best is not None and best.score is not None:
+        # +guard: a child of another task's model joins only if it already beats our best, so the
+        # budget is not spent re-climbing from a fresh head.
+        return best.score
+    return -math.inf
+
+
+def _schedule(ctx: Context, parent: ModelPath, c: Counters) -> tuple[tuple[int, int] | None, int]:
+    b = ctx.preset.budget
+    child_steps = ctx.preset.steps_between_validations(ctx.tensors.n_train) * b.validations_per_child
+    agent_steps = ctx.cycles * b.children_per_cycle * child_steps
+    if ctx.preset.continue_schedule:
+        # +continue: one schedule over everything this agent trains, shared by a same-task lineage.
+        start = int(parent.metrics.get("lineage_steps", 0)) if parent.task == ctx.task else 0
+        return (start, agent_steps), start
+    if ctx.preset.clock_schedule:
+        # +clock: a child trains at the agent's position in its whole budget, so the last children
+        # of the last cycle anneal whatever lineage is best by then.
+        done = c.cycle * b.children_per_cycle + c.generation
+        return (min(done * child_steps, agent_steps - child_steps), agent_steps), 0
+    return None, 0
+
+
+def propose(ctx: Context, c: Counters, population: list[ModelPath], rng: random.Random,
+            gen: torch.Generator) -> Proposal:
+    """Sample data hparams, pick a parent, build the child (method.md 3.1-3.2)."""
+    view = ctx.view
+    mut = Mutator(ctx.preset, ctx.vit, rng, gen)
+    best = best_path(population)
+    ds, ds_fired = mut.sample_ds_hparams(best, ctx.tensors.num_classes)
+    probed = []
+
+    def pick(candidates):
+        probed.append(True)
+        return probe_pick(candidates, ctx.vit, ctx.tensors, rng, ctx.probe_cache)
+
+    parent = select_parent(population, view.foreign_paths(), c.offsprings, rng,
+                           pick=pick if ctx.preset.probe_parents else None)
+    ids = _Ids(c.next_component_id)
+    child = mut.build_child(
+        parent, ds, agent_id=ctx.agent_id, task=ctx.task,
+        child_id=f"{ctx.agent_id}:m{c.next_model_id}", next_component_id=ids.take,
+        ancestors=view.ancestors, is_frozen=view.is_frozen,
+        root_posemb=view.root.components["posembed_input"].params["pos_embedding"],
+        device=ctx.tensors.device)
+    child.mutations = ds_fired + child.mutations + (["select:probe"] if probed else [])
+    offsprings = dict(c.offsprings)
+    if parent.agent == ctx.agent_id:
+        offsprings[parent.id] = offsprings.get(parent.id, 0) + 1
+    schedule, lineage_start = _schedule(ctx, parent, c)
+    counters = dataclasses.replace(c, next_model_id=c.next_model_id + 1,
+                                   next_component_id=ids.next, offsprings=offsprings)
+    return Proposal(parent, child, _threshold(ctx, parent, best), schedule, lineage_start,
+                    ctx.scorer.score_fn(child, view.lockers), counters)
+
+
+def train(ctx: Context, p: Proposal, gen: torch.Generator,
+          should_stop: Callable[[], bool] | None = None) -> Outcome:
+    """Train the child's new components; keep its best snapshot at or above the threshold."""
+    b = ctx.preset.budget
+    result, model = train_child(
+        p.child, ctx.vit, ctx.tensors, batch_size=b.batch_size,
+        steps_between_validations=ctx.preset.steps_between_validations(ctx.tensors.n_train),
+        validations=b.validations_per_child, threshold=p.threshold,
+        score_of=p.score_of, gen=gen,
+        on_step=should_stop, schedule=p.schedule)
+    return Outcome(result, model)
+
+
+def judge(ctx: Context, p: Proposal, o: Outcome, population: list[ModelPath]) -> Verdict:
+    """Decide the child's fate (method.md 3.5-3.6) and say what to write.
+
+    Population scores are recomputed first: other agents may have published while the child
+    trained, which changes every path's accounted parameters.
+    """
+    r, child = o.result, p.child
+    for path in population:
+        path.current_score = ctx.scorer.rescore(path, ctx.view.lockers)
+    new_population, kept, published, components = list(population), None, None, []
+    if r.accepted:
+        terms = ctx.scorer.size_terms(child, ctx.view.lockers)
+        metrics = ChildMetrics(quality=r.quality, score=r.score, **terms,
+                               num_cycles=p.counters.cycle + 1, steps=r.steps,
+                               lineage_steps=p.lineage_start + r.snapshot_step)
+        child.metrics, child.created_at = metrics.to_dict(), time.time()  # ranks it below
+        new_population = retain(new_population + [child], ctx.preset.budget.max_population)
+        if best_path(new_population) is child:
+            test = test_accuracy(o.model, ctx.tensors, child.hparams["ds_image_size"])
+            child.metrics = dataclasses.replace(metrics, test_quality=test).to_dict()
+            published = child
+        if child in new_population:
+            kept = child
+            components = [comp for comp in child.ordered() if not comp.stored]
+    counters = dataclasses.replace(p.counters, generation=p.counters.generation + 1)
+    score = r.score if r.accepted else (None if r.quality is None else p.score_of(r.quality))
+    trial = TrialRecord(
+        id=child.id, agent=ctx.agent_id, task=ctx.task, cycle=counters.cycle,
+        generation=counters.generation - 1, parent=p.parent.id,
+        model_id=kept.id if kept else None, mutations=list(child.mutations),
+        hparams_diff=hparams_diff(p.parent.hparams, child.hparams), quality=r.quality,
+        score=score, accepted=r.accepted, seconds=round(r.seconds, 4),
+        train_images=r.train_images, preset=ctx.preset.name, preset_hash=ctx.preset.hash,
+        created_at=time.time())
+    writes = Writes(components, [kept] if kept else [], [trial], published)
+    return Verdict(r.accepted, kept, published, new_population, counters, writes, r.quality,
+                   r.seconds)
+
+
+def dropped(v: Verdict) -> Verdict:
+    """The verdict when the store refused the child (``gc`` removed something it shares): the
+    trial stays, marked not accepted; the child leaves the population; counters still advance."""
+    population = [p for p in v.population if p is not v.kept]
+    trial = dataclasses.replace(v.writes.trials[0], model_id=None, accepted=False)
+    return dataclasses.replace(v, accepted=False, kept=None, published=None, population=population,
+                               writes=Writes([], [], [trial], None))
