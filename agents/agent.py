@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import socket
-import sys
 import threading
 import time
 import zlib
@@ -24,11 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from agents import generation as step
-from agents.bootstrap import RootMismatch, ensure_root
-from agents.config import Preset, PresetError, resolve_preset
+from agents.bootstrap import ensure_root
+from agents.config import Preset, resolve_preset
 from agents.paths import ModelPath
 from agents.progress import Progress
-from agents.roots import CheckpointError
 from agents.scoring import Scorer
 from agents.selection import best_path
 from agents.training import TaskTensors
@@ -36,8 +34,8 @@ from agents.view import SystemView, component_write, model_record, publication
 from agents.vit import VitConfig, preset_vit
 from protocol.bus import PeerBus
 from protocol.messages import Bye, Hello, Published
-from store import AgentState, LeaseHeld, LeaseLost, MissingReference, NotAStore, StoreAPI, open_store
-from taskdata import TaskDataError, load_task
+from store import AgentState, LeaseLost, MissingReference, StoreAPI, open_store
+from taskdata import load_task
 
 
 def agent_id_for(task: str) -> str:
@@ -68,10 +66,6 @@ class AgentOptions:
     bind_host: str = "127.0.0.1"
     data_dir: str | None = None
     keys: str | None = None          # CURVE key folder, for a store service beyond loopback
-
-
-# Errors that mean the request was impossible (bad preset/task/data, task already leased): exit 2.
-USER_ERRORS = (PresetError, TaskDataError, RootMismatch, CheckpointError, LeaseHeld, NotAStore)
 
 
 class Agent:
@@ -298,19 +292,3 @@ def run_agent(opts: AgentOptions, verbose: bool = True, store: StoreAPI | None =
         signal.signal(signal.SIGTERM, _stop)
     agent.run()
     return agent
-
-
-def agent_process_main(opts: AgentOptions, log_path: str) -> None:
-    """Entry of a ``spawn``ed agent process: log to a file, map errors to exit codes (2 = user)."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    log = open(log_path, "a", buffering=1)
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    sys.stdout = sys.stderr = log
-    try:
-        agent = run_agent(opts)
-    except USER_ERRORS as exc:
-        print(f"agent[{opts.task}]: error: {exc}", flush=True)
-        sys.exit(2)
-    if agent.lease_lost:
-        sys.exit(1)  # superseded by another agent for this task

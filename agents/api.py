@@ -19,7 +19,7 @@ import torch
 from taskdata.augment import preprocess_eval, to_tensor
 from agents.view import from_raw
 from agents.vit import PathModel, VitConfig, vit_config
-from store import Store
+from store import open_store
 from store.export import FORMAT, UnknownTask
 
 
@@ -68,10 +68,13 @@ def _vit_of(meta: dict) -> VitConfig:
     return vit_config(meta["vit"], depth=int(meta["depth"]))
 
 
-def load_model(store_path: str, task: str, device: str = "cpu") -> TaskModel:
-    """The task's current published model, loaded from the store in one read transaction."""
+def load_model(store_path: str, task: str, device: str = "cpu", keys: str | None = None) -> TaskModel:
+    """The task's current published model, loaded from the store in one read transaction.
+
+    ``store_path`` is a store directory or a store service (``tcp://HOST:PORT``, with ``keys`` the
+    CURVE key folder when the service is beyond loopback)."""
     dev = torch.device(device)
-    with Store.open(store_path, readonly=True) as store:
+    with open_store(store_path, readonly=True, keys=keys) as store:
         rec = store.get_task(task)
         if rec is None:
             raise UnknownTask(f"no published model for task {task!r}")

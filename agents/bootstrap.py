@@ -13,7 +13,7 @@ from agents.root_source import RootSource, resolve_root
 from agents.roots import root_from_timm_checkpoint, root_random
 from agents.view import ROOT_AGENT, to_raw
 from agents.vit import VitConfig
-from store import ComponentWrite, ModelRecord, Store
+from store import ComponentWrite, ModelRecord, StoreAPI
 
 ROOT_MODEL_ID = f"{ROOT_AGENT}:m0"
 
@@ -22,7 +22,7 @@ class RootMismatch(ValueError):
     """The store's root was built for another architecture than the requested preset."""
 
 
-def ensure_root(store: Store, preset: Preset, vit: VitConfig, seed: int = 0,
+def ensure_root(store: StoreAPI, preset: Preset, vit: VitConfig, seed: int = 0,
                 source: RootSource | None = None) -> str:
     """Return the store's root model id, creating the root first if the store has none.
 

@@ -6,6 +6,8 @@ is considered. Evolution then selects good probabilities along with good models.
 Actions: ``hp:<hparam>`` (move one step on its grid), ``clone:<component>`` (make a private trainable
 copy of a frozen component), ``add:residual_adapter_<i>`` (insert an identity-initialised adapter).
 Layer drop / re-add is ``hp:num_layers``. The final norm is always cloned.
+Which components a child has, how each is inherited, which actions exist and which hparams a child
+(vs a generation) mutates all come from ``agents.registry``; nothing here names a component kind.
 """
 from __future__ import annotations
 
@@ -16,13 +18,10 @@ from typing import Any
 
 import torch
 
+from agents import registry
 from agents.config import MU_RANGE, Preset
 from agents.paths import Component, ModelPath, copy_component
-from agents.vit import VitConfig, component_names, init_component, param_shapes, resize_posemb
-
-FORCE_MUTATIONS = frozenset({"clone:encoder_norm"})
-# Hparams that the per-child loop may mutate (data hparams are sampled once per generation instead).
-CHILD_HPARAMS = ("_mu_", "num_layers", "adapter_dim")
+from agents.vit import VitConfig, component_names, init_component
 
 
 class MutationError(RuntimeError):
@@ -50,7 +49,7 @@ class Mutator:
 
     # ---- the learned mutation probability ------------------------------------------------
     def do_mutate(self, h: dict[str, Any], action: str) -> bool:
-        if action in FORCE_MUTATIONS:
+        if registry.is_forced(action):
             return True
         mu = h.get("_mu_", self.default_mu)
         p = h.get("_mu_|" + action, mu)
@@ -70,7 +69,7 @@ class Mutator:
                 if k.startswith("ds_") or k.startswith("_mu_|hp:ds_"):
                     ds[k] = v
             for k in sorted(self.ranges):
-                if k.startswith("ds_") and self.do_mutate(ds, "hp:" + k):
+                if registry.hparam_scope(k) == registry.SCOPE_GENERATION and self.do_mutate(ds, "hp:" + k):
                     new = incremental_mutation(ds[k], self.ranges[k], self.rng)
                     if new != ds[k]:
                         fired.append("hp:" + k)
@@ -98,49 +97,56 @@ class Mutator:
         fired: list[str] = []
         # 1. hyperparameters, in sorted order so a mutated µ already drives the later decisions.
         for k in sorted(self.ranges):
-            if (k in CHILD_HPARAMS or k.startswith("opt_")) and self.do_mutate(h, "hp:" + k):
+            if registry.hparam_scope(k) == registry.SCOPE_CHILD and self.do_mutate(h, "hp:" + k):
                 new = incremental_mutation(h[k], self.ranges[k], self.rng)
                 if new != h[k]:
                     fired.append("hp:" + k)
                 h[k] = new
-        # 2. adapters: only ever added; ids beyond the (possibly reduced) depth are dropped.
-        ids = sorted(int(i) for i in str(h.get("adapter_layers", "")).split("_") if i != "")
-        if self.preset.mutate_adapters:
-            for i in range(h["num_layers"]):
-                if i not in ids and self.do_mutate(h, f"add:residual_adapter_{i}"):
-                    ids.append(i)
-                    fired.append(f"add:residual_adapter_{i}")
-        h["adapter_layers"] = "_".join(str(i) for i in sorted(i for i in ids if i < h["num_layers"]))
+        # 2. optional indexed kinds (adapters): only ever added; ids beyond the (possibly reduced)
+        # depth are dropped.
+        for kind in registry.kinds():
+            if kind.layers_hparam is None:
+                continue
+            ids = registry.layer_ids(h, kind.layers_hparam)
+            if kind.addable is not None and kind.addable(self.preset):
+                for i in range(h["num_layers"]):
+                    action = registry.add_action(registry.instance_name(kind.name, i))
+                    if i not in ids and self.do_mutate(h, action):
+                        ids.append(i)
+                        fired.append(action)
+            h[kind.layers_hparam] = registry.format_layer_ids(i for i in ids if i < h["num_layers"])
 
         # 3. components: nearest ancestor that has a compatible one; share frozen ones unless cloned.
         lineage = list(ancestors(parent))
         comps: dict[str, Component] = {}
         for name in component_names(h):
-            want = param_shapes(name, self.vit, h)
+            kind = registry.kind_of(name)
+            want = kind.shapes(self.vit, h)
             chosen = None
-            for anc in lineage:
+            for anc in (lineage if kind.inherit != registry.INHERIT_FRESH else ()):
                 c = anc.components.get(name)
                 if c is None:
                     continue
-                if name == "head" and anc.task != task:
-                    continue  # heads are never shared between tasks
+                if kind.inherit == registry.INHERIT_TASK and anc.task != task:
+                    continue  # e.g. heads are never shared between tasks
                 if c.shapes() != want:
-                    if name in ("posembed_input", "head") or name.startswith("residual_adapter_"):
+                    if kind.reshapes:
                         continue
                     raise MutationError(f"{name} of {anc.id} has shapes {c.shapes()}, expected {want}")
+                action = registry.clone_action(name)
                 if not is_frozen(c):
                     chosen = copy_component(c, agent_id, next_component_id())
-                elif self.do_mutate(h, "clone:" + name):
+                elif self.do_mutate(h, action):
                     chosen = copy_component(c, agent_id, next_component_id())
-                    if "clone:" + name not in FORCE_MUTATIONS:
-                        fired.append("clone:" + name)
+                    if not registry.is_forced(action):
+                        fired.append(action)
                 else:
                     chosen = c  # shared by reference: stays frozen, same tensors in memory
                 break
             if chosen is None:
                 chosen = self._fresh(name, h, agent_id, next_component_id(), root_posemb, device)
-                if not name.startswith("residual_adapter_"):
-                    fired.append("new:" + name)
+                if kind.log_new:
+                    fired.append(registry.new_action(name))
             comps[name] = chosen
         child = ModelPath(child_id, agent_id, task, h, comps, parent_id=parent.id,
                      preset=self.preset.name, preset_hash=self.preset.hash, mutations=fired)
@@ -148,12 +154,13 @@ class Mutator:
 
     def _fresh(self, name: str, h: dict, agent_id: str, cid: int, root_posemb: torch.Tensor,
                device: torch.device) -> Component:
-        if name == "posembed_input":
-            # No ancestor at this image size: start from the root's posemb resized (not a tuned one).
-            grid = h["ds_image_size"] // self.vit.patch
-            params = {"pos_embedding": resize_posemb(root_posemb, grid).to(device).contiguous()}
+        kind = registry.kind_of(name)
+        if kind.root_seed is not None:
+            # e.g. no ancestor at this image size: start from the root's posemb resized (not a tuned one).
+            fresh = kind.root_seed(root_posemb, self.vit, h)
         else:
-            params = {k: v.to(device) for k, v in init_component(name, self.vit, h, self.gen).items()}
+            fresh = init_component(name, self.vit, h, self.gen)
+        params = {k: v.to(device).contiguous() for k, v in fresh.items()}
         return Component(name, agent_id, cid, params)
 
 

@@ -14,6 +14,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from agents import registry
 from agents.vit import VitConfig, component_names, image_grid, init_component, param_shapes, resize_posemb
 from store.timm_names import component_key, timm_key
 
@@ -51,8 +52,9 @@ def params_from_timm_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, 
 
 
 def root_component_names(cfg: VitConfig) -> list[str]:
-    """Everything a root carries: all `cfg.depth` blocks, no adapters, no head."""
-    return ["cls", "embedding", "posembed_input"] + [f"encoderblock_{i}" for i in range(cfg.depth)] + ["encoder_norm"]
+    """Everything a root carries: every in-root kind (registry) at all `cfg.depth` layers; for the
+    built-in kinds that is all blocks, no adapters, no head."""
+    return registry.root_component_names(cfg)
 
 
 def root_random(cfg: VitConfig, hparams: Mapping[str, object], seed: int) -> dict[str, dict[str, Tensor]]:

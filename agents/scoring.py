@@ -1,8 +1,9 @@
 """Score = quality x s^(accounted_params / P_ref) x s^(flops / F_ref)  (method.md 3.7).
 
 Accounted params split every shared component among the agents that use it, so reusing what others
-built is cheap and a private copy pays in full. FLOPs are counted analytically by
-``agents.vit.count_flops`` (forward pass of one image at the path's image size, 2 x multiply-adds).
+built is cheap and a private copy pays in full. FLOPs are counted analytically from the component
+kinds' registered shares (``agents.registry.model_flops``: forward pass of one image at the path's
+image size, 2 x multiply-adds), so a newly registered kind is priced with no change here.
 With s = 1 the score is plain validation accuracy.
 """
 from __future__ import annotations
@@ -11,7 +12,8 @@ from collections.abc import Mapping
 
 from agents.config import Preset
 from agents.paths import ModelPath
-from agents.vit import VitConfig, count_flops
+from agents.registry import model_flops
+from agents.vit import VitConfig
 
 
 def accounted_params(path: ModelPath, lockers: Mapping[str, set[str]]) -> float:
@@ -43,7 +45,7 @@ class Scorer:
 
     def size_terms(self, path: ModelPath, lockers: Mapping[str, set[str]]) -> dict[str, float]:
         return {"params": total_params(path), "accounted_params": accounted_params(path, lockers),
-                "flops": count_flops(self.vit, path.hparams)}
+                "flops": model_flops(self.vit, path.hparams)}
 
     def score_fn(self, path: ModelPath, lockers: Mapping[str, set[str]]):
         terms = self.size_terms(path, lockers)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from functools import partial
 from typing import Collection, Mapping
@@ -24,6 +23,8 @@ from typing import Collection, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from agents import registry
 
 # agents/__init__.py has already run here, which makes `import timm` work on CPU-only installs.
 from timm.models.vision_transformer import Block
@@ -73,88 +74,30 @@ def preset_vit(preset) -> VitConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Component layout
+# Component layout: the kinds, their shapes and FLOPs live in agents.registry (torch-free); these are
+# the names the rest of the agent stack has always imported from here.
 # ----------------------------------------------------------------------------------------------------
 
-_INDEXED_NAME = re.compile(r"^(encoderblock|residual_adapter)_(\d+)$")
-
-
-def num_layers(hparams: Mapping[str, object]) -> int:
-    layers = int(hparams["num_layers"])  # type: ignore[arg-type]
-    if layers < 0:
-        raise ValueError(f"num_layers must be >= 0, got {layers}")
-    return layers
+num_layers = registry.num_layers
+image_grid = registry.image_grid
 
 
 def adapter_ids(hparams: Mapping[str, object]) -> list[int]:
     """Sorted layer ids that carry a residual adapter, parsed from `adapter_layers` ("" or e.g. "0_2")."""
-    raw = str(hparams.get("adapter_layers", "") or "")
-    if not raw:
-        return []
-    try:
-        ids = sorted({int(part) for part in raw.split("_")})
-    except ValueError:
-        raise ValueError(f"adapter_layers must be layer ids joined by '_' (e.g. '0_2'), got {raw!r}") from None
-    if ids[0] < 0:
-        raise ValueError(f"adapter_layers holds a negative layer id: {raw!r}")
-    return ids
+    return registry.layer_ids(hparams, "adapter_layers")
 
 
 def component_names(hparams: Mapping[str, object]) -> list[str]:
-    """Component names of the model `hparams` describes, in forward order.
+    """Component names of the model `hparams` describes, in forward order (every registered kind).
 
     Adapter ids at or above num_layers are ignored (the mutation code drops them; they would never run).
     """
-    layers = num_layers(hparams)
-    adapters = set(adapter_ids(hparams))
-    names = ["cls", "embedding", "posembed_input"]
-    for i in range(layers):
-        if i in adapters:
-            names.append(f"residual_adapter_{i}")
-        names.append(f"encoderblock_{i}")
-    return names + ["encoder_norm", "head"]
-
-
-def image_grid(cfg: VitConfig, hparams: Mapping[str, object]) -> int:
-    """Patches per image side for hparams' `ds_image_size`."""
-    size = int(hparams["ds_image_size"])  # type: ignore[arg-type]
-    if size <= 0 or size % cfg.patch:
-        raise ValueError(f"ds_image_size must be a positive multiple of the patch size {cfg.patch}, got {size}")
-    return size // cfg.patch
+    return registry.component_names(hparams)
 
 
 def param_shapes(name: str, cfg: VitConfig, hparams: Mapping[str, object]) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape for one component (names are timm-like, see module docstring)."""
-    d, m, p = cfg.hidden, cfg.mlp, cfg.patch
-    if name == "cls":
-        return {"token": (1, 1, d)}
-    if name == "embedding":
-        return {"weight": (d, 3, p, p), "bias": (d,)}
-    if name == "posembed_input":
-        grid = image_grid(cfg, hparams)
-        return {"pos_embedding": (1, 1 + grid * grid, d)}
-    if name == "encoder_norm":
-        return {"weight": (d,), "bias": (d,)}
-    if name == "head":
-        return {"weight": (int(hparams["num_classes"]), d), "bias": (int(hparams["num_classes"]),)}  # type: ignore[arg-type]
-    match = _INDEXED_NAME.match(name)
-    if match and match.group(1) == "encoderblock":
-        return {
-            "norm1.weight": (d,), "norm1.bias": (d,),
-            "attn.qkv.weight": (3 * d, d), "attn.qkv.bias": (3 * d,),
-            "attn.proj.weight": (d, d), "attn.proj.bias": (d,),
-            "norm2.weight": (d,), "norm2.bias": (d,),
-            "mlp.fc1.weight": (m, d), "mlp.fc1.bias": (m,),
-            "mlp.fc2.weight": (d, m), "mlp.fc2.bias": (d,),
-        }
-    if match:
-        a = int(hparams["adapter_dim"])  # type: ignore[arg-type]
-        return {
-            "norm.weight": (d,), "norm.bias": (d,),
-            "down.weight": (a, d), "down.bias": (a,),
-            "up.weight": (d, a), "up.bias": (d,),
-        }
-    raise ValueError(f"unknown component name {name!r}")
+    return registry.param_shapes(name, cfg, hparams)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,36 +128,94 @@ def _xavier_uniform(shape: tuple[int, int], gen: torch.Generator, fused: int = 1
     return _uniform(shape, math.sqrt(6.0 / (fan_in + fan_out)), gen)
 
 
+def _norm(shape: tuple[int, ...], leaf: str) -> Tensor:
+    """LayerNorm tensors: weight 1, bias 0."""
+    return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
+
+
+def _zeros(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    return {t: torch.zeros(shape) for t, shape in shapes.items()}
+
+
+# Each init draws from the generator in the order of its kind's tensors (the registry's shapes), so a
+# seeded generator gives the same tensors every time; tests/test_vit.py pins the values' statistics.
+
+@registry.register_init("cls")
+def _init_cls(cfg: VitConfig, hparams: Mapping[str, object], gen: torch.Generator) -> dict[str, Tensor]:
+    return _zeros(registry.kind("cls").shapes(cfg, hparams))
+
+
+@registry.register_init("embedding")
+def _init_embedding(cfg: VitConfig, hparams: Mapping[str, object], gen: torch.Generator) -> dict[str, Tensor]:
+    shapes = registry.kind("embedding").shapes(cfg, hparams)
+    return {"weight": _lecun_normal(shapes["weight"], fan_in=3 * cfg.patch * cfg.patch, gen=gen),
+            "bias": torch.zeros(shapes["bias"])}
+
+
+@registry.register_init("posembed_input")
+def _init_posemb(cfg: VitConfig, hparams: Mapping[str, object], gen: torch.Generator) -> dict[str, Tensor]:
+    shapes = registry.kind("posembed_input").shapes(cfg, hparams)
+    return {t: _normal(shape, 0.02, gen) for t, shape in shapes.items()}
+
+
+@registry.register_init("encoderblock")
+def _init_block(cfg: VitConfig, hparams: Mapping[str, object], gen: torch.Generator) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for tensor_name, shape in registry.kind("encoderblock").shapes(cfg, hparams).items():
+        leaf = tensor_name.rsplit(".", 1)[-1]
+        if tensor_name.startswith("norm"):
+            out[tensor_name] = _norm(shape, leaf)
+        elif leaf == "weight":
+            out[tensor_name] = _xavier_uniform(shape, gen, fused=3 if "qkv" in tensor_name else 1)  # type: ignore[arg-type]
+        elif tensor_name.startswith("mlp."):
+            out[tensor_name] = _normal(shape, 1e-6, gen)
+        else:  # attention biases
+            out[tensor_name] = torch.zeros(shape)
+    return out
+
+
+@registry.register_init("residual_adapter")
+def _init_adapter(cfg: VitConfig, hparams: Mapping[str, object], gen: torch.Generator) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for tensor_name, shape in registry.kind("residual_adapter").shapes(cfg, hparams).items():
+        if tensor_name.startswith("norm"):
+            out[tensor_name] = _norm(shape, tensor_name.rsplit(".", 1)[-1])
+        elif tensor_name == "down.weight":
+            out[tensor_name] = _lecun_normal(shape, fan_in=shape[1], gen=gen)
+        else:  # biases and the up-projection: the adapter is the identity at insertion
+            out[tensor_name] = torch.zeros(shape)
+    return out
+
+
+@registry.register_init("encoder_norm")
+def _init_encoder_norm(cfg: VitConfig, hparams: Mapping[str, object], gen: torch.Generator) -> dict[str, Tensor]:
+    return {t: _norm(shape, t) for t, shape in registry.kind("encoder_norm").shapes(cfg, hparams).items()}
+
+
+@registry.register_init("head")
+def _init_head(cfg: VitConfig, hparams: Mapping[str, object], gen: torch.Generator) -> dict[str, Tensor]:
+    return _zeros(registry.kind("head").shapes(cfg, hparams))
+
+
 def init_component(
     name: str, cfg: VitConfig, hparams: Mapping[str, object], generator: torch.Generator
 ) -> dict[str, Tensor]:
-    """Fresh float32 CPU tensors for one component; deterministic given the generator's state.
+    """Fresh float32 CPU tensors for one component (its kind's registered init); deterministic given
+    the generator's state.
 
     Blocks: xavier-uniform kernels (q/k/v each as its own D x D kernel), MLP biases N(0, 1e-6), attention
     biases 0. Adapter: LN 1/0, down = lecun-normal (truncated normal) + zero bias, up = zero (identity
     at insertion). Head zero, posemb N(0, 0.02), cls zero, patch embedding lecun-normal on 3*P*P.
     LayerNorms: weight 1, bias 0.
     """
-    shapes = param_shapes(name, cfg, hparams)
-    kind = _INDEXED_NAME.match(name).group(1) if _INDEXED_NAME.match(name) else name  # type: ignore[union-attr]
-    out: dict[str, Tensor] = {}
-    for tensor_name, shape in shapes.items():
-        leaf = tensor_name.rsplit(".", 1)[-1]
-        is_norm = tensor_name.startswith("norm") or kind == "encoder_norm"
-        if is_norm:
-            out[tensor_name] = torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
-        elif kind == "encoderblock" and leaf == "weight":
-            out[tensor_name] = _xavier_uniform(shape, generator, fused=3 if "qkv" in tensor_name else 1)  # type: ignore[arg-type]
-        elif kind == "encoderblock" and tensor_name.startswith("mlp."):
-            out[tensor_name] = _normal(shape, 1e-6, generator)
-        elif kind == "residual_adapter" and tensor_name == "down.weight":
-            out[tensor_name] = _lecun_normal(shape, fan_in=shape[1], gen=generator)
-        elif kind == "embedding" and leaf == "weight":
-            out[tensor_name] = _lecun_normal(shape, fan_in=3 * cfg.patch * cfg.patch, gen=generator)
-        elif kind == "posembed_input":
-            out[tensor_name] = _normal(shape, 0.02, generator)
-        else:  # cls, head, attention biases, adapter biases and up-projection, embedding bias
-            out[tensor_name] = torch.zeros(shape)
+    kind = registry.kind_of(name)
+    if kind.init is None:
+        raise ValueError(f"component kind {kind.name!r} has no registered init (registry.register_init)")
+    out = kind.init(cfg, hparams, generator)
+    shapes = kind.shapes(cfg, hparams)
+    got = {t: tuple(v.shape) for t, v in out.items()}
+    if got != {t: tuple(s) for t, s in shapes.items()}:
+        raise ValueError(f"init of {name!r} made tensors {got}, its kind's shapes are {shapes}")
     return out
 
 
@@ -237,34 +238,30 @@ def resize_posemb(posemb: Tensor, new_grid: int) -> Tensor:
     return torch.cat([cls_row, grid_rows], dim=1)
 
 
+@registry.register_root_seed("posembed_input")
+def _posemb_from_root(root_posemb: Tensor, cfg: VitConfig, hparams: Mapping[str, object]) -> dict[str, Tensor]:
+    """No ancestor at this image size: the root's posemb resized (method.md 2.3 step 6)."""
+    return {"pos_embedding": resize_posemb(root_posemb, image_grid(cfg, hparams))}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Counting
 # ----------------------------------------------------------------------------------------------------
 
 def count_params(cfg: VitConfig, hparams: Mapping[str, object]) -> dict[str, int]:
     """Number of parameters per component of the model `hparams` describes."""
-    return {
-        name: sum(math.prod(shape) for shape in param_shapes(name, cfg, hparams).values())
-        for name in component_names(hparams)
-    }
+    return registry.component_params(cfg, hparams)
 
 
 def count_flops(cfg: VitConfig, hparams: Mapping[str, object]) -> int:
-    """Forward FLOPs for ONE image at hparams' image size, as 2 x multiply-accumulates.
+    """Forward FLOPs for ONE image at hparams' image size, as 2 x multiply-accumulates: the sum of every
+    component kind's registered share (registry.model_flops).
 
     Counted: patch conv, qkv, attention scores (q.k), attention-weighted sum (p.v), output projection,
     MLP, adapters (down + up) and head. NOT counted: LayerNorm, softmax, GELU, bias and residual adds,
     position-embedding add. That is exactly what torch.utils.flop_counter.FlopCounterMode reports.
     """
-    d, m = cfg.hidden, cfg.mlp
-    grid = image_grid(cfg, hparams)
-    tokens = 1 + grid * grid
-    flops = 2 * grid * grid * d * 3 * cfg.patch * cfg.patch  # patch conv
-    per_block = 2 * tokens * d * 3 * d + 2 * 2 * tokens * tokens * d + 2 * tokens * d * d + 2 * 2 * tokens * d * m
-    adapter = 2 * 2 * tokens * d * int(hparams.get("adapter_dim", 0) or 0)  # type: ignore[arg-type]
-    layers = num_layers(hparams)
-    flops += layers * per_block + sum(1 for i in adapter_ids(hparams) if i < layers) * adapter
-    return flops + 2 * d * int(hparams["num_classes"])  # type: ignore[arg-type]
+    return registry.model_flops(cfg, hparams)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -333,6 +330,10 @@ def _bind(module: nn.Module, component: str, tensors: Mapping[str, Tensor],
     return bound
 
 
+# Kinds whose modules PathModel builds itself (timm parity, stable attribute names).
+_BUILTIN_MODULES = frozenset(k.name for k in registry.BUILTIN_KINDS)
+
+
 class PathModel(nn.Module):
     """One path's ViT over shared component tensors (see module docstring for the no-copy contract).
 
@@ -364,11 +365,17 @@ class PathModel(nn.Module):
             self.encoder_norm = nn.LayerNorm(cfg.hidden, eps=LAYER_NORM_EPS)
             self.head = nn.Linear(cfg.hidden, int(hparams["num_classes"]))  # type: ignore[arg-type]
 
+            # Kinds registered beyond the ViT's own (agents.registry) run as x -> x stages at their slot.
+            self.extra = nn.ModuleDict({name: self._extra_module(name, cfg, hparams) for name in names
+                                        if registry.kind_of(name).name not in _BUILTIN_MODULES})
+
         modules: dict[str, nn.Module] = {"cls": self.cls, "embedding": self.embedding,
                                          "posembed_input": self.posembed_input,
                                          "encoder_norm": self.encoder_norm, "head": self.head}
         modules.update({f"residual_adapter_{i}": m for i, m in self.adapters.items()})
         modules.update({f"encoderblock_{i}": m for i, m in enumerate(self.blocks)})
+        modules.update(self.extra.items())
+        self._component_modules = modules
         self._trainable: dict[tuple[str, str], nn.Parameter] = {}
         for name in names:
             bound = _bind(modules[name], name, params[name], param_shapes(name, cfg, hparams), name in trainable)
@@ -376,18 +383,28 @@ class PathModel(nn.Module):
 
         # Stages in forward order; the head is applied separately (forward_head).
         # The stem is stored as None (not a bound method) to keep the module free of reference cycles.
-        stages: list[tuple[tuple[str, ...], nn.Module | None]] = [(("cls", "embedding", "posembed_input"), None)]
-        for i in range(layers):
-            if str(i) in self.adapters:
-                stages.append(((f"residual_adapter_{i}",), self.adapters[str(i)]))
-            stages.append(((f"encoderblock_{i}",), self.blocks[i]))
-        stages.append((("encoder_norm",), self.encoder_norm))
+        stem = tuple(n for n in names if registry.kind_of(n).stage == registry.STAGE_STEM)
+        stages: list[tuple[tuple[str, ...], nn.Module | None]] = [(stem, None)]
+        stages += [((n,), modules[n]) for n in names
+                   if registry.kind_of(n).stage not in (registry.STAGE_STEM, registry.STAGE_HEAD)]
         self._stages = stages
         first = next((k for k, (comps, _) in enumerate(stages) if self.trainable_components & set(comps)),
                      len(stages))
         # Components that run without autograd because nothing below them trains.
         self.frozen_prefix: tuple[str, ...] = tuple(c for comps, _ in stages[:first] for c in comps)
         self._first_trainable_stage = first
+
+    @staticmethod
+    def _extra_module(name: str, cfg: VitConfig, hparams: Mapping[str, object]) -> nn.Module:
+        kind = registry.kind_of(name)
+        if kind.module is None or kind.stage in (registry.STAGE_STEM, registry.STAGE_HEAD):
+            raise ValueError(f"PathModel cannot run component {name!r}: its kind {kind.name!r} has no "
+                             "registered x -> x module (registry.register_module) at a layer or top slot")
+        return kind.module(cfg, hparams)
+
+    def component_module(self, name: str) -> nn.Module:
+        """The submodule that holds component `name`'s tensors."""
+        return self._component_modules[name]
 
     def _stem(self, x: Tensor) -> Tensor:
         tokens = self.embedding(x).flatten(2).transpose(1, 2)

@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # `python benchmarks/x.py` from a checkout
-    sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm must never wait on a model hub
 
-from store.codec import json_safe  # noqa: E402  (after the path set-up above)
+from store.codec import json_safe
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
 

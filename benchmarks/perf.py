@@ -38,9 +38,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
-from benchmarks.common import BenchmarkError, fmt, log, md_table, median  # noqa: E402
+from benchmarks import common
+from benchmarks.common import BenchmarkError, fmt, log, md_table, median
 
 PUBLISHER, LISTENER, LATENCY_TASK = "bench~publisher", "bench~listener", "bench_latency"
 
@@ -465,15 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(common.RESULTS_DIR), help="result directory")
     args = p.parse_args(argv)
     if args.threads < 1:
-        print("perf.py: error: --threads must be >= 1", file=sys.stderr)
-        return 2
+        raise BenchmarkError("--threads must be >= 1")
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     start = time.perf_counter()
-    try:
-        result = run(args, mode)
-    except BenchmarkError as exc:
-        print(f"perf.py: error: {exc}", file=sys.stderr)
-        return 2
+    result = run(args, mode)
     result["harness_seconds"] = time.perf_counter() - start
     out = Path(args.out)
     common.write_json(out / "perf.json", result)
@@ -484,4 +478,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launch.common import run_main
+
+    run_main(main, "perf.py", user_errors=(BenchmarkError,))

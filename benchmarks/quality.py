@@ -24,9 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
-from benchmarks.common import BenchmarkError, fmt, log, md_table  # noqa: E402
+from benchmarks import common
+from benchmarks.common import BenchmarkError, fmt, log, md_table
 
 ALL_METHODS = ("swarm", "finetune-all", "adapters", "joint")
 QUICK_TASKS = ("uci_digits", "mnist5k", "glyphs_latin", "glyphs_greek")
@@ -318,20 +317,10 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import agents  # noqa: F401  (must precede timm)
-    from agents.config import PresetError
-    from taskdata import TaskDataError
+    import agents  # noqa: F401  (must precede timm; bad presets and tasks are then user errors)
 
-    USER_ERRORS = (PresetError, TaskDataError)
     start = time.perf_counter()
-    try:
-        result = run(args)
-    except BenchmarkError as exc:
-        print(f"quality.py: error: {exc}", file=sys.stderr)
-        return 2
-    except USER_ERRORS as exc:  # a bad preset or task name on the command line
-        print(f"quality.py: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+    result = run(args)
     result["harness_seconds"] = time.perf_counter() - start
     out = Path(args.out)
     common.write_json(out / "quality.json", result)
@@ -342,4 +331,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launch.common import run_main
+
+    run_main(main, "quality.py", user_errors=(BenchmarkError,))

@@ -15,10 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
-from benchmarks.common import fmt, md_table  # noqa: E402
-from benchmarks.quality import markdown  # noqa: E402
+from benchmarks import common
+from benchmarks.common import fmt, md_table
+from benchmarks.quality import markdown
 
 
 def _load(path: Path) -> dict | None:
@@ -93,4 +92,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launch.common import run_main
+
+    run_main(main, "quality_report.py")

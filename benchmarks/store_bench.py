@@ -23,10 +23,9 @@ from typing import Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from protocol.tensors import RawTensor, blob_key  # noqa: E402
-from store import ComponentWrite, ModelRecord, Publication, Store, component_id  # noqa: E402
+from protocol.tensors import RawTensor, blob_key
+from store import ComponentWrite, ModelRecord, Publication, Store, component_id
 
 RESULTS = Path(__file__).resolve().parent / "results" / "store_bench.json"
 HIDDEN, MLP, PATCH, BLOCKS, IMAGE, CLASSES = 192, 768, 16, 3, 32, 10
@@ -217,4 +216,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launch.common import run_main
+
+    run_main(main, "store_bench.py")

@@ -7,22 +7,24 @@ starts from the system's knowledge. Re-attaching a task whose agent died resumes
 
   python launch/attach.py --store swarm-store --task glyphs_arabic
   python launch/attach.py --store swarm-store --task mnist5k --preset demo+penalty --cycles 6
+  python launch/attach.py --store tcp://10.0.0.5:5710 --keys keys/ --task uci_digits --bind-host 10.0.0.7
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launch.common import UserError, check_devices, parse_devices, run_main  # noqa: E402
+from launch.common import UserError, add_store_flags, check_devices, parse_devices, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attach.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", required=True, help="existing store directory (made by run_swarm.py)")
+    add_store_flags(p, required=True, help="existing store directory (made by run_swarm.py), or a "
+                                           "store service at tcp://HOST:PORT")
+    p.add_argument("--bind-host", default="127.0.0.1", metavar="HOST",
+                   help="interface the agent's announcement socket binds (default 127.0.0.1; give "
+                        "this host's address when the other agents run elsewhere)")
     p.add_argument("--task", required=True,
                    help="task name: a built-in (mnist5k, uci_digits, fashion_mnist, animal_mnist, "
                         "glyphs_<script>) or folder:PATH or npz:PATH")
@@ -42,16 +44,19 @@ def main() -> int:
     if args.cycles is not None and args.cycles < 0:
         raise UserError("--cycles must be >= 0")
     check_devices(parse_devices(args.device))
-    from store import Store
+    from store import open_store
 
-    with Store.open(args.store, readonly=True) as store:  # NotAStore -> exit 2, creates nothing
+    store = open_store(args.store, readonly=True, keys=args.keys)  # NotAStore -> exit 2
+    try:
         from agents.agent import AgentOptions, agent_id_for, run_agent
         from agents.config import resolve_preset
 
         target = args.cycles if args.cycles is not None else resolve_preset(args.preset).budget.cycles
-        state = store.get_agent_state(agent_id_for(args.task))
-        holder = store.get_agent(agent_id_for(args.task))
-    held = holder is not None and holder.lease_live(time.time())
+        aid = agent_id_for(args.task)
+        state = store.get_agent_state(aid)
+        held = any(a.agent_id == aid for a in store.live_agents())  # by the store's clock
+    finally:
+        store.close()
     if state is not None and state.cycle >= target and not held:  # a held lease is refused below
         # Nothing to do is still an answer: say it, and how to get more.
         print(f"attach.py: task {args.task} is already at cycle {state.cycle} of {target}; nothing "
@@ -60,7 +65,7 @@ def main() -> int:
 
     opts = AgentOptions(store=args.store, task=args.task, preset=args.preset, device=args.device,
                         cycles=args.cycles, seed=args.seed, threads=args.threads,
-                        lease_ttl=args.lease_ttl)
+                        lease_ttl=args.lease_ttl, keys=args.keys, bind_host=args.bind_host)
     agent = run_agent(opts, verbose=True)
     if agent.lease_lost:
         return 1  # superseded by another agent for this task: it did not finish its cycles here

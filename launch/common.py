@@ -1,60 +1,109 @@
-"""Shared bits of the entry points: import path, user-error handling, exit codes.
+"""Shared bits of the entry points: the store flags, user-error handling, exit codes.
 
 Exit codes (DESIGN.md section 6): 0 success; 2 user error (one line on stderr, no traceback);
-1 internal failure. Keep torch out of this module: query.py imports it too.
+1 internal failure or an inconsistent store. ``run_main`` is the one place that decides them, for
+every script in launch/ and benchmarks/ and for spawned agent processes. Keep torch out of this
+module: query.py imports it too. The scripts import the installed packages (``make install`` or
+``pip install -e .``), so none of them edits ``sys.path``.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python launch/x.py` from a checkout without installing
-    sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub for weights
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'the user asked for something impossible' (exit 2)."""
-    from store import LeaseHeld, NotAStore
-
-    types: list[type[BaseException]] = [NotAStore, LeaseHeld, UserError]
-    if "agents" in sys.modules:  # only when the agent stack is loaded (query.py never loads it)
-        from agents.bootstrap import RootMismatch
-        from agents.config import PresetError
-        from taskdata import TaskDataError
-        from agents.roots import CheckpointError
-
-        types += [PresetError, TaskDataError, RootMismatch, CheckpointError]
-    return tuple(types)
 
 
 class UserError(ValueError):
     """A bad flag or argument combination found by an entry point itself."""
 
 
-def run_main(main: Callable[[], int | None], prog: str) -> None:
-    """Run ``main`` and turn user errors into one stderr line + exit 2, crashes into exit 1."""
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'the user asked for something impossible' (exit 2)."""
+    from store import StoreError
+
+    types: list[type[BaseException]] = [StoreError, UserError]
+    if "agents" in sys.modules:  # only when the agent stack is loaded (query.py never loads it)
+        from agents.bootstrap import RootMismatch
+        from agents.config import PresetError
+        from agents.roots import CheckpointError
+        from taskdata import TaskDataError
+
+        types += [PresetError, TaskDataError, RootMismatch, CheckpointError]
+    return tuple(types)
+
+
+def exit_code(exc: BaseException, prog: str,
+              user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Report ``exc`` the way every entry point does, and return its exit code."""
+    from store import MissingReference, StoreCorrupt
+
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, (StoreCorrupt, MissingReference)):
+        print(f"{prog}: error: store is inconsistent: {first} (run `query.py verify`)",
+              file=sys.stderr)
+        return 1
+    if isinstance(exc, user_error_types() + tuple(user_errors)):
+        print(f"{prog}: error: {first}", file=sys.stderr)
+        return 2
+    import traceback
+
+    traceback.print_exc()
+    print(f"{prog}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 1
+
+
+def run(main: Callable[[], int | None], prog: str,
+        user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Call ``main`` and return its exit code: user errors become one stderr line + 2, crashes 1."""
     try:
-        code = main()
+        return main() or 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        code = 130
+        return 130
     except SystemExit:
         raise
+    except BrokenPipeError:  # e.g. `query.py events | head`
+        sys.stderr.close()
+        return 0
     except Exception as exc:  # noqa: BLE001 - the one place that decides exit codes
-        if isinstance(exc, user_error_types()):
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            print(f"{prog}: error: {first}", file=sys.stderr)
-            code = 2
-        else:
-            import traceback
+        return exit_code(exc, prog, user_errors)
 
-            traceback.print_exc()
-            print(f"{prog}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-            code = 1
-    sys.exit(code or 0)
+
+def run_main(main: Callable[[], int | None], prog: str,
+             user_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """The ``if __name__ == "__main__"`` of every script: ``run`` it, then exit with its code."""
+    sys.exit(run(main, prog, user_errors))
+
+
+def add_store_flags(p: argparse.ArgumentParser, *, required: bool = False,
+                    default: str | None = None, help: str | None = None) -> None:
+    """``--store DIR|tcp://HOST:PORT`` and ``--keys KEYDIR``, the same on every entry point."""
+    p.add_argument("--store", required=required, default=default, metavar="DIR|tcp://HOST:PORT",
+                   help=help or "store directory on this host, or a store service "
+                                "(launch/serve_store.py) at tcp://HOST:PORT")
+    p.add_argument("--keys", default=os.environ.get("MUNET_STORE_KEYS"), metavar="KEYDIR",
+                   help="CURVE key folder for a store service beyond loopback (server.key plus "
+                        "this host's client pair; default $MUNET_STORE_KEYS)")
+
+
+def agent_process_main(opts, log_path: str) -> None:
+    """Entry of a ``spawn``ed agent process: log to a file, exit codes as ``run_main`` decides."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    log = open(log_path, "a", buffering=1)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+
+    def main() -> int:
+        from agents.agent import run_agent
+
+        agent = run_agent(opts)
+        return 1 if agent.lease_lost else 0  # 1: superseded by another agent for this task
+
+    run_main(main, f"agent[{opts.task}]")
 
 
 def parse_devices(text: str) -> list[str]:

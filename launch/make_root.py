@@ -20,8 +20,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launch.common import UserError, run_main  # noqa: E402
+from launch.common import UserError, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:

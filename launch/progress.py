@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import TextIO
 
-from store import Store
+from store import StoreAPI, open_store
 
 COLUMNS = ("task", "state", "cycle", "gen", "score", "quality", "test", "params", "ch/min", "last event")
 
@@ -22,13 +22,13 @@ def _fmt(v, digits: int = 4) -> str:
 
 
 class ProgressView:
-    def __init__(self, store_path: str, tasks: list[str], out: TextIO):
-        self.store_path, self.tasks, self.out = store_path, tasks, out
+    def __init__(self, store_path: str, tasks: list[str], out: TextIO, keys: str | None = None):
+        self.store_path, self.tasks, self.out, self.keys = store_path, tasks, out, keys
         self.tty = hasattr(out, "isatty") and out.isatty()
         self._last_lines: dict[str, str] = {}
         self._drawn = 0
         self._t0 = time.time()
-        self._store: Store | None = None
+        self._store: StoreAPI | None = None
 
     def close(self) -> None:
         if self._store is not None:
@@ -39,7 +39,7 @@ class ProgressView:
         from agents.agent import agent_id_for  # same id rule as the agents
 
         if self._store is None:  # one read-only handle for the view's life (LMDB: once per process)
-            self._store = Store.open(self.store_path, readonly=True)
+            self._store = open_store(self.store_path, readonly=True, keys=self.keys)
         records = {a.agent_id: a for a in self._store.agents()}
         rows = []
         for task in self.tasks:

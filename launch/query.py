@@ -22,22 +22,17 @@ import math
 import os
 import sys
 import time
-import traceback
-from pathlib import Path
 from typing import Any, Callable, Sequence
-
-try:  # run from a checkout without installing: put the repository root on the path
-    import store  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 if __name__ == "__main__":  # one module identity, so launch.query_views shares its helpers and errors
     sys.modules.setdefault("launch.query", sys.modules[__name__])
 
-from store import MissingReference, Store, StoreCorrupt, StoreError  # noqa: E402
-from store.codec import json_safe  # noqa: E402
+from launch.common import run, run_main  # noqa: E402
 from launch.query_views import cmd_agents, cmd_trials, register_agents, register_trials  # noqa: E402
 from launch.report_cmd import cmd_report, register_report  # noqa: E402
+from store import StoreAPI, is_remote  # noqa: E402
+from store import open_store as _open_store  # noqa: E402
+from store.codec import json_safe  # noqa: E402
 
 DEFAULT_STORE = "swarm-store"
 FOLLOW_POLL_SECONDS = 0.5
@@ -56,9 +51,10 @@ class UsageError(Exception):
 
 # ---- helpers ------------------------------------------------------------------------------------------
 
-def open_store(args: argparse.Namespace, *, readonly: bool = True) -> Store:
-    """Open an existing store; never creates anything (a wrong path is a NotAStore error)."""
-    return Store.open(args.store, readonly=readonly, create=False)
+def open_store(args: argparse.Namespace, *, readonly: bool = True) -> StoreAPI:
+    """Open an existing store, local or a service; never creates anything (a wrong path is a
+    NotAStore error)."""
+    return _open_store(args.store, readonly=readonly, create=False, keys=args.keys)
 
 
 
@@ -108,12 +104,12 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 # ---- leaderboard --------------------------------------------------------------------------------------
 
-def _completed_cycles(st: Store, agent_id: str, fallback: Any) -> Any:
+def _completed_cycles(st: StoreAPI, agent_id: str, fallback: Any) -> Any:
     state = st.get_agent_state(agent_id)
     return state.cycle if state is not None else fallback
 
 
-def leaderboard_rows(st: Store) -> list[dict[str, Any]]:
+def leaderboard_rows(st: StoreAPI) -> list[dict[str, Any]]:
     """One row per task with a published model, sorted by task (the `leaderboard --json` schema)."""
     pointers = {t.task: t for t in st.tasks()}
     published = st.published_models()
@@ -176,7 +172,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 # ---- show ---------------------------------------------------------------------------------------------
 
-def describe_task(st: Store, task: str) -> dict[str, Any]:
+def describe_task(st: StoreAPI, task: str) -> dict[str, Any]:
     """The task's pointer, model and components (owner, size, which other tasks reuse them)."""
     pointer = st.get_task(task)
     if pointer is None:
@@ -274,6 +270,8 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    if is_remote(args.store):
+        raise UsageError("gc rewrites the LMDB file: run it on the store's host with --store DIR")
     with open_store(args, readonly=False) as st:
         counts = st.gc(grace_seconds=args.grace)
     if args.json:
@@ -323,8 +321,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ---- argument parsing ---------------------------------------------------------------------------------
 
 def _add_store_flag(parser: argparse.ArgumentParser, default: Any) -> None:
-    parser.add_argument("--store", default=default, metavar="DIR",
-                        help=f"store directory (default: {DEFAULT_STORE})")
+    parser.add_argument("--store", default=default, metavar="DIR|tcp://HOST:PORT",
+                        help=f"store directory (default: {DEFAULT_STORE}), or a store service at "
+                             f"tcp://HOST:PORT (launch/serve_store.py)")
+    keys = os.environ.get("MUNET_STORE_KEYS") if default is not argparse.SUPPRESS else default
+    parser.add_argument("--keys", default=keys, metavar="KEYDIR",
+                        help="CURVE key folder for a store service beyond loopback "
+                             "(default $MUNET_STORE_KEYS)")
 
 
 def register_leaderboard(sub: Any) -> argparse.ArgumentParser:
@@ -406,23 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (StoreCorrupt, MissingReference) as exc:
-        print(f"error: store is inconsistent: {exc}", file=sys.stderr)
-        return 1
-    except (UsageError, StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # e.g. `query.py events | head`
-        sys.stderr.close()
-        return 0
-    except Exception:  # internal failure: keep the traceback, it is a bug report
-        traceback.print_exc()
-        return 1
+    return run(lambda: args.func(args), "query.py", user_errors=(UsageError,))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, "query.py")

@@ -9,7 +9,7 @@ import argparse
 import time
 from typing import Any
 
-from store import Store
+from store import StoreAPI
 
 
 def agent_state(rec, now: float) -> str:
@@ -19,7 +19,7 @@ def agent_state(rec, now: float) -> str:
     return rec.state or "unknown"
 
 
-def agent_rows(st: Store, now: float | None = None) -> list[dict[str, Any]]:
+def agent_rows(st: StoreAPI, now: float | None = None) -> list[dict[str, Any]]:
     now = time.time() if now is None else now
     rows = []
     for rec in sorted(st.agents(), key=lambda a: a.task):
@@ -41,7 +41,7 @@ def agent_rows(st: Store, now: float | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def trial_rows(st: Store, task: str | None, last: int | None) -> list[dict[str, Any]]:
+def trial_rows(st: StoreAPI, task: str | None, last: int | None) -> list[dict[str, Any]]:
     trials = st.trials(task=task)
     if last is not None:
         trials = trials[-last:] if last > 0 else []

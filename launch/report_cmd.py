@@ -15,20 +15,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-try:  # run from a checkout without installing: put the repository root on the path
-    import store  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from store import Store  # noqa: E402
-from store.codec import json_safe  # noqa: E402
-from report.build import build_report  # noqa: E402
-from report.html import render_html  # noqa: E402
+from launch.common import UserError
+from store import open_store
+from store.codec import json_safe
+from report.build import build_report
+from report.html import render_html
 
 HTML_SUFFIXES = (".html", ".htm")
 
 
-class ReportOutputError(ValueError):
+class ReportOutputError(UserError):
     """The --out path cannot take the report (a user error: exit 2, one line)."""
 
 
@@ -65,11 +61,15 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_report(store_path: str | os.PathLike, out: str) -> tuple[Path, Path, dict]:
+def write_report(store_path: str | os.PathLike, out: str,
+                 keys: str | None = None) -> tuple[Path, Path, dict]:
     """Build the report of the store at ``store_path``; write FILE.html and FILE.json."""
     html_path, json_path = output_paths(out)
-    with Store.open(store_path, readonly=True, create=False) as st:
+    st = open_store(os.fspath(store_path), readonly=True, keys=keys)
+    try:
         report = build_report(st)
+    finally:
+        st.close()
     try:
         _write_atomic(json_path, json.dumps(json_safe(report), indent=1, allow_nan=False))
         _write_atomic(html_path, render_html(report))
@@ -87,11 +87,7 @@ def register_report(sub: Any) -> argparse.ArgumentParser:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    try:
-        html_path, json_path, report = write_report(args.store, args.out)
-    except ReportOutputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    html_path, json_path, report = write_report(args.store, args.out, keys=args.keys)
     s = report["summary"]
     print(f"report: {html_path} and {json_path} ({s['tasks']} tasks, {s['trials']} trained "
           f"children, {s['presets']} presets)")

@@ -12,6 +12,7 @@ launch/make_root.py builds it ahead); --root random for a random initialisation.
   python launch/run_swarm.py
   python launch/run_swarm.py --store runs/s1 --tasks mnist5k,uci_digits --preset test --cycles 2
   python launch/run_swarm.py --devices cuda:0,cuda:1 --preset vit-t3
+  python launch/run_swarm.py --store tcp://10.0.0.5:5710 --keys keys/ --tasks mnist5k --bind-host 10.0.0.7
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launch.common import UserError, check_devices, parse_devices, run_main  # noqa: E402
+from launch.common import (UserError, add_store_flags, agent_process_main, check_devices,
+                           parse_devices, run_main)
 
 DEFAULT_STORE = "swarm-store"
 
@@ -30,7 +31,14 @@ DEFAULT_STORE = "swarm-store"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_swarm.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default=DEFAULT_STORE, help=f"store directory (default {DEFAULT_STORE})")
+    add_store_flags(p, default=DEFAULT_STORE,
+                    help=f"store directory (default {DEFAULT_STORE}), or a store service at "
+                         f"tcp://HOST:PORT (launch/serve_store.py)")
+    p.add_argument("--logs", default=None, metavar="DIR",
+                   help="agent log folder (default STORE/logs, or swarm-logs for a store service)")
+    p.add_argument("--bind-host", default="127.0.0.1", metavar="HOST",
+                   help="interface the agents' announcement sockets bind (default 127.0.0.1; give "
+                        "this host's address when agents on other hosts share the store)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--benchmark", default=None, help="built-in task set (default mccb-offline)")
     g.add_argument("--tasks", default=None,
@@ -69,7 +77,7 @@ def resolve_tasks(args) -> list[str]:
 
 
 def spawn_agents(args, tasks: list[str], devices: list[str]) -> dict[str, mp.Process]:
-    from agents.agent import AgentOptions, agent_id_for, agent_process_main
+    from agents.agent import AgentOptions, agent_id_for
 
     ctx = mp.get_context("spawn")  # never fork with an open LMDB env or zmq context
     n_cpu = sum(1 for i in range(len(tasks)) if devices[i % len(devices)] == "cpu")
@@ -79,28 +87,36 @@ def spawn_agents(args, tasks: list[str], devices: list[str]) -> dict[str, mp.Pro
         dev = devices[i % len(devices)]
         opts = AgentOptions(store=args.store, task=task, preset=args.preset, device=dev,
                             cycles=args.cycles, seed=args.seed, root=args.root,
-                            threads=threads if dev == "cpu" else None)
-        log = os.path.join(args.store, "logs", agent_id_for(task) + ".log")
+                            threads=threads if dev == "cpu" else None, keys=args.keys,
+                            bind_host=args.bind_host)
+        log = os.path.join(args.logs, agent_id_for(task) + ".log")
         proc = ctx.Process(target=agent_process_main, args=(opts, log), name=f"agent-{task}")
         proc.start()
         procs[task] = proc
     return procs
 
 
-def _has_root(path: str) -> bool:
-    from store import NotAStore, Store
+def _has_root(spec: str, keys: str | None) -> bool:
+    from store import NotAStore, is_remote, open_store
 
-    if not os.path.isdir(path):
+    if not is_remote(spec) and not os.path.isdir(spec):
         return False
     try:
-        with Store.open(path, readonly=True) as store:
-            return store.root_model_id() is not None
+        store = open_store(spec, readonly=True, keys=keys)
     except NotAStore:
         return False
+    try:
+        return store.root_model_id() is not None
+    finally:
+        store.close()
 
 
 def main() -> int:
     args = build_parser().parse_args()
+    from store import is_remote, open_store
+
+    remote = is_remote(args.store)
+    args.logs = args.logs or ("swarm-logs" if remote else os.path.join(args.store, "logs"))
     devices = parse_devices(args.devices)
     if args.cycles is not None and args.cycles < 0:
         raise UserError("--cycles must be >= 0")
@@ -117,10 +133,9 @@ def main() -> int:
     from taskdata import fetch_all
     from agents.vit import preset_vit
     from launch.progress import ProgressView
-    from store import Store
 
     vit = preset_vit(preset)
-    source, needs_root = None, not _has_root(args.store)
+    source, needs_root = None, not _has_root(args.store, args.keys)
     from agents.pretrain import BUILTIN_ROOT
     from agents.root_source import resolve_root
     from agents.roots import root_from_timm_checkpoint
@@ -134,8 +149,10 @@ def main() -> int:
     if needs_root and source is None:  # the built-in pretrained root: built here once, then cached
         source = resolve_root(preset.root, vit, preset.budget.image_size,
                               log=lambda m: print(m, flush=True))
-    os.makedirs(args.store, exist_ok=True)
-    with Store.open(args.store, create=True) as store:
+    if not remote:
+        os.makedirs(args.store, exist_ok=True)
+    store = open_store(args.store, create=True, keys=args.keys)
+    try:
         ensure_root(store, preset, vit, seed=args.seed, source=source)
         live = {a.agent_id: a for a in store.live_agents()}
         for t in tasks:
@@ -143,10 +160,12 @@ def main() -> int:
                 a = live[agent_id_for(t)]
                 raise UserError(f"task {t} already has a live agent (pid {a.pid} on {a.host}); "
                                 f"stop it or leave {t} out")
+    finally:
+        store.close()
     print(f"swarm: {len(tasks)} agents, preset {preset.name} [{preset.hash}], store {args.store}, "
-          f"devices {','.join(devices)}; logs in {os.path.join(args.store, 'logs')}", flush=True)
+          f"devices {','.join(devices)}; logs in {args.logs}", flush=True)
     procs = spawn_agents(args, tasks, devices)
-    view = ProgressView(args.store, tasks, sys.stdout)
+    view = ProgressView(args.store, tasks, sys.stdout, keys=args.keys)
     interrupted = False
     try:
         while any(p.is_alive() for p in procs.values()):
@@ -168,12 +187,12 @@ def main() -> int:
     from launch.query import main as query_main
 
     print()
-    query_main(["--store", args.store, "leaderboard"])
+    query_main(["--store", args.store, *(["--keys", args.keys] if args.keys else []), "leaderboard"])
     failed = {t: p.exitcode for t, p in procs.items() if p.exitcode not in (0, None)}
     if failed and not interrupted:
         for t, code in failed.items():
             print(f"swarm: agent for {t} exited with code {code}: see "
-                  f"{os.path.join(args.store, 'logs', agent_id_for(t) + '.log')}", file=sys.stderr)
+                  f"{os.path.join(args.logs, agent_id_for(t) + '.log')}", file=sys.stderr)
         return 2 if all(c == 2 for c in failed.values()) else 1
     if interrupted:
         print("swarm: stopped; run the same command again to resume", file=sys.stderr)

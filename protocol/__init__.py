@@ -3,14 +3,13 @@
 Imports only the standard library, msgpack, numpy and pyzmq (never torch, store or agents), so any
 process, including the store's readers, can use it cheaply.
 """
-from protocol.bus import Envelope, PeerBus, process_context
+from protocol.bus import PeerBus, process_context
 from protocol.messages import (
     MAX_LIST_LEN,
     MAX_MESSAGE_BYTES,
     MAX_STRING_LEN,
     PROTOCOL_VERSION,
     Bye,
-    Heartbeat,
     Hello,
     Message,
     ProtocolError,
@@ -40,8 +39,6 @@ __all__ = [
     "PROTOCOL_VERSION",
     "DTYPES",
     "Bye",
-    "Envelope",
-    "Heartbeat",
     "Hello",
     "Message",
     "PeerBus",

@@ -10,9 +10,9 @@ arrives (wrong frame count, bad msgpack, schema errors, a topic frame disagreein
 dropped and counted, never raised. PUB/SUB also loses whatever is sent before a subscription has
 finished connecting (the "slow joiner"); a late or reconnecting peer catches up from the store.
 
-A wire message is a multipart message ``[kind, payload]`` where ``kind`` is the ASCII message kind (the
-subscription topic) and ``payload`` is ``messages.encode(msg)``; optionally followed by the tensor
-frames of ``tensors.frame_tensors``.
+A wire message is a multipart message of exactly two frames, ``[kind, payload]``, where ``kind`` is the
+ASCII message kind (the subscription topic) and ``payload`` is ``messages.encode(msg)``. Tensors never
+travel on the bus: a peer that hears of a new model reads its tensors from the store.
 
 A frame larger than ``max_frame_bytes`` is refused by ZeroMQ itself (MAXMSGSIZE), before any memory is
 spent on it. ZeroMQ treats that as a protocol violation and drops the connection for good, so the bus
@@ -27,14 +27,12 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import TracebackType
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from protocol.messages import Message, ProtocolError, decode, encode
-from protocol.tensors import RawTensor, frame_tensors, unframe_tensors
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +60,6 @@ def process_context() -> zmq.Context:
             _context = zmq.Context()
             _context_pid = os.getpid()
         return _context
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """One received message, with the tensors that came with it (empty for a plain message)."""
-
-    message: Message
-    tensors: dict[str, RawTensor] = field(default_factory=dict)
 
 
 def _is_valid_endpoint(endpoint: object) -> bool:
@@ -176,21 +166,6 @@ class PeerBus:
         """
         return self._send_frames([msg.kind.encode("ascii"), encode(msg)])
 
-    def send_tensors(self, msg: Message, tensors: Mapping[str, RawTensor]) -> bool:
-        """Publish a message followed by tensor frames (sent zero-copy); same semantics as ``send``.
-
-        Raises ProtocolError for a tensor frame over ``max_frame_bytes``: peers with the same bound
-        would have ZeroMQ drop it (and the connection) anyway.
-        """
-        frames = frame_tensors(tensors)
-        for frame in frames:
-            if len(frame) > self.max_frame_bytes:
-                raise ProtocolError(
-                    f"tensor frame of {len(frame)} bytes exceeds the bus limit of {self.max_frame_bytes}; "
-                    "send it in parts or through the store"
-                )
-        return self._send_frames([msg.kind.encode("ascii"), encode(msg), *frames])
-
     def _send_frames(self, frames: list) -> bool:
         self._require_open()
         try:
@@ -203,13 +178,9 @@ class PeerBus:
 
     def poll(self, timeout_ms: int = 0) -> list[Message]:
         """Every valid message available now (waiting at most ``timeout_ms`` for the first one)."""
-        return [envelope.message for envelope in self.poll_envelopes(timeout_ms)]
-
-    def poll_envelopes(self, timeout_ms: int = 0) -> list[Envelope]:
-        """Like ``poll`` but keeps the tensors that came with each message."""
         self._require_open()
         self._redial_cut()
-        received: list[Envelope] = []
+        received: list[Message] = []
         if not self._sub.poll(timeout_ms, zmq.POLLIN):
             return received
         for _ in range(MAX_DRAIN_PER_POLL):
@@ -218,24 +189,23 @@ class PeerBus:
             except zmq.Again:
                 break
             try:
-                envelope = self._parse(frames)
+                message = self._parse(frames)
             except ProtocolError as exc:
                 self.stats["dropped_malformed"] += 1
                 log.debug("dropped a malformed message: %s", exc)
                 continue
             self.stats["received"] += 1
-            received.append(envelope)
+            received.append(message)
         return received
 
     @staticmethod
-    def _parse(frames: list[zmq.Frame]) -> Envelope:
-        if len(frames) < 2:
-            raise ProtocolError(f"expected at least 2 frames, got {len(frames)}")
+    def _parse(frames: list[zmq.Frame]) -> Message:
+        if len(frames) != 2:
+            raise ProtocolError(f"expected 2 frames (kind, payload), got {len(frames)}")
         message = decode(frames[1].buffer)
         if frames[0].bytes != message.kind.encode("ascii"):
             raise ProtocolError(f"topic frame does not match payload kind {message.kind!r}")
-        tensors = unframe_tensors([frame.buffer for frame in frames[2:]]) if len(frames) > 2 else {}
-        return Envelope(message, tensors)
+        return message
 
     def _redial_cut(self) -> None:
         """Re-dial every wanted peer whose established connection ZeroMQ dropped.

@@ -200,17 +200,6 @@ class Hello(Message):
 
 @register_message
 @dataclass(frozen=True, kw_only=True)
-class Heartbeat(Message):
-    """Progress of a live agent (liveness itself is the lease in the store, not this message)."""
-
-    kind: ClassVar[str] = "heartbeat"
-    cycle: int
-    generation: int
-    best_score: float | None = None
-
-
-@register_message
-@dataclass(frozen=True, kw_only=True)
 class Published(Message):
     """A model was committed to the store; ``seq`` is the store event sequence number of that commit.
 

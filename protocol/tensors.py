@@ -8,7 +8,8 @@ msgpack maps (msgpack would copy them and bound nothing useful); instead:
   ``{"dtype": str, "shape": [int, ...]}``. ``blob_key`` hashes exactly those bytes, so identical
   dtype + shape + bytes always give the identical content address, and decoders insist on the
   canonical header so one tensor can never have two addresses.
-- a **frame list** (for ZeroMQ multipart messages) is one msgpack index frame naming every tensor
+- a **frame list** (for ZeroMQ multipart messages off the peer bus, such as a store service's
+  replies) is one msgpack index frame naming every tensor
   with its dtype and shape, then one raw frame per tensor, sent without copying.
 
 Everything read from outside is validated and bounded; failures raise ``ProtocolError``.

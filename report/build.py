@@ -3,9 +3,10 @@ extension (preset) and each mutation action contributed to it.
 
 ``build_report(store)`` reads only store records (trials, models, components, events, tasks) and
 returns a dict of plain JSON values; ``report.html`` draws the same dict as a page, so the
-JSON file and the pictures can never disagree. torch-free by design (the report never
-imports the agent stack), which is why preset names are parsed here instead of being resolved
-through agents.config.
+JSON file and the pictures can never disagree. torch-free by design: of the agent stack the report
+imports only ``agents.registry`` (torch-free), for component kinds (forward order, labels), the
+``adapter_layers`` parser and action families; preset names are parsed here instead of being
+resolved through agents.config.
 
 Definitions used throughout (the page repeats them for its readers):
 - a child is *accepted* when its best validation score reached its parent's score (children of
@@ -22,26 +23,23 @@ Definitions used throughout (the page repeats them for its readers):
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from agents import registry
 from store.errors import MissingReference
 from store.records import ComponentRecord, Event, ModelRecord, TrialRecord
 from store.store import Store
 
 ROOT_TASK = "root"
 NO_ACTION = "(none)"  # a child trained again with unchanged architecture and hparams
-_INDEX_SUFFIX = re.compile(r"_\d+$")
 
 
 def action_family(action: str) -> str:
-    """``clone:encoderblock_1`` -> ``clone:encoderblock``; hyperparameter actions stay whole."""
-    kind, sep, target = action.partition(":")
-    if not sep or kind == "hp":
-        return action
-    return f"{kind}:{_INDEX_SUFFIX.sub('', target)}"
+    """``clone:encoderblock_1`` -> ``clone:encoderblock``; hyperparameter actions stay whole
+    (the registry's grouping: ``agents.registry.action_family``)."""
+    return registry.action_family(action)
 
 
 def parse_preset_name(name: str) -> dict[str, Any]:
@@ -206,14 +204,13 @@ def _task_rows(snap: _Snapshot) -> list[dict[str, Any]]:
                   if snap.components[c].agent == model.agent)
         total = sum(snap.params[c] for c in model.components)
         pointer = snap.pointers.get(task)
-        adapters = h.get("adapter_layers") or ""
         rows.append({
             "task": task, "model_id": model.id, "agent": model.agent, "preset": model.preset,
             "preset_hash": model.preset_hash, "score": _finite(m.get("score")),
             "quality": _finite(m.get("quality")), "test_quality": _finite(m.get("test_quality")),
             "params": m.get("params"), "accounted_params": m.get("accounted_params"),
             "flops": m.get("flops"), "num_layers": h.get("num_layers"),
-            "adapters": [int(x) for x in str(adapters).split("_") if x.isdigit()],
+            "adapters": registry.parse_layer_ids(h.get("adapter_layers"), strict=False),
             "image_size": h.get("ds_image_size"), "cycles": m.get("num_cycles"),
             "num_classes": pointer.num_classes if pointer else h.get("num_classes"),
             "updated_at": pointer.updated_at if pointer else model.created_at,
@@ -270,13 +267,7 @@ def _sharing(snap: _Snapshot) -> dict[str, Any]:
 
 def _slot(name: str) -> tuple[int, int, int]:
     """Forward position of a component name, so the grid's columns read like the network."""
-    fixed = {"cls": 0, "embedding": 1, "posembed_input": 2}
-    if name in fixed:
-        return (0, fixed[name], 0)
-    match = re.fullmatch(r"(residual_adapter|encoderblock)_(\d+)", name)
-    if match:
-        return (1, int(match.group(2)), 0 if match.group(1) == "residual_adapter" else 1)
-    return (2, {"encoder_norm": 0, "head": 1}.get(name, 2), 0)
+    return registry.slot(name)
 
 
 def _method_tables(snap: _Snapshot) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -313,8 +304,8 @@ def _method_tables(snap: _Snapshot) -> tuple[list[dict[str, Any]], list[dict[str
             "best_score": dict(sorted(best[key].items())),
             "first_at": trials[0].created_at, "last_at": trials[-1].created_at})
     rank = {key: i for i, key in enumerate(order)}
-    action_rows = [{"action": family, "preset": name, "hash": phash,
-                    **tally.as_dict(count_key="children")}
+    action_rows = [{"action": family, "label": registry.action_label(family), "preset": name,
+                    "hash": phash, **tally.as_dict(count_key="children")}
                    for (family, name, phash), tally
                    in sorted(actions.items(), key=lambda kv: (kv[0][0], rank[kv[0][1:]]))]
     return preset_rows, action_rows

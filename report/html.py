@@ -317,7 +317,8 @@ def _method(report: dict, colours: _Colours) -> str:
         if first and a_rows:
             starts.add(len(a_rows))
         label = f"{a['action']}: retrain only" if a["action"] == NO_ACTION else a["action"]
-        a_rows.append([f"<b>{escape(label)}</b>" if first else "",
+        what = f"<br><span class='note'>{escape(a['label'])}</span>" if a.get("label") else ""
+        a_rows.append([f"<b>{escape(label)}</b>{what}" if first else "",
                        f"{_swatch(colours.of_preset(a['preset']))}{escape(a['preset'])}",
                        _num(a["children"]), _num(a["accepted"]), _pct(a["acceptance_rate"]),
                        _num(a["accepted_foreign"]), _signed(a["mean_score_gain"]),

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from html import escape
 from typing import Callable, Sequence
 
+from agents import registry
+
 FONT = "font-family='system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif'"
 INK, MUTED, GRID, EMPTY = "#1f2937", "#6b7280", "#e5e7eb", "#f3f4f6"
 ROOT_COLOUR = "#9ca3af"
@@ -251,15 +253,9 @@ def bar_chart(rows: Sequence[tuple[str, float | None, str]], *, title: str, widt
 
 # ---- the system graph: tasks x components --------------------------------------------------------
 
-_SHORT = (("encoderblock_", "block "), ("residual_adapter_", "adapter "),
-          ("posembed_input", "posembed"), ("encoder_norm", "norm"))
-
-
 def short_component_name(name: str) -> str:
-    for long, short in _SHORT:
-        if name.startswith(long):
-            return short + name[len(long):]
-    return name
+    """``encoderblock_3`` -> ``block 3`` (each kind's registered label; unknown names unchanged)."""
+    return registry.short_name(name)
 
 
 def sharing_grid(sharing: dict, creator_colour: Callable[[str], str],

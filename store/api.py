@@ -13,6 +13,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 from store.records import (AgentRecord, AgentState, ComponentRecord, ComponentWrite, Event,
                            ModelRecord, Publication, TaskRecord, TrialRecord)
+from store.maintenance import VerifyResult
 from store.txnops import TensorDict
 
 REMOTE_SCHEMES = ("tcp://",)
@@ -25,8 +26,10 @@ class StoreAPI(Protocol):
     path: str
     readonly: bool
 
-    # -- lifecycle
+    # -- lifecycle (``with open_store(...) as st:`` closes it)
     def close(self) -> None: ...
+    def __enter__(self) -> StoreAPI: ...
+    def __exit__(self, *exc: object) -> None: ...
 
     # -- writes (each is one transaction: all of it or nothing)
     def commit(self, agent_id: str, lease_token: str, *,
@@ -69,6 +72,7 @@ class StoreAPI(Protocol):
     def tensor_shapes(self, component_id: str) -> dict[str, tuple[str, tuple[int, ...]]]: ...
 
     # -- maintenance and numbers
+    def check(self) -> VerifyResult: ...
     def verify(self) -> list[str]: ...
     def stats(self) -> dict: ...
 

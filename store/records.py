@@ -88,7 +88,7 @@ def _scalar(v: Any) -> int | float | str | bool | None:
 
 
 def _plain(v: Any) -> Any:
-    """Any msgpack-able value with str map keys (free-form ``data``/``extra``/``progress`` dicts)."""
+    """Any msgpack-able value with str map keys (free-form ``data``/``progress``/``hparams_diff`` dicts)."""
     if v is None or isinstance(v, (bool, int, float, str, bytes)):
         return v
     if isinstance(v, (list, tuple)):
@@ -119,6 +119,8 @@ class _Record:
     """Shared strict (de)serialisation; each record lists a checker per field in ``_SPEC``."""
 
     _SPEC: ClassVar[dict[str, Callable[[Any], Any]]]
+    # Fields that older versions wrote and this one no longer has: accepted on decode and dropped.
+    _RETIRED: ClassVar[frozenset[str]] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
         return {name: _plain(getattr(self, name)) for name in self._SPEC}
@@ -127,6 +129,8 @@ class _Record:
     def _decode(cls, data: Any, error: type[StoreError]) -> Any:
         if not isinstance(data, dict):
             raise error(f"{cls.__name__}: expected a map, got {type(data).__name__}")
+        if cls._RETIRED:
+            data = {k: v for k, v in data.items() if k not in cls._RETIRED}
         missing = sorted(set(cls._SPEC) - set(data))
         extra = sorted(str(k) for k in set(data) - set(cls._SPEC))
         if missing or extra:
@@ -271,12 +275,12 @@ class AgentState(_Record):
     next_model_id: int
     offsprings: dict[str, int]
     updated_at: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     _SPEC: ClassVar = {"agent_id": _id, "task": _id, "cycle": _int, "generation": _int,
                        "population": _list_of(_id), "best_model_id": _optional(_id),
                        "next_component_id": _int, "next_model_id": _int, "offsprings": _INT_MAP,
-                       "updated_at": _float, "extra": _PLAIN_MAP}
+                       "updated_at": _float}
+    _RETIRED: ClassVar = frozenset({"extra"})  # a free-form map nothing read; old states still load
 
 
 @_record

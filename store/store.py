@@ -149,6 +149,12 @@ class Store:
         for record, blobs in prepared:
             for key, tensor in blobs.items():
                 txnops.put_blob(txn, self._dbs, key, tensor)
+            # a write may omit tensors the store already holds (the store service sends only the
+            # blobs a store lacks): each one it omits must be there, or the component would dangle
+            for key in [*record.tensors.values(), *record.momentum.values()]:
+                if key not in blobs and not txnops.exists(txn, self._dbs.blobs, key):
+                    raise MissingReference(f"component {record.id} refers to blob {key} which is "
+                                           f"neither given nor in the store")
             txnops.put_immutable(txn, self._dbs.components, record.id, record, "component")
 
     def _check_model_refs(self, txn: lmdb.Transaction, model: ModelRecord,
@@ -166,11 +172,12 @@ class Store:
                components: Sequence[ComponentWrite] = (), models: Sequence[ModelRecord] = (),
                state: AgentState | None = None, publish: Publication | None = None,
                trials: Sequence[TrialRecord] = (), event_kind: str = "published",
-               event_data: dict | None = None) -> int | None:
+               event_data: dict | None = None, request_id: str | None = None) -> int | None:
         """Write everything an agent produced in ONE transaction; see DESIGN.md section 4.
 
         Returns the sequence number of the event appended when ``publish`` moves the task pointer,
-        else None. On any error nothing at all is written.
+        else None. On any error nothing at all is written. ``request_id`` (the store service's):
+        a commit whose id was already applied returns the first reply and changes nothing.
         """
         if publish is not None and not isinstance(publish, Publication):
             raise StoreError(f"publish must be a Publication, got {type(publish).__name__}")
@@ -187,6 +194,9 @@ class Store:
         event_data = plain_value(dict(event_data or {}), "event_data")
         new_models = {m.id: m for m in models}
         with self._write() as txn:
+            done, prior = txnops.recorded_reply(txn, self._dbs, request_id)
+            if done:
+                return prior
             agent = leases.check(txn, self._dbs, agent_id, lease_token)
             for owned in [*models, *trials, *([state] if state else [])]:
                 if owned.task != agent.task:
@@ -200,9 +210,11 @@ class Store:
                 txnops.put_record(txn, self._dbs.agent_state, agent_id, state)
             for trial in trials:
                 txnops.put_immutable(txn, self._dbs.trials, trial.id, trial, "trial")
-            if publish is None:
-                return None
-            return self._publish(txn, agent, publish, event_kind, event_data)
+            seq = None
+            if publish is not None:
+                seq = self._publish(txn, agent, publish, event_kind, event_data)
+            txnops.record_reply(txn, self._dbs, request_id, seq)
+            return seq
 
     def _publish(self, txn: lmdb.Transaction, agent: AgentRecord, pub: Publication, kind: str,
                  event_data: dict) -> int:
@@ -220,14 +232,15 @@ class Store:
         return txnops.append_event(txn, self._dbs, kind, task=model.task, agent=agent.agent_id,
                                    model_id=model.id, data=event_data, now=now)
 
-    def ensure_root(self, model: ModelRecord, components: Sequence[ComponentWrite]) -> str:
+    def ensure_root(self, model: ModelRecord, components: Sequence[ComponentWrite], *,
+                    request_id: str | None = None) -> str:
         """Write the root model once; every later call (from any process) returns the same id."""
         model = model.validated()
         prepared = self._prepare_components(model.agent, components)
         with self._write() as txn:
             meta = txnops.read_meta(txn, self._dbs)
             if meta["root_model_id"]:
-                return meta["root_model_id"]
+                return meta["root_model_id"]  # idempotent by itself: no reply to record
             self._write_components(txn, prepared)
             self._check_model_refs(txn, model, {})
             txnops.put_immutable(txn, self._dbs.models, model.id, model, "model")
@@ -240,7 +253,8 @@ class Store:
     # ---- leases ------------------------------------------------------------------------------------
 
     def acquire_lease(self, agent_id: str, task: str, *, ttl: float, host: str, pid: int,
-                      device: str, endpoint: str, preset: str, now: float | None = None) -> str:
+                      device: str, endpoint: str, preset: str, now: float | None = None,
+                      request_id: str | None = None) -> str:
         """Take the lease of ``agent_id`` (serving ``task``) and return its new token.
 
         Refused with LeaseHeld while another live lease exists for this agent id or for another
@@ -249,22 +263,38 @@ class Store:
         """
         now = time.time() if now is None else now
         with self._write() as txn:
-            return leases.acquire(txn, self._dbs, agent_id, task, ttl=ttl, now=now, host=host,
-                                  pid=pid, device=device, endpoint=endpoint, preset=preset)
+            done, prior = txnops.recorded_reply(txn, self._dbs, request_id)
+            if done:
+                return prior
+            token = leases.acquire(txn, self._dbs, agent_id, task, ttl=ttl, now=now, host=host,
+                                   pid=pid, device=device, endpoint=endpoint, preset=preset)
+            txnops.record_reply(txn, self._dbs, request_id, token, now)
+            return token
 
     def heartbeat(self, agent_id: str, token: str, *, ttl: float, state: str | None = None,
                   progress: dict | None = None, endpoint: str | None = None,
-                  now: float | None = None) -> AgentRecord:
+                  now: float | None = None, request_id: str | None = None) -> AgentRecord:
         """Extend the lease to now + ttl and update state/progress; LeaseLost if taken over."""
         now = time.time() if now is None else now
         with self._write() as txn:
-            return leases.heartbeat(txn, self._dbs, agent_id, token, ttl=ttl, now=now,
-                                    state=state, progress=progress, endpoint=endpoint)
+            done, prior = txnops.recorded_reply(txn, self._dbs, request_id)
+            if done:
+                return AgentRecord.from_dict(prior)
+            record = leases.heartbeat(txn, self._dbs, agent_id, token, ttl=ttl, now=now,
+                                      state=state, progress=progress, endpoint=endpoint)
+            if request_id is not None:
+                txnops.record_reply(txn, self._dbs, request_id, record.to_dict(), now)
+            return record
 
-    def release_lease(self, agent_id: str, token: str, state: str = "stopped") -> None:
+    def release_lease(self, agent_id: str, token: str, state: str = "stopped", *,
+                      request_id: str | None = None) -> None:
         """End the lease now (the record stays, for history); LeaseLost if no longer held."""
         with self._write() as txn:
+            done, _ = txnops.recorded_reply(txn, self._dbs, request_id)
+            if done:
+                return
             leases.release(txn, self._dbs, agent_id, token, state=state, now=time.time())
+            txnops.record_reply(txn, self._dbs, request_id, None)
 
     # ---- reads -------------------------------------------------------------------------------------
 
@@ -350,6 +380,11 @@ class Store:
         with self._read() as txn:
             return txnops.last_seq(txn, self._dbs)
 
+    def poll_events(self, after: int) -> list[Event]:
+        """New events since ``after`` without waiting (one short read here; a service client asks
+        its service only when the service's doorbell rang, see store/service)."""
+        return self.events(after=after)
+
     def load_component_tensors(self, component_id: str) -> tuple[TensorDict, TensorDict]:
         """(params, momentum) of one component, copied out of the store.
 
@@ -383,7 +418,8 @@ class Store:
         """Problems found (empty list = consistent); re-hashes every blob."""
         return self.check().problems
 
-    def gc(self, grace_seconds: float = 3600, now: float | None = None) -> dict[str, int]:
+    def gc(self, grace_seconds: float = 3600, now: float | None = None, *,
+           request_id: str | None = None) -> dict[str, int]:
         """Delete models no longer reachable, then orphaned components, then orphaned blobs.
 
         Live models: the root, every task pointer, every agent_state population and best model,
@@ -391,8 +427,39 @@ class Store:
         within the grace period are kept too (an agent may be about to reference them).
         """
         with self._write(buffers=True) as txn:
-            return maintenance.gc(txn, self._dbs, grace_seconds, now)
+            done, prior = txnops.recorded_reply(txn, self._dbs, request_id)
+            if done:
+                return dict(prior)
+            counts = maintenance.gc(txn, self._dbs, grace_seconds, now)
+            txnops.record_reply(txn, self._dbs, request_id, counts)
+            return counts
 
     def stats(self) -> dict:
         with self._read(buffers=True) as txn:
             return maintenance.stats(self._live_env(), txn, self._dbs, self.path)
+
+    # ---- for the store service (store/service/server.py) -------------------------------------------
+
+    def blob_sizes(self, keys: Sequence[str]) -> dict[str, int | None]:
+        """Stored size in bytes (header + data) of each blob, None for the ones not here."""
+        out: dict[str, int | None] = {}
+        with self._read(buffers=True) as txn:
+            for key in keys:
+                raw = txn.get(txnops.str_key(key), db=self._dbs.blobs)
+                out[key] = None if raw is None else len(raw)
+        return out
+
+    def read_blob_ranges(self, reads: Sequence[tuple[str, int, int]]) -> list[bytes | None]:
+        """Bytes [offset, offset + length) of each stored blob value (None: no such blob), copied
+        out of one read transaction."""
+        out: list[bytes | None] = []
+        with self._read(buffers=True) as txn:
+            for key, offset, length in reads:
+                raw = txn.get(txnops.str_key(key), db=self._dbs.blobs)
+                out.append(None if raw is None else bytes(raw[offset:offset + length]))
+        return out
+
+    def prune_replies(self, older_than: float) -> int:
+        """Forget recorded replies of requests older than ``older_than`` (unix seconds)."""
+        with self._write() as txn:
+            return txnops.prune_replies(txn, self._dbs, older_than)

@@ -1,17 +1,46 @@
-"""Shared fixtures: offline hub, a small thread budget, and a reaper for every child a test leaves."""
+"""Shared set-up: an offline hub, a private data cache for the session, and a reaper for every child
+a test leaves.
+
+Caches. The suite never reads or writes the user's caches (``~/.cache/munet-swarm``, pip's, torch's,
+the model hub's). Before any test module is imported (so before any test, fixture or child process
+runs) ``MUNET_DATA_DIR`` and ``XDG_CACHE_HOME`` are pointed at one temporary directory for the whole
+session, removed when the session ends; every child inherits them through the environment (the
+drivers in ``helpers.swarm`` pass ``os.environ`` on). Building the task caches there is a cost paid
+once per session, on first use by whichever test (or agent) loads a task first: about 15 s of CPU in
+all (uci_digits 0.6 s, mnist5k 1 s, fashion_mnist 1.6 s, animal_mnist 1 s, each glyphs script 1-2 s),
+so nothing is pre-built. No test needs the pretrained ``glyphs_cjk`` root (minutes to build): the
+``test`` preset's root is random, and the slow corpus test in test_root.py fetches its fonts into its
+own ``tmp_path``. A test that wants another cache passes ``cache_dir=`` or its own
+``MUNET_DATA_DIR``; ``test_suite_caches.py`` proves the session's is not under the home directory.
+
+Imports. ``tests/`` is on ``sys.path`` (pytest's ``prepend`` import mode puts it there; it is also
+inserted here), so test modules import shared code as ``helpers.<module>``; the repository root is
+there too, for the project's packages.
+"""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
-import subprocess
 import sys
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+for _path in (TESTS, REPO):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+SESSION_CACHE = tempfile.mkdtemp(prefix="munet-test-cache-")
+os.environ["MUNET_DATA_DIR"] = os.path.join(SESSION_CACHE, "data")  # taskdata's cache (and roots/)
+os.environ["XDG_CACHE_HOME"] = os.path.join(SESSION_CACHE, "xdg")  # pip, torch hub, HF hub, fontconfig
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -59,11 +88,3 @@ def reap_children():
             os.waitpid(pid, 0)
         except (ChildProcessError, OSError):
             pass
-
-
-def run_cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a launch/ script as a user would, capturing output."""
-    e = dict(os.environ)
-    e.update(env or {})
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=e)

@@ -6,17 +6,16 @@ needs a delivery resends until it arrives, under a deadline, instead of sleeping
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import pytest
 import zmq
 
 from protocol.bus import PeerBus, process_context
-from protocol.messages import MAX_MESSAGE_BYTES, Bye, Heartbeat, Message, Published, encode
-from protocol.tensors import RawTensor
+from protocol.messages import MAX_MESSAGE_BYTES, Bye, Hello, Message, Published, encode
 
 DEADLINE_S = 5.0
 
@@ -66,7 +65,7 @@ def raw_pub() -> Iterator[tuple[zmq.Socket, str]]:
         sock.close()
 
 
-def test_message_and_tensors_travel_between_two_buses(buses: Callable[..., PeerBus]) -> None:
+def test_every_message_kind_travels_between_two_buses(buses: Callable[..., PeerBus]) -> None:
     alice, bob = buses("alice"), buses("bob")
     assert alice.endpoint.startswith("tcp://127.0.0.1:") and alice.endpoint != bob.endpoint
     bob.set_peers({"alice": alice.endpoint, "bob": bob.endpoint})
@@ -78,19 +77,18 @@ def test_message_and_tensors_travel_between_two_buses(buses: Callable[..., PeerB
     assert alice.stats["sent"] >= 1 and bob.stats["received"] == len(got)
     assert bob.stats["dropped_malformed"] == 0 and alice.poll() == []  # alice subscribes to nobody
 
-    weights = {
-        "w": RawTensor.from_numpy(np.arange(12, dtype=np.float32).reshape(3, 4)),
-        "bf16": RawTensor("bfloat16", (2,), b"\x80\x3f\x00\xc0"),
-        "empty": RawTensor.from_numpy(np.zeros((0,), np.int64)),
-    }
-    alice.send_tensors(Bye(agent_id="alice", task="mnist5k", reason="tensors"), weights)
+    # the connection is up now: the other kinds arrive on the first send, equal to what was sent
+    hello = Hello(agent_id="alice", task="mnist5k", endpoint=alice.endpoint, pid=os.getpid(),
+                  host="localhost")
+    bye = Bye(agent_id="alice", task="mnist5k", reason="finished")
+    for msg in (hello, bye):
+        assert alice.send(msg)
+    got = []
     deadline = time.monotonic() + DEADLINE_S
-    envelopes = []
-    while not envelopes and time.monotonic() < deadline:
-        envelopes = [e for e in bob.poll_envelopes(timeout_ms=50) if isinstance(e.message, Bye)]
-    assert envelopes, "the tensor message never arrived (the connection was already up)"
-    assert envelopes[0].tensors == weights
-    np.testing.assert_array_equal(envelopes[0].tensors["w"].to_numpy(), weights["w"].to_numpy())
+    while len(got) < 2 and time.monotonic() < deadline:
+        got.extend(m for m in bob.poll(timeout_ms=50) if not isinstance(m, Published))
+    assert got == [hello, bye]
+    assert bob.stats["dropped_malformed"] == 0
 
 
 def test_set_peers_joins_leaves_and_follows_a_changed_endpoint(buses: Callable[..., PeerBus]) -> None:
@@ -197,10 +195,10 @@ def _junk(rng: random.Random, valid_payload: bytes) -> list[bytes]:
     if choice == 2:
         return [b"published", valid_payload[: rng.randrange(len(valid_payload))]]  # truncated
     if choice == 3:
-        return [b"heartbeat", valid_payload]  # topic disagrees with payload kind
+        return [b"hello", valid_payload]  # topic disagrees with payload kind
     if choice == 4:
         return [rng.randbytes(rng.randrange(1, 20)), valid_payload]  # random topic
-    if choice == 5:  # a valid message followed by garbage tensor frames
+    if choice == 5:  # a valid message followed by more frames (nothing but messages use the bus)
         return [b"published", valid_payload] + [rng.randbytes(rng.randrange(0, 50))
                                                 for _ in range(rng.randrange(1, 5))]
     if choice == 6:
@@ -262,14 +260,6 @@ def test_frames_over_max_frame_bytes_are_dropped_by_zmq(
     assert bus.stats["redials"] == 1
 
 
-def test_sender_refuses_tensor_frames_over_the_bus_limit(buses: Callable[..., PeerBus]) -> None:
-    bus = buses("sender", max_frame_bytes=1024)
-    msg = Bye(agent_id="sender", task="t", reason="big")
-    with pytest.raises(ValueError, match="exceeds the bus limit"):
-        bus.send_tensors(msg, {"w": RawTensor("uint8", (1025,), bytes(1025))})
-    assert bus.send_tensors(msg, {"w": RawTensor("uint8", (1024,), bytes(1024))})
-
-
 def test_peer_restarting_on_the_same_port_is_heard_again(buses: Callable[..., PeerBus]) -> None:
     hub, b = buses("hub"), buses("b")
     hub.set_peers({"b": b.endpoint})
@@ -302,7 +292,8 @@ def _peer_process(agent_id: str, endpoints: mp.Queue, peer_maps: mp.Queue, repor
             seq += 1
             bus.send(Published(agent_id=agent_id, task=f"task-{agent_id}", model_id=f"{agent_id}:{seq}",
                                seq=seq, score=seq / 1000))
-            bus.send(Heartbeat(agent_id=agent_id, task=f"task-{agent_id}", cycle=1, generation=seq))
+            bus.send(Hello(agent_id=agent_id, task=f"task-{agent_id}", endpoint=bus.endpoint,
+                           pid=os.getpid(), host="localhost"))  # another kind, interleaved
             for msg in bus.poll(timeout_ms=20):
                 if isinstance(msg, Published):
                     ok = msg.task == f"task-{msg.agent_id}" and msg.model_id == f"{msg.agent_id}:{msg.seq}"

@@ -12,8 +12,8 @@ import lmdb
 import numpy as np
 import pytest
 
-from store import Store
 from helpers.store_records import lease, make_root, publish_next
+from store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 QUERY = REPO / "launch" / "query.py"
@@ -146,15 +146,17 @@ def test_events_and_after(two_tasks):
 def test_events_follow_prints_new_events_and_stops_cleanly_on_ctrl_c(tmp_path):
     path = tmp_path / "store"
     with Store.open(path, create=True) as st:
-        st.append_event("first")
+        root = make_root(st)
     proc = subprocess.Popen([sys.executable, str(QUERY), "--store", str(path), "events",
                              "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=REPO)
     try:
-        assert "first" in proc.stdout.readline()
-        with Store.open(path) as st:
-            st.append_event("second", task="t")
-        assert "second" in proc.stdout.readline()  # blocks until the poll picks it up
+        first = proc.stdout.readline().split()
+        assert first[0] == "1" and first[3] == "root", first
+        with Store.open(path) as st:  # a real publish while the follower runs
+            publish_next(st, "a", lease(st, "a", "t"), "t", 0, root, np.random.default_rng(0))
+        second = proc.stdout.readline().split()  # blocks until the poll picks it up
+        assert second[0] == "2" and second[3:] == ["published", "t", "a", "a:m0"], second
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:

@@ -113,7 +113,12 @@ def test_store_is_unpicklable_and_bound_to_its_process(st, monkeypatch):
 def test_readonly_store_refuses_writes(tmp_path, st):
     with Store.open(st.path, readonly=True) as ro:
         with pytest.raises(StoreError, match="read-only"):
-            ro.append_event("x")
+            make_root(ro)
+        with pytest.raises(StoreError, match="read-only"):
+            lease(ro, "a", "t1")
+        with pytest.raises(StoreError, match="read-only"):
+            ro.gc(grace_seconds=0)
+    assert st.root_model_id() is None and st.agents() == [] and st.last_event_seq() == 0
 
 
 # ---- root ------------------------------------------------------------------------------------
@@ -254,12 +259,21 @@ def test_parent_must_exist(st, root):
 
 # ---- events ----------------------------------------------------------------------------------
 
-def test_events_are_ordered_and_contiguous(st):
-    kinds = [f"k{i % 7}" for i in range(260)]  # > 256 so byte order of the keys matters
-    seqs = [st.append_event(kind, data={"i": i}) for i, kind in enumerate(kinds)]
+def test_events_are_ordered_and_contiguous(st, root):
+    """260 events (> 256, so the byte order of the keys matters), each from a real commit: the root,
+    then the agent re-publishing its model with event kinds and data of its choosing."""
+    token = lease(st, "a", "t1")
+    publish_next(st, "a", token, "t1", 0, root, np.random.default_rng(0))
+    model = st.get_model("a:m0")
+    kinds = [f"k{i % 7}" for i in range(258)]
+    seqs = [1, 2] + [st.commit("a", token, publish=pub(model), event_kind=kind, event_data={"i": i})
+                     for i, kind in enumerate(kinds)]
     assert seqs == list(range(1, 261)) and st.last_event_seq() == 260
     events = st.events()
-    assert [e.seq for e in events] == seqs and [e.kind for e in events] == kinds
+    assert [e.seq for e in events] == seqs
+    assert [e.kind for e in events] == ["root", "published", *kinds]
+    assert [e.data.get("i") for e in events[2:]] == list(range(258))
+    assert all((e.task, e.agent, e.model_id) == ("t1", "a", "a:m0") for e in events[1:])
     assert [e.seq for e in st.events(after=250, limit=5)] == [251, 252, 253, 254, 255]
     assert st.events(after=260) == []
     assert st.verify() == []
@@ -390,18 +404,43 @@ def test_agent_state_round_trip(st, root):
     token = lease(st, "a", "t1")
     state = AgentState(agent_id="a", task="t1", cycle=3, generation=1, population=[root.id],
                        best_model_id=None, next_component_id=9, next_model_id=4,
-                       offsprings={root.id: 2}, updated_at=1.0, extra={"rng_state": [1, 2, 3]})
+                       offsprings={root.id: 2}, updated_at=1.0)
     assert st.commit("a", token, state=state) is None
     assert st.get_agent_state("a") == state
+
+
+def test_an_agent_state_stored_with_the_retired_extra_field_still_loads(st, root):
+    """A store written before ``AgentState.extra`` was removed: the state loads, without it."""
+    from store.codec import str_key, unpack_value
+
+    def raw_state() -> dict:
+        with st._read() as txn:
+            return unpack_value(txn.get(str_key("a"), db=st._dbs.agent_state), "agent_state/a")
+
+    token = lease(st, "a", "t1")
+    state = AgentState(agent_id="a", task="t1", cycle=2, generation=1, population=[root.id],
+                       best_model_id=None, next_component_id=3, next_model_id=1,
+                       offsprings={}, updated_at=1.0)
+    st.commit("a", token, state=state)
+    with st._write() as txn:  # what an older version left in LMDB: the same state plus ``extra``
+        txn.put(str_key("a"), pack_value({**state.to_dict(), "extra": {"rng_state": [1, 2, 3]}}),
+                db=st._dbs.agent_state)
+    assert "extra" in raw_state()
+    assert st.get_agent_state("a") == state
+    assert st.verify() == []
+    st.commit("a", token, state=state)  # the next commit rewrites it without the field
+    assert "extra" not in raw_state() and st.get_agent_state("a") == state
 
 
 def test_one_environment_per_process_is_shared(tmp_path):
     path = tmp_path / "s"
     with Store.open(path, create=True) as writer:
         with Store.open(path, readonly=True) as reader:
-            writer.append_event("x")
-            assert reader.last_event_seq() == 1
-        assert writer.append_event("y") == 2  # closing the reader left the writer's env open
+            root = make_root(writer)
+            assert reader.last_event_seq() == 1 and reader.root_model_id() == root.id
+        # closing the reader left the writer's env open
+        token = lease(writer, "a", "t1")
+        assert publish_next(writer, "a", token, "t1", 0, root, np.random.default_rng(0)) == 2
     with Store.open(path, readonly=True) as reader:
         with pytest.raises(StoreError, match="already open read-only"):
             Store.open(path)

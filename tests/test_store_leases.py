@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from store import Conflict, LeaseHeld, LeaseLost, Store
 from helpers.store_records import lease, make_root, publish_next
+from store import Conflict, LeaseHeld, LeaseLost, Store
 
 T0 = 1_000_000.0  # a fixed clock for the lease tests
 

@@ -29,7 +29,7 @@ SAMPLES = [
                 state="running", progress={"cycle": 2, "best_score": 0.5, "children": 7}),
     AgentState(agent_id="a", task="mnist", cycle=2, generation=5, population=["a:m1"],
                best_model_id="a:m1", next_component_id=4, next_model_id=2,
-               offsprings={"a:m1": 3}, updated_at=4.0, extra={"rng": b"\x00\x01", "l": [1, 2]}),
+               offsprings={"a:m1": 3}, updated_at=4.0),
     TrialRecord(id="a:t1", agent="a", task="mnist", cycle=2, generation=5, parent="root:m0",
                 model_id=None, mutations=["hp:opt_lr", "clone:head"],
                 hparams_diff={"opt_lr": [0.01, 0.02]}, quality=0.8, score=None, accepted=False,
@@ -70,6 +70,19 @@ def test_strict_decode_rejects_missing_extra_and_wrong_types(record):
         wrong = 17 if isinstance(value, dict) else {"nested": "map"}
         with pytest.raises(StoreCorrupt, match=name):
             cls.from_dict({**good, name: wrong})
+
+
+def test_an_agent_state_written_with_the_retired_extra_field_still_loads():
+    """States written before ``AgentState.extra`` was removed carry it: it is accepted and dropped."""
+    state = next(r for r in SAMPLES if isinstance(r, AgentState))
+    old = {**state.to_dict(), "extra": {"rng": b"\x00\x01", "l": [1, 2]}}
+    loaded = AgentState.from_dict(unpack_value(pack_value(old), "test"))
+    assert loaded == state and "extra" not in loaded.to_dict()
+    assert not hasattr(loaded, "extra")
+    with pytest.raises(StoreCorrupt, match="unexpected"):  # only that one retired name is forgiven
+        AgentState.from_dict({**old, "surprise": 1})
+    with pytest.raises(TypeError):
+        AgentState(**old)  # the constructor no longer takes it
 
 
 def test_int_and_float_fields_are_strict_about_bool_and_str():

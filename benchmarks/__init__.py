@@ -1,0 +1,1 @@
+"""Quality and performance harnesses; each writes JSON + Markdown under benchmarks/results/."""

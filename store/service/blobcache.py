@@ -1,0 +1,122 @@
+"""A host's local cache of immutable blobs fetched from a store service, addressed by content.
+
+Blobs never change (their key is the hash of their bytes), so a blob fetched once serves every
+process on the host until someone deletes the folder: a model is fetched once per host, not once
+per agent. Layout: ``DIR/ab/abcdef...`` (the key's first two hex digits name a sub-folder), each
+file holding exactly the store's blob value (tensor header + raw bytes).
+
+Safe with several processes: a blob is written to a temporary file in the same folder, checked
+against its key, and renamed into place (atomic on POSIX); two processes fetching the same blob
+both end with the same complete file, and a reader never sees a partial one. A file whose header
+does not match its length (a torn write from a crash before rename cannot happen; a damaged disk
+can) is treated as missing and replaced.
+
+Where: ``$MUNET_BLOB_CACHE``, else ``$MUNET_DATA_DIR/blobs``, else ``~/.cache/munet-swarm/blobs``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+
+from protocol.tensors import ProtocolError, RawTensor, unpack_header
+from store.errors import StoreCorrupt
+
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+
+
+def default_cache_dir() -> str:
+    explicit = os.environ.get("MUNET_BLOB_CACHE")
+    if explicit:
+        return explicit
+    data = os.environ.get("MUNET_DATA_DIR")
+    if data:
+        return os.path.join(data, "blobs")
+    return os.path.join(os.path.expanduser("~"), ".cache", "munet-swarm", "blobs")
+
+
+def content_key(blob: bytes | bytearray | memoryview) -> str:
+    """The key a stored blob value has (``protocol.tensors.blob_key`` of the tensor it holds)."""
+    return hashlib.blake2b(blob, digest_size=32).hexdigest()
+
+
+def as_tensor(blob: bytearray) -> RawTensor:
+    """The tensor in a blob value, its data a writable view of ``blob`` (no copy)."""
+    dtype, shape, header_len = unpack_header(blob)
+    return RawTensor(dtype, shape, memoryview(blob)[header_len:])
+
+
+class BlobCache:
+    def __init__(self, root: str | None = None) -> None:
+        self.root = os.path.abspath(root or default_cache_dir())
+        os.makedirs(self.root, exist_ok=True)
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> str:
+        if not _KEY.match(key):
+            raise StoreCorrupt(f"blob key {key[:80]!r} is not a content hash")
+        return os.path.join(self.root, key[:2], key)
+
+    def get(self, key: str) -> bytearray | None:
+        """The blob's bytes in a new writable buffer, or None when this host has not cached it."""
+        path = self.path(key)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                buf = bytearray(size)
+                view = memoryview(buf)
+                got = 0
+                while got < size:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        try:
+            if got == size:
+                as_tensor(buf)  # header canonical and length matching it
+        except ProtocolError:
+            got = -1
+        if got != size:  # damaged on disk: forget it, the caller fetches it again
+            self._discard(path)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return buf
+
+    def put(self, key: str, blob: bytes | bytearray | memoryview) -> None:
+        """Add a fetched blob after checking it hashes to ``key`` (StoreCorrupt if not)."""
+        actual = content_key(blob)
+        if actual != key:
+            raise StoreCorrupt(f"blob {key} fetched from the service hashes to {actual}: the "
+                               f"transfer or the service's copy is damaged; run `query.py verify`")
+        try:
+            unpack_header(blob)
+        except ProtocolError as exc:
+            raise StoreCorrupt(f"blob {key} fetched from the service is undecodable: {exc}") from None
+        path = self.path(key)
+        if os.path.exists(path):
+            return
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            self._discard(tmp)
+            raise
+
+    @staticmethod
+    def _discard(path: str) -> None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
