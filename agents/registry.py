@@ -434,10 +434,7 @@ def action_family(action: str) -> str:
 
 def action_label(action_or_family: str) -> str:
     """Human text for an action or family (empty when unregistered)."""
-    registered = action_for(action_or_family) or _ACTIONS.get(action_or_family)
-    if registered is None:
-        family, _, target = action_or_family.partition(":")
-        registered = _ACTIONS.get(f"{family}:{target}")
+    registered = action_for(action_or_family) or _ACTIONS.get(action_or_family)  # instance or family
     if registered is None:
         return ""
     if registered.family == "hp" and registered.is_prefix:

@@ -11,6 +11,10 @@ The numerics follow vit_jax / timm exactly: pre-LN blocks, LayerNorm eps 1e-6, t
 class token pooling, no dropout, no layer scale, no pre-logits. Blocks are timm's own `Block` (built on
 the meta device, then given our tensors), so parity with `timm`'s VisionTransformer holds by construction
 and is pinned by tests/test_vit.py.
+
+Which components exist, their shapes and FLOPs are the component kinds of `agents.registry`; this module
+registers each built-in kind's fresh init (and the posemb's seeding from the root). A kind registered
+elsewhere runs inside `PathModel` as an x -> x stage at its slot when it registers a module.
 """
 from __future__ import annotations
 

@@ -44,7 +44,12 @@ def test_reattached_with_an_extended_preset_resumes_from_the_published_model(tmp
     first = start("attach.py", *common, "--preset", "test", "--cycles", "1", log=str(tmp_path / "1.log"))
     assert first.wait(180) == 0, open(tmp_path / "1.log").read()[-2000:]
     m1 = read(store, lambda s: s.get_task("uci_digits").model_id)
-    assert read(store, lambda s: s.get_agent_state(aid)).population == [m1]
+    after_first = read(store, lambda s: s.get_agent_state(aid))
+    # where the extension will start: cycle 2 (index 1) at its first generation, its published model
+    # as the whole population
+    assert (after_first.cycle, after_first.generation) == (1, 0)
+    assert after_first.population == [m1] and after_first.best_model_id == m1
+    first_trials = read(store, lambda s: s.trials(agent=aid))
 
     second = start("attach.py", *common, "--preset", "test+penalty", "--cycles", "3",
                    log=str(tmp_path / "2.log"))
@@ -54,11 +59,14 @@ def test_reattached_with_an_extended_preset_resumes_from_the_published_model(tmp
     old = [t for t in trials if t.cycle == 0]
     new = [t for t in trials if t.cycle >= 1]
     assert {t.preset for t in old} == {"test"} and len(new) == 4
+    assert sorted(old, key=lambda t: t.id) == sorted(first_trials, key=lambda t: t.id)
     assert {(t.preset, t.preset_hash) for t in new} == {("test+penalty", ext.hash)}
+    # it resumed at cycle 2, generation 1: the old cycle's trials untouched, the new ones exactly the
+    # generations still to do, numbered on from the stored counter
+    assert sorted((t.cycle, t.generation) for t in new) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all(int(t.id.rpartition(":m")[2]) >= after_first.next_model_id for t in new)
     # it continued from its published model: that is its population when the extension starts, and
     # the extension's children are built on it (the uniform fallback may also pick the root: method)
-    log = open(tmp_path / "2.log").read()
-    assert f"cycle 2/3 from generation 1 with preset test+penalty; population: {m1}\n" in log, log
     assert m1 in [t.parent for t in new], [t.parent for t in new]
     models = read(store, lambda s: {m.id: m for m in s.models(agent=aid)})
     assert {models[t.model_id].preset for t in new if t.model_id} <= {"test+penalty"}

@@ -197,7 +197,7 @@ def test_report_command_user_errors_exit_2_with_one_line(known_store, tmp_path):
         result = run_query(known_store, *args)
         assert result.returncode == 2, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-        assert result.stderr.startswith("error: ")
+        assert result.stderr.startswith("query.py: error: ")  # every entry point names itself
     result = run_query(tmp_path / "nostore", "report", "--out", str(tmp_path / "r.html"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "nostore").exists() and not list(tmp_path.glob("r.*"))

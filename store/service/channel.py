@@ -228,7 +228,7 @@ class Channel:
         ids = list(request_ids) if request_ids is not None else \
             [wire.new_request_id() for _ in requests]
         done: set[int] = set()
-        backoff, lost_since = BACKOFF_START, None
+        backoff, lost_since, progress = BACKOFF_START, None, 0
         while len(done) < len(requests):
             sock = self._take()
             try:
@@ -237,6 +237,8 @@ class Channel:
                 sock.close()
                 self.retries += 1
                 now = time.monotonic()
+                if len(done) > progress:  # some replies came: the window starts again
+                    progress, lost_since, backoff = len(done), None, BACKOFF_START
                 lost_since = lost_since or now
                 if now - lost_since > self.retry_seconds:
                     raise wire.ServiceUnavailable(

@@ -139,7 +139,7 @@ class StoreServer:
     def _reload_keys(self, force: bool = False) -> None:
         stamp = authorized_stamp(self.keys.authorized_dir)
         if force or stamp != self._auth_stamp:
-            self._auth.configure_curve(domain="*", location=self.keys.authorized_dir)
+            self._auth.configure_curve(domain=ZAP_DOMAIN.decode(), location=self.keys.authorized_dir)
             self._auth_stamp = stamp
 
     def close(self) -> None:

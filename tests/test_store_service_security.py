@@ -1,0 +1,167 @@
+"""Security of the store service: loopback without keys, CURVE with keys, and the pitfalls.
+
+- a bind beyond loopback without --keys is refused: exit 2, one line;
+- --keys makes the key files on first use (secrets 0600) and a client with copies connects; the CLI
+  with no keys, another host's keys or a key the service never authorised exits 2 with one line,
+  and the service keeps serving;
+- secret files readable by others are refused; --add-client makes a ready-to-copy folder, and
+  deleting its public key from authorized/ locks it out while the service runs;
+- without CURVE in libzmq, --keys is refused; if the ZAP authenticator dies the service stops
+  instead of letting anyone with the server key in, and while none answers nobody gets in.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import threading
+import time
+
+import pytest
+import zmq
+
+from helpers.swarm import run_cli
+from helpers.service_procs import start_service
+from store import Store
+from store.service import keys as keymod
+from store.service.client import RemoteStore
+from store.service.server import StoreServer
+
+FAST = {"MUNET_STORE_CONNECT_TIMEOUT": "3"}
+
+
+def one_line_error(proc) -> str:
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("bind", ["tcp://0.0.0.0:0", "tcp://*:0"])
+def test_a_bind_beyond_loopback_needs_keys(tmp_path, bind):
+    proc = run_cli("launch/serve_store.py", "--store", str(tmp_path / "s"), "--bind", bind,
+                   timeout=60)
+    assert "without --keys" in one_line_error(proc)
+    assert not os.path.exists(tmp_path / "s")  # nothing created
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("secured")
+    keydir = str(tmp / "keys")
+    svc = start_service(str(tmp / "served"), keys=keydir)
+    yield svc, keydir, tmp
+    svc.kill()
+
+
+def test_keys_are_made_on_first_use_with_private_secrets(secured):
+    _, keydir, _ = secured
+    for name in ("server.key", "server.key_secret", "client.key", "client.key_secret",
+                 "authorized/client.key"):
+        assert os.path.isfile(os.path.join(keydir, name)), name
+    for name in ("server.key_secret", "client.key_secret"):
+        assert stat.S_IMODE(os.stat(os.path.join(keydir, name)).st_mode) == 0o600
+
+
+def test_a_host_with_copied_keys_connects_and_bad_keys_get_one_line(secured, tmp_path):
+    svc, keydir, _ = secured
+    host_b = tmp_path / "host-b-keys"
+    host_b.mkdir()
+    for name in ("server.key", "client.key", "client.key_secret"):
+        shutil.copy2(os.path.join(keydir, name), host_b / name)
+    ok = run_cli("launch/query.py", "--store", svc.endpoint, "--keys", str(host_b), "stats",
+                 "--json", env=FAST)
+    assert ok.returncode == 0, ok.stderr
+    # no keys at all
+    err = one_line_error(run_cli("launch/query.py", "--store", svc.endpoint, "stats", env=FAST))
+    assert "requires CURVE keys" in err
+    # a pair the service never authorised
+    stranger = str(tmp_path / "stranger")
+    keymod.ensure_server_keys(stranger)
+    shutil.copy2(os.path.join(keydir, "server.key"), os.path.join(stranger, "server.key"))
+    err = one_line_error(run_cli("launch/query.py", "--store", svc.endpoint, "--keys", stranger,
+                                 "stats", env=FAST))
+    assert "refused this client's key" in err
+    # the right client pair but another service's public key: CURVE says nothing, we time out
+    wrong_server = tmp_path / "wrong-server"
+    keymod.ensure_server_keys(str(wrong_server))
+    for name in ("client.key", "client.key_secret"):
+        os.remove(wrong_server / name)
+        shutil.copy2(os.path.join(keydir, name), wrong_server / name)
+    t0 = time.time()
+    err = one_line_error(run_cli("launch/query.py", "--store", svc.endpoint, "--keys",
+                                 str(wrong_server), "stats", env=FAST))
+    assert "no answer" in err and "server.key" in err and time.time() - t0 < 30
+    assert svc.proc.poll() is None
+    again = run_cli("launch/query.py", "--store", svc.endpoint, "--keys", str(host_b), "verify",
+                    env=FAST)
+    assert again.returncode == 0, again.stderr
+
+
+def test_loose_secret_permissions_are_refused(secured, tmp_path):
+    svc, keydir, _ = secured
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for name in ("server.key", "client.key", "client.key_secret"):
+        shutil.copy2(os.path.join(keydir, name), loose / name)
+    os.chmod(loose / "client.key_secret", 0o644)
+    err = one_line_error(run_cli("launch/query.py", "--store", svc.endpoint, "--keys", str(loose),
+                                 "stats", env=FAST))
+    assert "chmod 600" in err
+
+
+def test_add_client_then_revoke_it_while_the_service_runs(secured, tmp_path):
+    svc, keydir, _ = secured
+    made = run_cli("launch/serve_store.py", "--keys", keydir, "--add-client", "gpu-box-2")
+    assert made.returncode == 0, made.stderr
+    folder = os.path.join(keydir, "clients", "gpu-box-2")
+    assert sorted(os.listdir(folder)) == ["client.key", "client.key_secret", "server.key"]
+    time.sleep(1.5)  # the service reloads authorized/ within a second
+    with RemoteStore.connect(svc.endpoint, keys=folder, cache_dir=str(tmp_path / "c"),
+                             connect_timeout=5) as st:
+        assert st.meta()["schema_version"] >= 1
+    os.remove(os.path.join(keydir, "authorized", "gpu-box-2.key"))
+    time.sleep(1.5)
+    with pytest.raises(keymod.ServiceUserError):
+        RemoteStore.connect(svc.endpoint, keys=folder, cache_dir=str(tmp_path / "c"),
+                            connect_timeout=3)
+
+
+def test_no_curve_in_libzmq_means_keys_are_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(zmq, "has", lambda what: False if what == "curve" else True)
+    with pytest.raises(keymod.KeyFileError, match="without CURVE"):
+        keymod.ensure_server_keys(str(tmp_path / "k"))
+    with pytest.raises(keymod.KeyFileError, match="without CURVE"):
+        keymod.load_client_keys(str(tmp_path / "k"))
+
+
+def test_the_service_stops_when_its_authenticator_dies_and_nobody_gets_in_meanwhile(tmp_path):
+    keydir = str(tmp_path / "keys")
+    server_keys = keymod.ensure_server_keys(keydir)
+    store = Store.open(str(tmp_path / "s"), create=True)
+    server = StoreServer(store, "tcp://127.0.0.1:*", keys=server_keys)
+    server.start()
+    failure: list[BaseException] = []
+
+    def serve():
+        try:
+            server.serve(lambda: False)
+        except BaseException as exc:  # noqa: BLE001 - what the test looks at
+            failure.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with RemoteStore.connect(server.endpoint, keys=keydir, cache_dir=str(tmp_path / "c"),
+                                 connect_timeout=5) as st:
+            assert st.health()["authenticator_alive"]
+        server._auth.stop()  # the ZAP handler is gone: CURVE alone would let any key in
+        with pytest.raises(keymod.ServiceUserError):  # ZAP_ENFORCE_DOMAIN: nobody in meanwhile
+            RemoteStore.connect(server.endpoint, keys=keydir, cache_dir=str(tmp_path / "c"),
+                                connect_timeout=2)
+        thread.join(10)
+        assert failure and "authenticator" in str(failure[0])
+    finally:
+        server._auth = None
+        server.close()
+        store.close()
