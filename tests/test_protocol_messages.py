@@ -1,4 +1,7 @@
-"""Message encoding and tensor framing: round trips, strict rejection of every malformation, fuzz."""
+"""Message encoding and tensor blobs/frames: round trips, strict rejection of every malformation, fuzz.
+
+Tensor frames are not used on the peer bus (messages only); they stay for multipart replies off the bus.
+"""
 from __future__ import annotations
 
 import math
@@ -64,7 +67,7 @@ SAMPLES: list[Message] = [
           parent_seq=7),
 ]
 BUILTIN = [m for m in SAMPLES if not isinstance(m, _Note)]
-PUBLISHED = SAMPLES[1]
+PUBLISHED = next(m for m in SAMPLES if isinstance(m, Published) and m.score is not None)
 BYE = next(m for m in SAMPLES if isinstance(m, Bye))
 
 

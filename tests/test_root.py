@@ -9,7 +9,6 @@ benchmark on what it built.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
