@@ -68,6 +68,10 @@ class AgentOptions:
     keys: str | None = None          # CURVE key folder, for a store service beyond loopback
 
 
+LOG_POLL_SECONDS = 0.5  # how often a training agent looks at the store's event log
+POINTER_EVENTS = ("published", "cycle_end")  # events that move a task's published model
+
+
 class Agent:
     def __init__(self, opts: AgentOptions, store: StoreAPI | None = None):
         """``store``: an already open store to use (in-process tests); else ``opts.store`` is opened."""
@@ -83,6 +87,8 @@ class Agent:
                                  generations=self.preset.budget.children_per_cycle)
         self.verbose = False
         self.population: list[ModelPath] = []
+        self._seen_seq = 0  # the view reflects the store's event log up to here
+        self._next_log_poll = 0.0
         self._given_store = store
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -136,18 +142,34 @@ class Agent:
     def _listen(self) -> bool:
         """Between training steps: refresh the view when a peer published; True abandons the child.
 
-        Only the view (a cache of the store) changes here; the population is re-scored by the
-        judge step, so nothing the generation holds moves under it."""
-        last = None
+        Two ears: the peers' announcements on the bus (fast, but only from peers this host can
+        reach) and, every LOG_POLL_SECONDS, the store's event log (a store service rings its
+        doorbell, so this costs nothing while nothing happens). Only the view (a cache of the
+        store) changes here; the judge step re-scores the population, so nothing the generation
+        holds moves under it."""
+        heard = None
         for msg in self.bus.poll(0):
-            if isinstance(msg, Published) and msg.agent_id != self.agent_id:
-                last = msg
+            if isinstance(msg, Published) and msg.agent_id != self.agent_id \
+                    and msg.seq > self._seen_seq:
+                heard = (msg.time, f"saw {msg.task} publish #{msg.seq}")
             elif isinstance(msg, Hello):
                 self._peers()
-        if last is not None:
-            self.view.refresh()
-            self.progress.heard(last.time, f"saw {last.task} publish #{last.seq}")
+        now = time.monotonic()
+        if heard is None and now >= self._next_log_poll:
+            self._next_log_poll = now + LOG_POLL_SECONDS
+            for ev in self.store.poll_events(self._seen_seq):
+                self._seen_seq = max(self._seen_seq, ev.seq)
+                if ev.kind in POINTER_EVENTS and ev.agent != self.agent_id:
+                    heard = (ev.time, f"saw {ev.task} publish #{ev.seq} in the log")
+        if heard is not None:
+            self._refresh_view()
+            self.progress.heard(*heard)
         return self.stop_requested
+
+    def _refresh_view(self) -> None:
+        """Everything up to the log's current end is in the view after this."""
+        self._seen_seq = max(self._seen_seq, self.store.last_event_seq())
+        self.view.refresh()
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -181,7 +203,7 @@ class Agent:
             self.store.close()
 
     def _run_cycle(self) -> None:
-        self.view.refresh()
+        self._refresh_view()
         self._peers()
         self.population = [self.view.path(m) for m in self.state.population]
         self._rescore()

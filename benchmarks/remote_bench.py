@@ -5,9 +5,9 @@
   one (every blob from this host's cache), vs the local ``Store``;
 - publish commit latency: one commit of fresh bytes for all of that model (upload + one write txn)
   vs a local commit;
-- blob throughput: fetching one 64 MiB blob through the service into a cold cache vs a raw ZeroMQ
-  transfer of the same bytes (a ROUTER process answering chunk requests with the same chunk size
-  and credit), both on loopback;
+- blob throughput: fetching one 64 MiB blob through the service (hash-checked, in memory; and also
+  written into a cold cache) vs a raw ZeroMQ transfer of the same bytes (a ROUTER process answering
+  chunk requests with the same chunk size and credit), both on loopback;
 - children per minute of an agent (``attach.py``, preset ``test``) through the service vs one on
   the directory (target >= 0.95), runs interleaved.
 
@@ -39,6 +39,7 @@ from benchmarks.store_bench import machine_info, make_arrays, median_seconds, va
 from protocol.tensors import RawTensor  # noqa: E402
 from store import ComponentWrite, ModelRecord, Publication, Store, component_id  # noqa: E402
 from store.service import wire  # noqa: E402
+from store.service.blobcache import BlobCache, content_key  # noqa: E402
 from store.service.client import RemoteStore  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "remote.json"
@@ -52,12 +53,23 @@ port = s.bind_to_random_port("tcp://127.0.0.1")
 print(port, flush=True)
 data = bytes(int(sys.argv[1]))
 while True:
-    ident, req = s.recv_multipart()
+    ident, _, req = s.recv_multipart()
     if req == b"stop":
         break
     off, n = map(int, req.split(b":"))
     s.send_multipart([ident, b"", memoryview(data)[off:off + n]], copy=False)
 """
+
+
+class _HashOnly(BlobCache):
+    """A cache that checks what arrives but keeps nothing: the transfer without the disk write."""
+
+    def get(self, key: str):
+        return None
+
+    def put(self, key: str, blob) -> None:
+        if content_key(blob) != key:
+            raise RuntimeError(f"blob {key} arrived damaged")
 
 
 def model_writes(agent: str, arrays: dict, base: int) -> tuple[list[ComponentWrite], list[str]]:
@@ -156,16 +168,17 @@ def run(repeats: int, agent_repeats: int, cycles: int, workdir: str, use_keys: b
         model_id = "bench:m9"
         caches = iter(range(10**6))
 
-        def cold(_: int) -> None:
-            with RemoteStore.connect(endpoint, keys=key_arg,
-                                     cache_dir=os.path.join(root, f"cold{next(caches)}")) as r:
-                r.load_model_tensors(model_id)
+        def cold(_: int) -> None:  # the same connected client, a fresh (empty) cache each time
+            remote.cache = BlobCache(os.path.join(root, f"cold{next(caches)}"))
+            remote.load_model_tensors(model_id)
 
         remote.load_model_tensors(model_id)  # fills the warm cache
+        warm_cache = remote.cache
         load = {"local": median_seconds(lambda _: st.load_model_tensors(model_id), repeats),
                 "remote_warm": median_seconds(lambda _: remote.load_model_tensors(model_id),
                                               repeats),
                 "remote_cold": median_seconds(cold, repeats)}
+        remote.cache = warm_cache
         # publish latency: a fresh lease on each side, fresh bytes every repeat
         ltoken = st.acquire_lease("bench", "bench_task", ttl=3600, host="b", pid=1, device="cpu",
                                   endpoint="", preset="bench")
@@ -181,20 +194,30 @@ def run(repeats: int, agent_repeats: int, cycles: int, workdir: str, use_keys: b
         remote.release_lease("bench", rtoken)
 
         def big_cold(_: int) -> None:
-            with RemoteStore.connect(endpoint, keys=key_arg,
-                                     cache_dir=os.path.join(root, f"big{next(caches)}")) as r:
-                r.load_component_tensors(component_id("bench", 99999))
+            remote.cache = BlobCache(os.path.join(root, f"big{next(caches)}"))
+            remote.load_component_tensors(component_id("bench", 99999))
+            shutil.rmtree(remote.cache.root, ignore_errors=True)
+
+        def big_transfer(_: int) -> None:
+            remote.cache = _HashOnly(os.path.join(root, "nocache"))
+            remote.load_component_tensors(component_id("bench", 99999))
 
         big_remote = median_seconds(big_cold, repeats)
+        big_transfer_s = median_seconds(big_transfer, repeats)
         big_raw = raw_transfer_seconds(BIG_BLOB + 64, repeats)
         remote.close()
         st.close()
-        # children per minute: the same agent on a copy of the store, local vs through a service
+        # children per minute: the same agent on a copy of one store with a root, local vs
+        # through a service
+        from helpers.swarm import make_store
+
+        agent_store = os.path.join(root, "agent-store")
+        make_store(agent_store, "test")
         rates: dict[str, list[float]] = {"local": [], "remote": []}
         for r in range(agent_repeats):
             for side in ("local", "remote") if r % 2 == 0 else ("remote", "local"):
                 d = os.path.join(root, f"agent-{side}-{r}")
-                shutil.copytree(store_dir, d)
+                shutil.copytree(agent_store, d)
                 if side == "local":
                     children_per_minute(d, None, root, f"{side}{r}", cycles)
                 else:
@@ -213,14 +236,17 @@ def run(repeats: int, agent_repeats: int, cycles: int, workdir: str, use_keys: b
             "seconds": {"load_local": load["local"], "load_remote_warm": load["remote_warm"],
                         "load_remote_cold": load["remote_cold"], "commit_local": commit_local,
                         "commit_remote": commit_remote, "big_blob_remote": big_remote,
+                        "big_blob_remote_transfer_only": big_transfer_s,
                         "big_blob_raw_zmq": big_raw},
             "ratios": {
                 "load_local_over_remote_warm": load["local"] / load["remote_warm"],
                 "load_local_over_remote_cold": load["local"] / load["remote_cold"],
                 "commit_local_over_remote": commit_local / commit_remote,
-                "blob_throughput_fraction_of_raw_zmq": big_raw / big_remote,
+                "blob_throughput_fraction_of_raw_zmq": big_raw / big_transfer_s,
+                "blob_throughput_with_cache_write_fraction_of_raw_zmq": big_raw / big_remote,
                 "children_per_min_remote_over_local": cpm["remote"] / cpm["local"]},
-            "throughput_mib_s": {"remote": BIG_BLOB / 2**20 / big_remote,
+            "throughput_mib_s": {"remote_into_cache": BIG_BLOB / 2**20 / big_remote,
+                                 "remote_transfer_and_hash": BIG_BLOB / 2**20 / big_transfer_s,
                                  "raw_zmq": BIG_BLOB / 2**20 / big_raw},
             "children_per_min": {"local": rates["local"], "remote": rates["remote"],
                                  "cycles": cycles, "preset": "test"},

@@ -185,7 +185,7 @@ class Channel:
                     continue
                 try:
                     frames = sub.recv_multipart(zmq.NOBLOCK)
-                    msg = wire._unpack(frames[-1], 4096)
+                    msg = wire.unpack_small(frames[-1])
                 except (zmq.Again, wire.WireError, IndexError):
                     continue
                 if not isinstance(msg, dict):

@@ -102,6 +102,11 @@ def _unpack(raw: Any, limit: int) -> Any:
         raise WireError(f"header is not msgpack ({type(exc).__name__})") from None
 
 
+def unpack_small(raw: Any) -> Any:
+    """A doorbell message (a few dozen bytes; anything larger is junk)."""
+    return _unpack(raw, 4096)
+
+
 def encode_request(kind: str, request_id: str, args: dict) -> bytes:
     return pack({"v": VERSION, "kind": kind, "id": request_id, "args": args})
 
