@@ -34,7 +34,7 @@ from agents.view import SystemView, component_write, model_record, publication
 from agents.vit import VitConfig, preset_vit
 from protocol.bus import PeerBus
 from protocol.messages import Bye, Hello, Published
-from store import AgentState, LeaseLost, MissingReference, StoreAPI, open_store
+from store import AgentState, LeaseLost, MissingReference, StoreAPI, StoreError, open_store
 from taskdata import load_task
 
 
@@ -147,11 +147,11 @@ class Agent:
         doorbell, so this costs nothing while nothing happens). Only the view (a cache of the
         store) changes here; the judge step re-scores the population, so nothing the generation
         holds moves under it."""
-        heard = None
+        heard, in_log = None, None
         for msg in self.bus.poll(0):
             if isinstance(msg, Published) and msg.agent_id != self.agent_id \
                     and msg.seq > self._seen_seq:
-                heard = (msg.time, f"saw {msg.task} publish #{msg.seq}")
+                heard = msg
             elif isinstance(msg, Hello):
                 self._peers()
         now = time.monotonic()
@@ -160,10 +160,13 @@ class Agent:
             for ev in self.store.poll_events(self._seen_seq):
                 self._seen_seq = max(self._seen_seq, ev.seq)
                 if ev.kind in POINTER_EVENTS and ev.agent != self.agent_id:
-                    heard = (ev.time, f"saw {ev.task} publish #{ev.seq} in the log")
+                    in_log = ev
         if heard is not None:
             self._refresh_view()
-            self.progress.heard(*heard)
+            self.progress.heard(heard.time, f"saw {heard.task} publish #{heard.seq}")
+        elif in_log is not None:
+            self._refresh_view()
+            self.progress.read_in_log(f"saw {in_log.task} publish #{in_log.seq} in the log")
         return self.stop_requested
 
     def _refresh_view(self) -> None:
@@ -196,6 +199,8 @@ class Agent:
                 self.store.release_lease(self.agent_id, self.token, state=state)
             except LeaseLost:
                 pass
+            except StoreError as exc:  # e.g. the store service is gone: the lease just expires
+                print(f"[{self.opts.task}] could not release the lease: {exc}", flush=True)
         self.bus.send(Bye(agent_id=self.agent_id, task=self.opts.task, reason=state))
         time.sleep(0.05)  # let the bye leave before LINGER cuts it
         self.bus.close()

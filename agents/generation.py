@@ -2,12 +2,17 @@
 
     propose(ctx, counters, population, rng, gen) -> Proposal   parent, data hparams, child, threshold
     train(ctx, proposal, gen, should_stop)       -> Outcome    the trained child, or aborted
-    judge(ctx, counters, proposal, outcome, population) -> Verdict   accepted? kept? published?
+    judge(ctx, proposal, outcome, population)    -> Verdict    accepted? kept? published?
     verdict.writes                               -> Writes     what the one store transaction holds
 
 Each step takes what it needs as arguments and returns a small frozen value; nothing here reads or
-writes the agent object, so a step can be run (and tested) on its own. The agent applies a verdict
-to its state and commits ``Writes`` in one transaction (agents/agent.py).
+writes the agent object, so a step can be run (and tested) on its own. What the steps do change in
+place is the child they build (its metrics, its mutation log), the population's current scores (a
+cache of ``scorer.rescore``) and the probe cache. The agent applies a verdict to its state and
+commits ``Writes`` in one transaction (agents/agent.py).
+
+Names: a child is *accepted* when a snapshot reached its threshold, *kept* when it also survives
+``retain`` into the population, *published* when it becomes the agent's best.
 
 Determinism: ``rng``/``gen`` are seeded per (seed, agent, cycle, generation), and the steps draw from
 them in a fixed order (data hparams, parent, child, then training batches), so a resumed agent
@@ -96,6 +101,7 @@ class Verdict:
     kept: ModelPath | None         # the child, when it stays in the population
     published: ModelPath | None    # the child, when it became the agent's best
     population: list[ModelPath]
+    previous: list[ModelPath]      # the population before this child (restored if it is dropped)
     counters: Counters
     writes: Writes
     quality: float | None
@@ -221,14 +227,15 @@ def judge(ctx: Context, p: Proposal, o: Outcome, population: list[ModelPath]) ->
         train_images=r.train_images, preset=ctx.preset.name, preset_hash=ctx.preset.hash,
         created_at=time.time())
     writes = Writes(components, [kept] if kept else [], [trial], published)
-    return Verdict(r.accepted, kept, published, new_population, counters, writes, r.quality,
-                   r.seconds)
+    return Verdict(r.accepted, kept, published, new_population, list(population), counters, writes,
+                   r.quality, r.seconds)
 
 
 def dropped(v: Verdict) -> Verdict:
     """The verdict when the store refused the child (``gc`` removed something it shares): the
-    trial stays, marked not accepted; the child leaves the population; counters still advance."""
-    population = [p for p in v.population if p is not v.kept]
+    trial stays, marked not accepted; the population is as before the child (a member the child
+    pushed out by ``retain`` comes back); counters still advance."""
+    population = list(v.previous)
     trial = dataclasses.replace(v.writes.trials[0], model_id=None, accepted=False)
     return dataclasses.replace(v, accepted=False, kept=None, published=None, population=population,
                                writes=Writes([], [], [trial], None))

@@ -26,17 +26,23 @@ class Progress:
     params: float | None = None
     children_per_min: float = 0.0
     last_event: str = ""
-    announcements: int = 0
-    refresh_latency_ms: float | None = None
+    announcements: int = 0           # peers' publishes heard over ZeroMQ
+    refresh_latency_ms: float | None = None   # bus: publish sent -> our view refreshed
     refresh_latencies_ms: list[float] = field(default_factory=list)
+    log_refreshes: int = 0           # publishes found first in the store's event log
     started: float = field(default_factory=time.time)
 
     def heard(self, sent_at: float, what: str) -> None:
-        """A peer's announcement was acted on (the view refreshed) now."""
+        """A peer's announcement on the bus was acted on (the view refreshed) now."""
         lat = round((time.time() - sent_at) * 1000.0, 2)
         self.announcements += 1
         self.refresh_latency_ms = lat
         self.refresh_latencies_ms = (self.refresh_latencies_ms + [lat])[-RECENT_LATENCIES:]
+        self.last_event = what
+
+    def read_in_log(self, what: str) -> None:
+        """A publish found in the event log (no latency: its time is the store host's clock)."""
+        self.log_refreshes += 1
         self.last_event = what
 
     def published(self, metrics: ChildMetrics) -> None:

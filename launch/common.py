@@ -20,18 +20,23 @@ class UserError(ValueError):
     """A bad flag or argument combination found by an entry point itself."""
 
 
+# Errors of the agent stack that mean "the user asked for something impossible", looked up only in
+# modules already loaded: an error path must never import torch (query.py runs without it).
+_AGENT_USER_ERRORS = (("agents.config", "PresetError"), ("agents.bootstrap", "RootMismatch"),
+                      ("agents.roots", "CheckpointError"), ("taskdata.cache", "TaskDataError"))
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'the user asked for something impossible' (exit 2)."""
-    from store import StoreError
+    """Exceptions that mean 'the user asked for something impossible' (exit 2): not a store (a
+    wrong path, a service that refuses our keys), a task another live agent holds, bad flags,
+    presets, tasks, roots. Other store errors are failures (exit 1)."""
+    from store import LeaseHeld, NotAStore
 
-    types: list[type[BaseException]] = [StoreError, UserError]
-    if "agents" in sys.modules:  # only when the agent stack is loaded (query.py never loads it)
-        from agents.bootstrap import RootMismatch
-        from agents.config import PresetError
-        from agents.roots import CheckpointError
-        from taskdata import TaskDataError
-
-        types += [PresetError, TaskDataError, RootMismatch, CheckpointError]
+    types: list[type[BaseException]] = [NotAStore, LeaseHeld, UserError]
+    for module, name in _AGENT_USER_ERRORS:
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            types.append(getattr(loaded, name))
     return tuple(types)
 
 

@@ -30,7 +30,7 @@ if __name__ == "__main__":  # one module identity, so launch.query_views shares 
 from launch.common import run, run_main  # noqa: E402
 from launch.query_views import cmd_agents, cmd_trials, register_agents, register_trials  # noqa: E402
 from launch.report_cmd import cmd_report, register_report  # noqa: E402
-from store import StoreAPI, is_remote  # noqa: E402
+from store import StoreAPI, StoreError, is_remote  # noqa: E402
 from store import open_store as _open_store  # noqa: E402
 from store.codec import json_safe  # noqa: E402
 
@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run(lambda: args.func(args), "query.py", user_errors=(UsageError,))
+    # a read tool: any store error it meets (read-only, no such model, ...) is the user's to fix
+    return run(lambda: args.func(args), "query.py", user_errors=(UsageError, StoreError))
 
 
 if __name__ == "__main__":

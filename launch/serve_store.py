@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import signal
 import socket
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launch.common import UserError, run_main  # noqa: E402
+from launch.common import UserError, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ from typing import Any
 from agents import registry
 from store.errors import MissingReference
 from store.records import ComponentRecord, Event, ModelRecord, TrialRecord
-from store.store import Store
+from store.api import StoreAPI
 
 ROOT_TASK = "root"
 NO_ACTION = "(none)"  # a child trained again with unchanged architecture and hparams
@@ -120,7 +120,7 @@ class _Gain:
 class _Snapshot:
     """Everything the report needs, read once; lookups by id afterwards cost no store access."""
 
-    def __init__(self, st: Store) -> None:
+    def __init__(self, st: StoreAPI) -> None:
         self.path = st.path
         self.stats = st.stats()
         self.root_id = st.root_model_id()
@@ -311,7 +311,7 @@ def _method_tables(snap: _Snapshot) -> tuple[list[dict[str, Any]], list[dict[str
     return preset_rows, action_rows
 
 
-def build_report(st: Store, *, now: float | None = None) -> dict[str, Any]:
+def build_report(st: StoreAPI, *, now: float | None = None) -> dict[str, Any]:
     """The whole report as a dict of plain JSON values (see the module docstring for terms)."""
     snap = _Snapshot(st)
     timeline, children = _timeline(snap)

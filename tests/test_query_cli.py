@@ -193,6 +193,25 @@ def test_query_does_not_import_torch(two_tasks):
     assert result.stdout.splitlines()[-1] == "False False"
 
 
+def test_query_errors_do_not_import_torch_either(two_tasks, tmp_path):
+    """The error path is the one that must stay light: a host with only the store client reports a
+    wrong path in one line, without loading the agent stack (the report imports agents.registry)."""
+    for args in (["--store", str(tmp_path / "nowhere"), "agents"],
+                 ["--store", str(two_tasks), "show", "no_such_task"],
+                 ["--store", str(two_tasks), "report", "--out", str(tmp_path / "x" / "r.html")]):
+        code = ("import runpy, sys\n"
+                f"sys.argv = ['query.py', *{args!r}]\n"
+                "try:\n"
+                f"    runpy.run_path({str(QUERY)!r}, run_name='__main__')\n"
+                "except SystemExit as exc:\n"
+                "    print('exit', exc.code)\n"
+                "print('torch' in sys.modules, 'timm' in sys.modules)\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                timeout=60, cwd=REPO)
+        assert result.stdout.splitlines()[-2:] == ["exit 2", "False False"], (args, result)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_cycles_is_how_far_the_task_came_model_cycle_is_the_models_age(tmp_path):
     """An agent that ran 4 cycles without beating its cycle-1 model: cycles 4, model_cycle 1."""
     import time

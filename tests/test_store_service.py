@@ -299,3 +299,21 @@ def test_thousands_of_malformed_frames_are_dropped_and_counted(tmp_path, service
         assert service.proc.poll() is None
         fuzz.close()
         huge.close()
+
+
+def test_a_request_of_another_version_or_kind_gets_an_error_reply_not_silence(service):
+    """A client of another version must fail at once with a reason, not wait out its timeout."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(service.endpoint)
+    try:
+        for header in ({"v": 2, "kind": "meta", "id": "old-client", "args": {}},
+                       {"v": 1, "kind": "teleport", "id": "new-client", "args": {}}):
+            sock.send_multipart([msgpack.packb(header)])
+            assert sock.poll(5000), f"no reply to {header}"
+            rid, ok, err = wire.decode_reply(sock.recv_multipart()[0])
+            assert rid == header["id"] and not ok
+            assert "versions differ" in wire.error_from_wire(err).args[0]
+    finally:
+        sock.close()

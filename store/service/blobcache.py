@@ -79,6 +79,8 @@ class BlobCache:
         try:
             if got == size:
                 as_tensor(buf)  # header canonical and length matching it
+                if content_key(buf) != key:  # a damaged (or planted) file is never served
+                    got = -1
         except ProtocolError:
             got = -1
         if got != size:  # damaged on disk: forget it, the caller fetches it again
@@ -100,7 +102,7 @@ class BlobCache:
             raise StoreCorrupt(f"blob {key} fetched from the service is undecodable: {exc}") from None
         path = self.path(key)
         if os.path.exists(path):
-            return
+            return  # already there (get checks every read and removes a damaged copy)
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
@@ -109,6 +111,7 @@ class BlobCache:
                 f.write(blob)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600: other users sharing the cache read it too
             os.replace(tmp, path)
         except BaseException:
             self._discard(tmp)

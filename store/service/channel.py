@@ -274,8 +274,8 @@ class Channel:
             frames = sock.recv_multipart(copy=False)
             try:
                 rid, ok, result = wire.decode_reply(frames[0].buffer)
-            except wire.WireError:
-                continue
+            except wire.WireError as exc:  # waiting would not help: the same bytes would come
+                raise wire.ServiceError(f"unreadable reply from {self.endpoint}: {exc}") from None
             if rid not in pending:
                 continue  # a late reply to a request already answered
             i = index_of[rid]

@@ -166,6 +166,9 @@ def authorized_stamp(folder: str) -> tuple:
     """Changes whenever a key file is added, removed or replaced (the service then reloads)."""
     out = []
     for name in _public_keys(folder):
-        st = os.stat(os.path.join(folder, name))
+        try:
+            st = os.stat(os.path.join(folder, name))
+        except FileNotFoundError:  # removed between the listing and the stat: it is gone
+            continue
         out.append((name, st.st_mtime_ns, st.st_size))
     return tuple(out)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from typing import Any, Callable
 
@@ -55,7 +56,7 @@ class StoreServer(Handlers):
         self.pub_endpoint = ""
         self._ctx = process_context()
         self._router: zmq.Socket | None = None
-        self._pub: zmq.Socket | None = None
+        self._bell: threading.Thread | None = None
         self._auth: Any = None
         self._auth_stamp: tuple = ()
         self._last_seq = 0
@@ -106,10 +107,17 @@ class StoreServer(Handlers):
         pub.linger = 0
         pub.setsockopt(zmq.SNDHWM, 100)
         self._secure(pub)
-        self._pub = pub
         pub.bind(self.pub_request or _next_port(self.bind_endpoint, self.endpoint))
         self.pub_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self._last_seq = self.store.last_event_seq()
+        # The doorbell thread owns the PUB socket from here on (handed over before it starts), so
+        # beats keep coming while a long request (verify, a big commit, the LMDB write lock) holds
+        # the request loop: clients must not take a busy service for a dead one.
+        self._bell_wake = threading.Event()
+        self._bell_stop = threading.Event()
+        self._bell = threading.Thread(target=self._doorbell, args=(pub,), daemon=True,
+                                      name="store-doorbell")
+        self._bell.start()
         self.store.prune_replies(time.time() - REPLY_RETENTION_SECONDS)
 
     def _reload_keys(self, force: bool = False) -> None:
@@ -119,10 +127,14 @@ class StoreServer(Handlers):
             self._auth_stamp = stamp
 
     def close(self) -> None:
-        for sock in (self._router, self._pub):
-            if sock is not None:
-                sock.close()
-        self._router = self._pub = None
+        if getattr(self, "_bell", None) is not None:
+            self._bell_stop.set()
+            self._bell_wake.set()
+            self._bell.join(timeout=5)
+            self._bell = None
+        if self._router is not None:
+            self._router.close()
+        self._router = None
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -145,7 +157,6 @@ class StoreServer(Handlers):
                 self._check_seq()
             if now >= next_beat:
                 next_beat = now + wire.BEAT_SECONDS
-                self._ring(wire.TOPIC_BEAT)
                 self.staging.expire()
                 if self._auth is not None:
                     if not self._auth.is_alive():
@@ -154,7 +165,10 @@ class StoreServer(Handlers):
                     self._reload_keys()
             if now >= next_prune:
                 next_prune = now + PRUNE_EVERY_SECONDS
-                self.store.prune_replies(time.time() - REPLY_RETENTION_SECONDS)
+                try:
+                    self.store.prune_replies(time.time() - REPLY_RETENTION_SECONDS)
+                except StoreError as exc:  # a full map must not stop the service: log, go on
+                    log.warning("pruning recorded replies failed: %s", exc)
 
     def _check_seq(self) -> None:
         seq = self.store.last_event_seq()
@@ -163,15 +177,31 @@ class StoreServer(Handlers):
             self._ring(wire.TOPIC_SEQ)
 
     def _ring(self, topic: bytes) -> None:
-        kind = topic.decode()
-        body = wire.pack({"v": wire.VERSION, "kind": kind, "seq": self._last_seq,
-                          "server": self.server_id, "time": time.time()})
+        """Ask the doorbell thread to announce the current sequence number now."""
+        if topic == wire.TOPIC_SEQ:
+            self.counters["doorbells"] += 1
+        self._bell_wake.set()
+
+    def _doorbell(self, pub: zmq.Socket) -> None:
+        """Own thread: a ``seq`` message whenever the log grew, a ``beat`` every second."""
+        sent_seq = None
         try:
-            self._pub.send_multipart([topic, body], flags=zmq.NOBLOCK)
-            if topic == wire.TOPIC_SEQ:
-                self.counters["doorbells"] += 1
-        except zmq.Again:
-            pass
+            while not self._bell_stop.is_set():
+                woken = self._bell_wake.wait(wire.BEAT_SECONDS)
+                self._bell_wake.clear()
+                if self._bell_stop.is_set():
+                    break
+                seq = self._last_seq
+                topic = wire.TOPIC_SEQ if woken and seq != sent_seq else wire.TOPIC_BEAT
+                body = wire.pack({"v": wire.VERSION, "kind": topic.decode(), "seq": seq,
+                                  "server": self.server_id, "time": time.time()})
+                try:
+                    pub.send_multipart([topic, body], flags=zmq.NOBLOCK)
+                    sent_seq = seq
+                except zmq.Again:
+                    pass
+        finally:
+            pub.close()
 
     def _drop(self, reason: str) -> None:
         self.counters["dropped"] += 1
@@ -208,11 +238,18 @@ class StoreServer(Handlers):
         identity, header, data = frames[0], frames[1], frames[2:]
         try:
             kind, rid, args = wire.decode_request(header.buffer)
-        except wire.WireError:
+        except wire.WireError as exc:
             self._drop("bad_header")
+            rid = wire.request_id_of(header.buffer)
+            if rid is not None:  # say why, so the client fails at once instead of timing out
+                self._reply(identity, wire.encode_error(rid, wire.ServiceError(
+                    f"request refused: {exc} (client and service versions differ?)")), [])
             return True
         if kind not in wire.SCHEMAS:
             self._drop("unknown_kind")
+            self._reply(identity, wire.encode_error(rid, wire.ServiceError(
+                f"this service does not know request {kind!r} (client and service versions "
+                f"differ?)")), [])
             return True
         self.counters["requests"] += 1
         self.requests_by_kind[kind] = self.requests_by_kind.get(kind, 0) + 1
@@ -221,8 +258,9 @@ class StoreServer(Handlers):
             wire.check_args(kind, args)
             if data and kind != "blob_write":
                 raise wire.WireError(f"{kind} takes no data frames")
-            result, out = self._handlers[kind](args, data, rid) if kind in wire.WRITES \
-                else self._handlers[kind](args, data)
+            # a recorded reply is found by kind and id: a reused id cannot replay another kind's
+            result, out = self._handlers[kind](args, data, f"{kind}/{rid}") \
+                if kind in wire.WRITES else self._handlers[kind](args, data)
             reply = wire.encode_reply(rid, result)
         except Exception as exc:  # every failure becomes an error reply; the loop goes on
             if isinstance(exc, wire.WireError):
@@ -233,13 +271,16 @@ class StoreServer(Handlers):
             name = wire.error_to_wire(exc)["type"]
             self.errors_by_type[name] = self.errors_by_type.get(name, 0) + 1
             reply, out = wire.encode_error(rid, exc), []
+        self._reply(identity, reply, out)
+        return True
+
+    def _reply(self, identity: Any, reply: bytes, out: list) -> None:
         self.counters["replies"] += 1
         self.counters["bytes_out"] += len(reply) + sum(len(f) for f in out)
         try:
             self._router.send_multipart([identity, reply, *out], copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
             self._drop("reply_queue_full")
-        return True
 def _next_port(requested: str, bound: str) -> str:
     """Default doorbell endpoint: the request port + 1 on the same host (ephemeral with port 0)."""
     host, _, port = requested.rpartition(":")

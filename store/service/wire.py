@@ -91,13 +91,14 @@ def pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
-def _unpack(raw: Any, limit: int) -> Any:
+def _unpack(raw: Any, limit: int, max_items: int = MAX_KEYS_PER_REQUEST) -> Any:
     if len(raw) > limit:
         raise WireError(f"header of {len(raw)} bytes exceeds {limit}")
     try:
-        return msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=0,
-                               max_ext_len=0, max_str_len=limit, max_array_len=MAX_KEYS_PER_REQUEST,
-                               max_map_len=MAX_KEYS_PER_REQUEST)
+        # bytes values are allowed (records may hold them); their size is bounded by ``limit``
+        return msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=limit,
+                               max_ext_len=0, max_str_len=limit, max_array_len=max_items,
+                               max_map_len=max_items)
     except Exception as exc:  # msgpack raises many unrelated types on junk
         raise WireError(f"header is not msgpack ({type(exc).__name__})") from None
 
@@ -109,6 +110,17 @@ def unpack_small(raw: Any) -> Any:
 
 def encode_request(kind: str, request_id: str, args: dict) -> bytes:
     return pack({"v": VERSION, "kind": kind, "id": request_id, "args": args})
+
+
+def request_id_of(raw: Any) -> str | None:
+    """The id of a request header this version cannot serve (another version, say), so the
+    client gets an error reply instead of waiting out its timeout; None if there is no usable id."""
+    try:
+        msg = _unpack(raw, MAX_HEADER_BYTES)
+    except WireError:
+        return None
+    rid = msg.get("id") if isinstance(msg, dict) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 64 else None
 
 
 def decode_request(raw: Any) -> tuple[str, str, dict]:
@@ -136,7 +148,9 @@ def encode_error(request_id: str, exc: BaseException) -> bytes:
 
 def decode_reply(raw: Any) -> tuple[str, bool, Any]:
     """(id, ok, result-or-error-map) of a reply header."""
-    msg = _unpack(raw, MAX_REPLY_BYTES)
+    # no item cap: a reply comes from the (authenticated) service, bounded by MAX_REPLY_BYTES, and
+    # a listing such as trials() may hold more than MAX_KEYS_PER_REQUEST records
+    msg = _unpack(raw, MAX_REPLY_BYTES, max_items=MAX_REPLY_BYTES)
     if not isinstance(msg, dict) or msg.get("v") != VERSION or "id" not in msg or "ok" not in msg:
         raise WireError("reply header must be a map with v, id and ok")
     return msg["id"], bool(msg["ok"]), msg.get("result") if msg["ok"] else msg.get("error")
