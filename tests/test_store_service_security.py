@@ -30,6 +30,14 @@ from store.service.server import StoreServer
 FAST = {"MUNET_STORE_CONNECT_TIMEOUT": "3"}
 
 
+def copy_client_keys(keydir: str, dest) -> object:
+    """What an operator copies to another host: the server's public key and one client pair."""
+    dest.mkdir()
+    for name in ("server.key", "client.key", "client.key_secret"):
+        shutil.copy2(os.path.join(keydir, name), dest / name)
+    return dest
+
+
 def one_line_error(proc) -> str:
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr
@@ -65,10 +73,7 @@ def test_keys_are_made_on_first_use_with_private_secrets(secured):
 
 def test_a_host_with_copied_keys_connects_and_bad_keys_get_one_line(secured, tmp_path):
     svc, keydir, _ = secured
-    host_b = tmp_path / "host-b-keys"
-    host_b.mkdir()
-    for name in ("server.key", "client.key", "client.key_secret"):
-        shutil.copy2(os.path.join(keydir, name), host_b / name)
+    host_b = copy_client_keys(keydir, tmp_path / "host-b-keys")
     ok = run_cli("launch/query.py", "--store", svc.endpoint, "--keys", str(host_b), "stats",
                  "--json", env=FAST)
     assert ok.returncode == 0, ok.stderr
@@ -100,10 +105,7 @@ def test_a_host_with_copied_keys_connects_and_bad_keys_get_one_line(secured, tmp
 
 def test_loose_secret_permissions_are_refused(secured, tmp_path):
     svc, keydir, _ = secured
-    loose = tmp_path / "loose"
-    loose.mkdir()
-    for name in ("server.key", "client.key", "client.key_secret"):
-        shutil.copy2(os.path.join(keydir, name), loose / name)
+    loose = copy_client_keys(keydir, tmp_path / "loose")
     os.chmod(loose / "client.key_secret", 0o644)
     err = one_line_error(run_cli("launch/query.py", "--store", svc.endpoint, "--keys", str(loose),
                                  "stats", env=FAST))
