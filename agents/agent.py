@@ -296,6 +296,8 @@ class Agent:
             publish=publication(w.publish) if w.publish else None, trials=list(w.trials),
             event_kind=event_kind, event_data=event_data)
         self.state = state
+        if seq is not None and seq == self._seen_seq + 1:
+            self._seen_seq = seq  # our own event, right after everything we had seen: no news
         for m in w.models:
             self.view.remember(m)
         if w.publish and seq is not None:

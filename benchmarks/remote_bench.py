@@ -138,9 +138,14 @@ def children_per_minute(spec: str, keys: str | None, work: str, tag: str, cycles
     subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def agent_rate(store_dir: str) -> float:
+def agent_rate(store_dir: str) -> tuple[float, float]:
+    """(the agent's own children per minute, start-up included; the steady rate between its
+    first and last trained child, from the trials' commit times)."""
     with Store.open(store_dir, readonly=True) as st:
-        return float(st.get_agent("agent~uci_digits").progress["children_per_min"])
+        overall = float(st.get_agent("agent~uci_digits").progress["children_per_min"])
+        times = sorted(t.created_at for t in st.trials(agent="agent~uci_digits"))
+    steady = 60.0 * (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+    return overall, steady
 
 
 def run(repeats: int, agent_repeats: int, cycles: int, workdir: str, use_keys: bool) -> dict:
@@ -214,6 +219,7 @@ def run(repeats: int, agent_repeats: int, cycles: int, workdir: str, use_keys: b
         agent_store = os.path.join(root, "agent-store")
         make_store(agent_store, "test")
         rates: dict[str, list[float]] = {"local": [], "remote": []}
+        steady: dict[str, list[float]] = {"local": [], "remote": []}
         for r in range(agent_repeats):
             for side in ("local", "remote") if r % 2 == 0 else ("remote", "local"):
                 d = os.path.join(root, f"agent-{side}-{r}")
@@ -227,9 +233,12 @@ def run(repeats: int, agent_repeats: int, cycles: int, workdir: str, use_keys: b
                     finally:
                         p.terminate()
                         p.wait(30)
-                rates[side].append(agent_rate(d))
+                overall, steady_rate = agent_rate(d)
+                rates[side].append(overall)
+                steady[side].append(round(steady_rate, 2))
                 shutil.rmtree(d, ignore_errors=True)
         cpm = {k: statistics.median(v) for k, v in rates.items()}
+        cpm_steady = {k: statistics.median(v) for k, v in steady.items()}
         return {
             "model_bytes": nbytes, "big_blob_bytes": BIG_BLOB, "repeats": repeats,
             "chunk_bytes": wire.CHUNK_BYTES, "credit": wire.CREDIT, "curve": use_keys,
@@ -244,12 +253,18 @@ def run(repeats: int, agent_repeats: int, cycles: int, workdir: str, use_keys: b
                 "commit_local_over_remote": commit_local / commit_remote,
                 "blob_throughput_fraction_of_raw_zmq": big_raw / big_transfer_s,
                 "blob_throughput_with_cache_write_fraction_of_raw_zmq": big_raw / big_remote,
-                "children_per_min_remote_over_local": cpm["remote"] / cpm["local"]},
+                "children_per_min_remote_over_local": cpm["remote"] / cpm["local"],
+                "steady_children_per_min_remote_over_local":
+                    cpm_steady["remote"] / cpm_steady["local"]},
             "throughput_mib_s": {"remote_into_cache": BIG_BLOB / 2**20 / big_remote,
                                  "remote_transfer_and_hash": BIG_BLOB / 2**20 / big_transfer_s,
                                  "raw_zmq": BIG_BLOB / 2**20 / big_raw},
             "children_per_min": {"local": rates["local"], "remote": rates["remote"],
-                                 "cycles": cycles, "preset": "test"},
+                                 "steady_local": steady["local"],
+                                 "steady_remote": steady["remote"],
+                                 "cycles": cycles, "preset": "test",
+                                 "note": "the agent's own number counts from its start (data, "
+                                         "root load); steady is first to last child"},
         }
     finally:
         for p in procs:
@@ -267,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 15)
-    result = run(repeats, 1 if args.quick else 2, 1 if args.quick else 2,
+    result = run(repeats, 1 if args.quick else 4, 1 if args.quick else 6,
                  args.dir or tempfile.gettempdir(), args.keys)
     result["machine"] = machine_info()
     result["command"] = " ".join([Path(sys.executable).name, *sys.argv])

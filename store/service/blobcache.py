@@ -53,6 +53,9 @@ class BlobCache:
         os.makedirs(self.root, exist_ok=True)
         self.hits = 0
         self.misses = 0
+        # key -> (inode, mtime, size) of a file this process already hashed: a blob file only
+        # changes by being replaced, which changes these, so an unchanged file is not re-hashed
+        self._verified: dict[str, tuple[int, int, int]] = {}
 
     def path(self, key: str) -> str:
         if not _KEY.match(key):
@@ -64,7 +67,9 @@ class BlobCache:
         path = self.path(key)
         try:
             with open(path, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
+                st = os.fstat(f.fileno())
+                size = st.st_size
+                stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
                 buf = bytearray(size)
                 view = memoryview(buf)
                 got = 0
@@ -79,8 +84,11 @@ class BlobCache:
         try:
             if got == size:
                 as_tensor(buf)  # header canonical and length matching it
-                if content_key(buf) != key:  # a damaged (or planted) file is never served
-                    got = -1
+                if self._verified.get(key) != stamp:
+                    if content_key(buf) != key:  # a damaged (or planted) file is never served
+                        got = -1
+                    else:
+                        self._verified[key] = stamp
         except ProtocolError:
             got = -1
         if got != size:  # damaged on disk: forget it, the caller fetches it again
@@ -90,16 +98,22 @@ class BlobCache:
         self.hits += 1
         return buf
 
-    def put(self, key: str, blob: bytes | bytearray | memoryview) -> None:
-        """Add a fetched blob after checking it hashes to ``key`` (StoreCorrupt if not)."""
-        actual = content_key(blob)
-        if actual != key:
-            raise StoreCorrupt(f"blob {key} fetched from the service hashes to {actual}: the "
-                               f"transfer or the service's copy is damaged; run `query.py verify`")
-        try:
-            unpack_header(blob)
-        except ProtocolError as exc:
-            raise StoreCorrupt(f"blob {key} fetched from the service is undecodable: {exc}") from None
+    def put(self, key: str, blob: bytes | bytearray | memoryview, *, made_here: bool = False) -> None:
+        """Add a fetched blob after checking it hashes to ``key`` (StoreCorrupt if not).
+
+        ``made_here``: bytes this process encoded and named itself (an upload), whose key is their
+        hash by construction; they are not hashed again."""
+        if not made_here:
+            actual = content_key(blob)
+            if actual != key:
+                raise StoreCorrupt(f"blob {key} fetched from the service hashes to {actual}: the "
+                                   f"transfer or the service's copy is damaged; run `query.py "
+                                   f"verify`")
+            try:
+                unpack_header(blob)
+            except ProtocolError as exc:
+                raise StoreCorrupt(f"blob {key} fetched from the service is undecodable: "
+                                   f"{exc}") from None
         path = self.path(key)
         if os.path.exists(path):
             return  # already there (get checks every read and removes a damaged copy)
@@ -107,12 +121,14 @@ class BlobCache:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
         try:
+            # no fsync: a cache file is checked against its hash when read, so one torn by a crash
+            # is dropped and fetched again; durability lives in the store, not here
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
             os.chmod(tmp, 0o644)  # mkstemp makes 0600: other users sharing the cache read it too
+            st = os.stat(tmp)
             os.replace(tmp, path)
+            self._verified[key] = (st.st_ino, st.st_mtime_ns, st.st_size)  # hashed above (or ours)
         except BaseException:
             self._discard(tmp)
             raise

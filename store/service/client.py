@@ -66,6 +66,9 @@ def plan_chunks(spans: dict[str, tuple[int, int]]) -> list[list[list]]:
     return batches
 
 
+MAX_REMEMBERED_COMPONENTS = 100_000  # records are ~0.5 KB: a bound, not a budget
+
+
 class RemoteStore:
     """A client of one store service; thread-safe (an agent's heartbeat thread shares it)."""
 
@@ -78,6 +81,9 @@ class RemoteStore:
         self._polled_seq = -1
         self.bytes_fetched = 0
         self.bytes_uploaded = 0
+        # Components are immutable once written: their records are kept for this process's life,
+        # so loading a component whose blobs this host has cached asks the service nothing.
+        self._components: dict[str, ComponentRecord] = {}
 
     @classmethod
     def connect(cls, spec: str, *, readonly: bool = False, keys: str | None = None,
@@ -188,6 +194,8 @@ class RemoteStore:
                 continue
             self.bytes_uploaded += sum(n for batch in batches for _, _, n in batch)
             if all(reached.get(k) == len(encoded[k]) for k in missing):
+                for key in missing:  # this host made these bytes: later loads need not fetch them
+                    self.cache.put(key, encoded[key], made_here=True)
                 return  # every blob arrived whole (and hash-checked there): no need to ask again
         raise StoreError("uploading blobs to the store service made no progress")
 
@@ -227,9 +235,17 @@ class RemoteStore:
         raw = self._call("get_model", model_id=model_id)
         return None if raw is None else ModelRecord.from_dict(raw)
 
+    def _remember(self, rec: ComponentRecord) -> ComponentRecord:
+        if len(self._components) >= MAX_REMEMBERED_COMPONENTS:
+            self._components.clear()
+        self._components[rec.id] = rec
+        return rec
+
     def get_component(self, component_id: str) -> ComponentRecord | None:
+        if component_id in self._components:
+            return self._components[component_id]
         raw = self._call("get_component", component_id=component_id)
-        return None if raw is None else ComponentRecord.from_dict(raw)
+        return None if raw is None else self._remember(ComponentRecord.from_dict(raw))
 
     def get_task(self, task: str) -> TaskRecord | None:
         raw = self._call("get_task", task=task)
@@ -321,7 +337,8 @@ class RemoteStore:
         return out
 
     def _tensors(self, manifest: dict, cids: list[str]) -> dict[str, tuple[TensorDict, TensorDict]]:
-        records = {cid: ComponentRecord.from_dict(manifest["components"][cid]) for cid in cids}
+        records = {cid: self._remember(ComponentRecord.from_dict(manifest["components"][cid]))
+                   for cid in cids}
         what = {k: f"component {cid}" for cid, r in records.items()
                 for k in [*r.tensors.values(), *r.momentum.values()]}
         blobs = self._fetch(manifest["sizes"], what)
@@ -329,7 +346,24 @@ class RemoteStore:
                       {n: as_tensor(blobs[k]) for n, k in r.momentum.items()})
                 for cid, r in records.items()}
 
+    def _cached_tensors(self, component_id: str) -> tuple[TensorDict, TensorDict] | None:
+        """A known component whose blobs are all in this host's cache, read without a request."""
+        rec = self._components.get(component_id)
+        if rec is None:
+            return None
+        blobs = {}
+        for key in [*rec.tensors.values(), *rec.momentum.values()]:
+            blob = self.cache.get(key)
+            if blob is None:
+                return None
+            blobs[key] = blob
+        return ({n: as_tensor(blobs[k]) for n, k in rec.tensors.items()},
+                {n: as_tensor(blobs[k]) for n, k in rec.momentum.items()})
+
     def load_component_tensors(self, component_id: str) -> tuple[TensorDict, TensorDict]:
+        cached = self._cached_tensors(component_id)
+        if cached is not None:
+            return cached
         manifest = self._call("manifest", model_id=None, component_ids=[component_id])
         return self._tensors(manifest, [component_id])[component_id]
 
