@@ -263,7 +263,7 @@ class Agent:
         self.progress.accepted += int(verdict.accepted)
         self.progress.generation = self.state.generation
         if verdict.published is not None:
-            self.progress.published(step.ChildMetrics(**verdict.published.metrics))
+            self.progress.published(verdict.metrics)
         if self.verbose:
             self._print_generation(proposal, verdict)
         return verdict

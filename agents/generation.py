@@ -100,6 +100,7 @@ class Verdict:
     accepted: bool                 # the child reached its threshold (it may still be retained out)
     kept: ModelPath | None         # the child, when it stays in the population
     published: ModelPath | None    # the child, when it became the agent's best
+    metrics: ChildMetrics | None   # the accepted child's metrics (what its record stores)
     population: list[ModelPath]
     previous: list[ModelPath]      # the population before this child (restored if it is dropped)
     counters: Counters
@@ -201,7 +202,7 @@ def judge(ctx: Context, p: Proposal, o: Outcome, population: list[ModelPath]) ->
     r, child = o.result, p.child
     for path in population:
         path.current_score = ctx.scorer.rescore(path, ctx.view.lockers)
-    new_population, kept, published, components = list(population), None, None, []
+    new_population, kept, published, components, metrics = list(population), None, None, [], None
     if r.accepted:
         terms = ctx.scorer.size_terms(child, ctx.view.lockers)
         metrics = ChildMetrics(quality=r.quality, score=r.score, **terms,
@@ -211,7 +212,8 @@ def judge(ctx: Context, p: Proposal, o: Outcome, population: list[ModelPath]) ->
         new_population = retain(new_population + [child], ctx.preset.budget.max_population)
         if best_path(new_population) is child:
             test = test_accuracy(o.model, ctx.tensors, child.hparams["ds_image_size"])
-            child.metrics = dataclasses.replace(metrics, test_quality=test).to_dict()
+            metrics = dataclasses.replace(metrics, test_quality=test)
+            child.metrics = metrics.to_dict()
             published = child
         if child in new_population:
             kept = child
@@ -227,8 +229,8 @@ def judge(ctx: Context, p: Proposal, o: Outcome, population: list[ModelPath]) ->
         train_images=r.train_images, preset=ctx.preset.name, preset_hash=ctx.preset.hash,
         created_at=time.time())
     writes = Writes(components, [kept] if kept else [], [trial], published)
-    return Verdict(r.accepted, kept, published, new_population, list(population), counters, writes,
-                   r.quality, r.seconds)
+    return Verdict(r.accepted, kept, published, metrics, new_population, list(population),
+                   counters, writes, r.quality, r.seconds)
 
 
 def dropped(v: Verdict) -> Verdict:
@@ -237,5 +239,6 @@ def dropped(v: Verdict) -> Verdict:
     pushed out by ``retain`` comes back); counters still advance."""
     population = list(v.previous)
     trial = dataclasses.replace(v.writes.trials[0], model_id=None, accepted=False)
-    return dataclasses.replace(v, accepted=False, kept=None, published=None, population=population,
+    return dataclasses.replace(v, accepted=False, kept=None, published=None, metrics=None,
+                               population=population,
                                writes=Writes([], [], [trial], None))
