@@ -26,6 +26,7 @@ from agents import generation as step
 from agents.bootstrap import ensure_root
 from agents.config import Preset, resolve_preset
 from agents.paths import ModelPath
+from agents.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 from agents.progress import Progress
 from agents.scoring import Scorer
 from agents.selection import best_path
@@ -51,6 +52,9 @@ def generation_rng(seed: int, agent_id: str, cycle: int, generation: int
     return random.Random(s), torch.Generator().manual_seed(s)
 
 
+DEFAULT_CACHE_MB = DEFAULT_MAX_BYTES >> 20
+
+
 @dataclass
 class AgentOptions:
     store: str
@@ -66,6 +70,7 @@ class AgentOptions:
     bind_host: str = "127.0.0.1"
     data_dir: str | None = None
     keys: str | None = None          # CURVE key folder, for a store service beyond loopback
+    cache_mb: int = DEFAULT_CACHE_MB  # frozen-prefix activation cache cap; 0 turns the cache off
 
 
 LOG_POLL_SECONDS = 0.5  # how often a training agent looks at the store's event log
@@ -107,8 +112,10 @@ class Agent:
             self.agent_id, o.task, ttl=o.lease_ttl, host=socket.gethostname(), pid=os.getpid(),
             device=str(self.device), endpoint=self.bus.endpoint, preset=self.preset.name)
         self.view = SystemView(self.store, self.agent_id, self.device)
+        cache = PrefixCache(max_bytes=o.cache_mb << 20) if o.cache_mb > 0 else None
         self.ctx = step.Context(self.agent_id, o.task, self.preset, self.vit, self.cycles, tensors,
-                                self.view, Scorer(self.preset, self.vit), probe_cache={})
+                                self.view, Scorer(self.preset, self.vit), probe_cache={},
+                                prefix_cache=cache)
         self.state = self.store.get_agent_state(self.agent_id) or AgentState(
             agent_id=self.agent_id, task=o.task, cycle=0, generation=0, population=[],
             best_model_id=None, next_component_id=0, next_model_id=0, offsprings={},
@@ -218,7 +225,7 @@ class Agent:
                   f"{', '.join(p.id for p in self.population) or 'empty (parents come from the system)'}",
                   flush=True)
         self.progress.cycle = self.state.cycle
-        while self.state.generation < self.preset.budget.children_per_cycle:
+        while not self._cycle_done():
             if self.stop_requested:
                 return
             self.run_generation()
@@ -226,12 +233,21 @@ class Agent:
         self._rescore()
         best = best_path(self.population)
         self.state = dataclasses.replace(
-            self.state, cycle=self.state.cycle + 1, generation=0,
+            self.state, cycle=self.state.cycle + 1, generation=0, cycle_images=0,
             population=[best.id] if best else [], best_model_id=best.id if best else None)
         self._commit(step.Writes([], [], [], best), event_kind="cycle_end",
                      event_data={"cycle": self.state.cycle})
         self.progress.cycle = self.state.cycle
         self.progress.last_event = f"cycle {self.state.cycle} done"
+
+    def _cycle_done(self) -> bool:
+        """A cycle is a number of children; with +hurdle, a budget of training images (children
+        stopped early leave images for more children), capped at 4x the children as a guard."""
+        b, s = self.preset.budget, self.state
+        if not self.preset.hurdle:
+            return s.generation >= b.children_per_cycle
+        budget = b.children_per_cycle * self.preset.child_images(self.ctx.tensors.n_train)
+        return s.cycle_images >= budget or s.generation >= 4 * b.children_per_cycle
 
     def _rescore(self) -> None:
         """Rank own paths by their score *now*: other agents' publishes change the accounted params,
@@ -243,7 +259,7 @@ class Agent:
         """One child, start to end: propose, train, judge, commit. None if it was abandoned."""
         s = self.state
         counters = step.Counters(s.cycle, s.generation, s.next_model_id, s.next_component_id,
-                                 dict(s.offsprings))
+                                 dict(s.offsprings), s.cycle_images)
         rng, gen = generation_rng(self.opts.seed, self.agent_id, s.cycle, s.generation)
         proposal = step.propose(self.ctx, counters, self.population, rng, gen)
         outcome = step.train(self.ctx, proposal, gen, should_stop=self._listen)
@@ -272,7 +288,8 @@ class Agent:
         """The verdict's counters and population become the agent's state, committed at once."""
         c, best = v.counters, best_path(v.population)
         state = dataclasses.replace(
-            self.state, generation=c.generation, next_model_id=c.next_model_id,
+            self.state, generation=c.generation, cycle_images=c.cycle_images,
+            next_model_id=c.next_model_id,
             next_component_id=c.next_component_id, offsprings=dict(c.offsprings),
             population=[p.id for p in v.population], best_model_id=best.id if best else None)
         self._commit(v.writes, state=state)

@@ -27,7 +27,7 @@ DELTA_RANGE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 ADAPTER_DIM_RANGE = (8, 16, 32, 64, 128)
 
 EXTENSIONS = ("autotune", "adapters", "layers", "imagesize", "penalty", "continue", "clock", "probe",
-              "guard")
+              "guard", "hurdle")
 # µ2Net+ as published, plus +continue (a child resumes its same-task parent's learning-rate schedule),
 # which won +2.5 points of mean test accuracy on the 4-task measurement in benchmarks/results/extensions.
 PUBLISHED_METHOD = ("autotune", "adapters", "layers", "imagesize")
@@ -127,6 +127,17 @@ class Preset:
     def guard_foreign(self) -> bool:
         """+guard: a child of another task's model must beat this agent's best to be kept."""
         return "guard" in self.extensions
+
+    @property
+    def hurdle(self) -> bool:
+        """+hurdle: a child far below its threshold at its first validation stops there, and a cycle
+        is a budget of training images (children x images per child), not a count of children."""
+        return "hurdle" in self.extensions
+
+    def child_images(self, n_train: int) -> int:
+        """Training images one child gets when it runs all its validations."""
+        b = self.budget
+        return self.steps_between_validations(n_train) * b.validations_per_child * b.batch_size
 
     @property
     def scale_factor(self) -> float:

@@ -30,8 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from agents.config import Preset
+from agents.hurdle import DEFAULT_RULE, HurdleRule
 from agents.mutation import Mutator, hparams_diff
 from agents.paths import ModelPath
+from agents.prefix_cache import PrefixCache
 from agents.probe import probe_pick
 from agents.progress import ChildMetrics
 from agents.scoring import Scorer
@@ -40,6 +42,7 @@ from agents.training import TaskTensors, TrainResult, test_accuracy, train_child
 from agents.view import SystemView
 from agents.vit import PathModel, VitConfig
 from store import TrialRecord
+from taskdata.augment import AugmentParams
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class Context:
     view: SystemView
     scorer: Scorer
     probe_cache: dict[str, float]  # model id -> probe accuracy (+probe), a cache, not state
+    prefix_cache: PrefixCache | None = None  # frozen-prefix activations (exact), None = off
+    hurdle: HurdleRule = DEFAULT_RULE        # used when the preset has +hurdle
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Counters:
     next_model_id: int
     next_component_id: int
     offsprings: dict[str, int]
+    cycle_images: int = 0  # training images spent in this cycle so far
 
 
 @dataclass(frozen=True)
@@ -184,13 +190,26 @@ def train(ctx: Context, p: Proposal, gen: torch.Generator,
           should_stop: Callable[[], bool] | None = None) -> Outcome:
     """Train the child's new components; keep its best snapshot at or above the threshold."""
     b = ctx.preset.budget
+    stop_early = None
+    if ctx.preset.hurdle:
+        loose = ctx.hurdle.exempt_mutation(p.parent.hparams, p.child.hparams)
+        stop_early = lambda validation, score: ctx.hurdle.stops(validation, score, p.threshold, loose)  # noqa: E731
     result, model = train_child(
         p.child, ctx.vit, ctx.tensors, batch_size=b.batch_size,
         steps_between_validations=ctx.preset.steps_between_validations(ctx.tensors.n_train),
         validations=b.validations_per_child, threshold=p.threshold,
         score_of=p.score_of, gen=gen,
-        on_step=should_stop, schedule=p.schedule)
+        on_step=should_stop, schedule=p.schedule, stop_early=stop_early, cache=ctx.prefix_cache)
     return Outcome(result, model)
+
+
+def augment_flags(hparams: dict) -> list[str]:
+    """The training augmentations a child's data hparams switch on (for its trial record)."""
+    a = AugmentParams.from_hparams(hparams)
+    flags = [("crop", a.crops), ("flip", a.flip_left_right), ("brightness", a.brightness_delta > 0),
+             ("contrast", a.contrast_delta > 0), ("saturation", a.saturation_delta > 0),
+             ("hue", a.hue_delta > 0), ("jpeg", a.quality_delta > 0)]
+    return [name for name, on in flags if on]
 
 
 def judge(ctx: Context, p: Proposal, o: Outcome, population: list[ModelPath]) -> Verdict:
@@ -211,14 +230,16 @@ def judge(ctx: Context, p: Proposal, o: Outcome, population: list[ModelPath]) ->
         child.metrics, child.created_at = metrics.to_dict(), time.time()  # ranks it below
         new_population = retain(new_population + [child], ctx.preset.budget.max_population)
         if best_path(new_population) is child:
-            test = test_accuracy(o.model, ctx.tensors, child.hparams["ds_image_size"])
+            test = test_accuracy(o.model, ctx.tensors, child.hparams["ds_image_size"],
+                                 cache=ctx.prefix_cache, child=child)
             metrics = dataclasses.replace(metrics, test_quality=test)
             child.metrics = metrics.to_dict()
             published = child
         if child in new_population:
             kept = child
             components = [comp for comp in child.ordered() if not comp.stored]
-    counters = dataclasses.replace(p.counters, generation=p.counters.generation + 1)
+    counters = dataclasses.replace(p.counters, generation=p.counters.generation + 1,
+                                   cycle_images=p.counters.cycle_images + r.train_images)
     score = r.score if r.accepted else (None if r.quality is None else p.score_of(r.quality))
     trial = TrialRecord(
         id=child.id, agent=ctx.agent_id, task=ctx.task, cycle=counters.cycle,
@@ -227,7 +248,10 @@ def judge(ctx: Context, p: Proposal, o: Outcome, population: list[ModelPath]) ->
         hparams_diff=hparams_diff(p.parent.hparams, child.hparams), quality=r.quality,
         score=score, accepted=r.accepted, seconds=round(r.seconds, 4),
         train_images=r.train_images, preset=ctx.preset.name, preset_hash=ctx.preset.hash,
-        created_at=time.time())
+        created_at=time.time(), evals=list(r.evals),
+        threshold=None if math.isinf(p.threshold) else p.threshold,
+        lowest_trainable=r.lowest_trainable, image_size=int(child.hparams["ds_image_size"]),
+        augment=augment_flags(child.hparams), flops=r.flops.to_dict(), stopped=r.stopped)
     writes = Writes(components, [kept] if kept else [], [trial], published)
     return Verdict(r.accepted, kept, published, metrics, new_population, list(population),
                    counters, writes, r.quality, r.seconds)

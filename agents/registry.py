@@ -137,6 +137,13 @@ class ComponentKind:
     name: str
     shapes: Callable[[Any, Mapping[str, Any]], Shapes]
     flops: Callable[[Any, Mapping[str, Any]], int] = _no_flops
+    # Backward cost model (agents.compute): the share of ``flops`` spent in ops without weights
+    # (attention scores and the weighted sum), whose backward costs 2x their forward whenever a
+    # gradient flows through them; and whether the kind normalises its input with its own LayerNorm
+    # first, so a trainable instance computes its input-side gradients even with nothing below it
+    # trainable (the norm's weight needs them).
+    mixing_flops: Callable[[Any, Mapping[str, Any]], int] = _no_flops
+    normed_input: bool = False
     stage: int = STAGE_LAYER
     rank: int = 0
     indexed: bool = False
@@ -475,7 +482,13 @@ def _block_shapes(cfg: Any, h: Mapping[str, Any]) -> Shapes:
 
 def _block_flops(cfg: Any, h: Mapping[str, Any]) -> int:
     d, m, t = cfg.hidden, cfg.mlp, tokens(cfg, h)
-    return 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * m
+    return 2 * t * d * 3 * d + _block_mixing_flops(cfg, h) + 2 * t * d * d + 2 * 2 * t * d * m
+
+
+def _block_mixing_flops(cfg: Any, h: Mapping[str, Any]) -> int:
+    """q.k scores and the p.v weighted sum: no weights, two activation operands."""
+    d, t = cfg.hidden, tokens(cfg, h)
+    return 2 * 2 * t * t * d
 
 
 def _adapter_shapes(cfg: Any, h: Mapping[str, Any]) -> Shapes:
@@ -508,10 +521,12 @@ BUILTIN_KINDS = (
     ComponentKind("posembed_input", _posemb_shapes, stage=STAGE_STEM, rank=2, reshapes=True,
                   label="posembed", description="position embedding"),
     ComponentKind("residual_adapter", _adapter_shapes, _adapter_flops, stage=STAGE_LAYER, rank=0,
+                  normed_input=True,
                   indexed=True, layers_hparam="adapter_layers", reshapes=True, in_root=False,
                   addable=lambda preset: bool(preset.mutate_adapters), log_new=False,
                   label="adapter", description="residual adapter"),
-    ComponentKind("encoderblock", _block_shapes, _block_flops, stage=STAGE_LAYER, rank=1, indexed=True,
+    ComponentKind("encoderblock", _block_shapes, _block_flops, _block_mixing_flops, normed_input=True,
+                  stage=STAGE_LAYER, rank=1, indexed=True,
                   label="block", description="encoder block"),
     ComponentKind("encoder_norm", _norm_shapes, stage=STAGE_TOP, rank=0, always_clone=True,
                   label="norm", description="final LayerNorm"),

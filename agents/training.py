@@ -20,8 +20,10 @@ import torch.nn.functional as F
 
 from taskdata import TaskData
 from taskdata.augment import augment_train, preprocess_eval, to_tensor
+from agents import compute
 from agents.paths import ModelPath
-from agents.vit import PathModel, VitConfig
+from agents.prefix_cache import PrefixCache, augment_is_identity, prefix_key
+from agents.vit import PathModel, VitConfig, component_names
 
 
 class TaskTensors:
@@ -78,8 +80,15 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return correct.item() / max(1, len(y))
 
 
-def test_accuracy(model: PathModel, data: TaskTensors, image_size: int) -> float:
-    """Exact accuracy on the whole test split (never used for selection)."""
+def test_accuracy(model: PathModel, data: TaskTensors, image_size: int,
+                  cache: PrefixCache | None = None, child: ModelPath | None = None) -> float:
+    """Exact accuracy on the whole test split (never used for selection); through the agent's
+    prefix cache when one is given with the model's path."""
+    key = prefix_key(child, model, image_size) if cache is not None and child is not None else None
+    if key is not None:
+        h = cache.outputs(key, model, "test", data.test_x, image_size)
+        cache.take_filled()  # a test-split fill is evaluation, not training: no child pays for it
+        return accuracy(model.forward_suffix, h, data.test_y)
     return accuracy(model, data.test_x, data.test_y, prep=lambda xb: preprocess_eval(xb, image_size))
 
 
@@ -112,7 +121,62 @@ class TrainResult:
     snapshot_step: int = 0          # steps trained when the kept snapshot was taken
     train_images: int = 0
     seconds: float = 0.0
-    aborted: bool = False
+    aborted: bool = False           # abandoned (shutdown): nothing is written, the child reruns
+    stopped: str = ""               # why training ended before its last validation ("hurdle")
+    flops: compute.FlopsTally = field(default_factory=compute.FlopsTally)
+    lowest_trainable: str | None = None
+
+
+class _Inputs:
+    """Where a child's model inputs come from: images preprocessed per batch, or the frozen prefix's
+    outputs from the agent's cache (exact; see agents/prefix_cache.py), plus what each costs.
+
+    The training split is served from the cache only when augmentation is the identity (then the
+    augmented batch equals the evaluation preprocessing bit for bit and draws nothing from the
+    generator, so the seeded stream of batches is the same with and without a cache).
+    """
+
+    def __init__(self, child: ModelPath, model: PathModel, vit: VitConfig, data: "TaskTensors",
+                 cache: PrefixCache | None, tally: compute.FlopsTally):
+        h = child.hparams
+        self.size, self.model, self.data, self.tally = h["ds_image_size"], model, data, tally
+        self.key = prefix_key(child, model, self.size) if cache is not None else None
+        self.cache = cache if self.key is not None else None
+        prefix = model.frozen_prefix if self.cache is not None else ()
+        self.train_cached = self.cache is not None and augment_is_identity(h)
+        trainable = model.trainable_components
+        self.step_flops = compute.train_flops_per_image(vit, h, trainable,
+                                                        cached=prefix if self.train_cached else ())
+        self.eval_flops = compute.forward_flops(vit, h, skip=prefix)
+        self.prefix_flops = compute.forward_flops(vit, h) - compute.forward_flops(vit, h, skip=prefix)
+
+    def _charge_fills(self) -> None:
+        if self.cache is not None:
+            self.tally.cache_fill += self.cache.take_filled() * self.prefix_flops
+
+    def train_logits(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        self.tally.train += int(idx.shape[0]) * self.step_flops
+        if self.train_cached:
+            h = self.cache.outputs(self.key, self.model, "train", self.data.train_x, self.size, rows=idx)
+            self._charge_fills()
+            return self.model.forward_suffix(h)
+        x = augment_train(self.data.train_x[idx], self.model.hparams, self.size, gen)
+        return self.model(x)
+
+    def accuracy(self, split: str) -> float:
+        """Accuracy on the validation subset (charged as validation FLOPs) or the test split."""
+        if split == "val":
+            images, labels = self.data.val_x, self.data.val_y
+            self.tally.validation += len(labels) * self.eval_flops
+        else:
+            images, labels = self.data.test_x, self.data.test_y
+        if self.cache is not None:
+            h = self.cache.outputs(self.key, self.model, split, images, self.size)
+            self._charge_fills()
+            return accuracy(self.model.forward_suffix, h, labels)
+        if split == "val":
+            return accuracy(self.model, self.data.val_inputs(self.size), labels)
+        return accuracy(self.model, images, labels, prep=lambda xb: preprocess_eval(xb, self.size))
 
 
 def train_child(
@@ -128,6 +192,8 @@ def train_child(
     gen: torch.Generator,
     on_step: Callable[[], bool] | None = None,
     schedule: tuple[int, int] | None = None,
+    stop_early: Callable[[int, float], bool] | None = None,
+    cache: PrefixCache | None = None,
 ) -> tuple[TrainResult, PathModel]:
     """Train the child's trainable (not yet stored) components in place; return the kept result.
 
@@ -136,16 +202,22 @@ def train_child(
     ``schedule = (start, total)`` places the child's steps at ``start`` of one warm-up/cosine schedule
     of ``total`` steps (the ``+continue`` extension: a lineage shares one schedule, restarting only
     when it runs past its end); None restarts the schedule for this child (the reference's rule).
+    ``stop_early(validation_number, score)`` is asked after each validation (1-based); True ends
+    training there (``result.stopped = "hurdle"``, the ``+hurdle`` extension): the child keeps a
+    snapshot it already took, and the images it did not use go to the next children.
+    ``cache``: the agent's frozen-prefix activation cache (exact; None trains without one).
+    FLOPs are counted as they are spent (``result.flops``, agents/compute.py).
     """
     t0 = time.perf_counter()
     h = child.hparams
     model, opt, tensors = make_model_and_optimizer(child, vit)
     params = list(tensors.values())
     total = steps_between_validations * validations
-    size = h["ds_image_size"]
-    val_x = data.val_inputs(size)
-    batches = data.batch_indices(batch_size, gen)
     result = TrainResult(accepted=False, quality=None, score=None)
+    inputs = _Inputs(child, model, vit, data, cache, result.flops)
+    result.lowest_trainable = next((n for n in component_names(h) if n in model.trainable_components),
+                                   None)
+    batches = data.batch_indices(batch_size, gen)
     best_threshold, snapshot = threshold, None
     model.train()
     for step in range(total):
@@ -153,14 +225,13 @@ def train_child(
             result.aborted = True
             break
         idx = next(batches)
-        x = augment_train(data.train_x[idx], h, size, gen)
         if schedule is None:
             lr = lr_at(step, total, h["opt_lr"], h["opt_lr_warmup_ratio"])
         else:
             lr = lr_at((schedule[0] + step) % schedule[1], schedule[1], h["opt_lr"], h["opt_lr_warmup_ratio"])
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = F.cross_entropy(model(x), data.train_y[idx])
+        loss = F.cross_entropy(inputs.train_logits(idx, gen), data.train_y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -169,7 +240,7 @@ def train_child(
         result.train_images += int(idx.shape[0])
         if (step + 1) % steps_between_validations == 0:
             model.eval()
-            q = accuracy(model, val_x, data.val_y)
+            q = inputs.accuracy("val")
             model.train()
             result.evals.append(q)
             s = score_of(q)
@@ -180,6 +251,9 @@ def train_child(
                 snapshot_mom = {k: (m.detach().clone() if m is not None else None) for k, m in moms.items()}
                 result.score = s
                 result.snapshot_step = step + 1
+            if stop_early is not None and step + 1 < total and stop_early(len(result.evals), s):
+                result.stopped = "hurdle"
+                break
     result.quality = max(result.evals) if result.evals else None
     if snapshot is not None and not result.aborted:
         result.accepted = True

@@ -6,6 +6,8 @@ become `nn.Parameter`s over the caller's storage (optimizer steps write straight
 tensors), frozen components are used as plain tensors that autograd, `parameters()`, `state_dict()` and
 `.to()` never see. Every stage in front of the first trainable component runs under `torch.no_grad()`,
 so backward stops there: this is where a child that trains only its top layers saves compute.
+`forward_prefix` / `forward_suffix` split the forward at that point, so the prefix output can be
+computed once per image and cached (agents.prefix_cache).
 
 The numerics follow vit_jax / timm exactly: pre-LN blocks, LayerNorm eps 1e-6, tanh-approximated GELU,
 class token pooling, no dropout, no layer scale, no pre-logits. Blocks are timm's own `Block` (built on
@@ -397,6 +399,10 @@ class PathModel(nn.Module):
         # Components that run without autograd because nothing below them trains.
         self.frozen_prefix: tuple[str, ...] = tuple(c for comps, _ in stages[:first] for c in comps)
         self._first_trainable_stage = first
+        # Top stages (encoder_norm) act on each token alone and only token 0 reaches the head (which is
+        # not a stage), so a suffix made of them needs nothing of the prefix output but its class token.
+        self._suffix_per_token = all(registry.kind_of(c).stage == registry.STAGE_TOP
+                                     for comps, _ in stages[first:] for c in comps)
 
     @staticmethod
     def _extra_module(name: str, cfg: VitConfig, hparams: Mapping[str, object]) -> nn.Module:
@@ -418,19 +424,55 @@ class PathModel(nn.Module):
     def _run(self, stage: nn.Module | None, h: Tensor) -> Tensor:
         return self._stem(h) if stage is None else stage(h)
 
+    def _run_stages(self, h: Tensor, start: int, stop: int) -> Tensor:
+        for _, stage in self._stages[start:stop]:
+            h = self._run(stage, h)
+        return h
+
+    @property
+    def first_trainable_stage(self) -> int:
+        """Index of the first stage (the stem is stage 0) holding a trainable component; the number of
+        stages when none does (only the head, or nothing, trains)."""
+        return self._first_trainable_stage
+
+    @property
+    def has_frozen_prefix(self) -> bool:
+        return self._first_trainable_stage > 0
+
+    @property
+    def prefix_keeps_cls_only(self) -> bool:
+        """True when every stage from the first trainable one up is per-token (STAGE_TOP), so
+        `forward_prefix` returns only the class token: the rest never reaches the head."""
+        return self._suffix_per_token
+
+    def _frozen(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self._run_stages(x, 0, self._first_trainable_stage)
+
+    def _suffix_features(self, h: Tensor) -> Tensor:
+        return self._run_stages(h, self._first_trainable_stage, len(self._stages))[:, 0]
+
+    def forward_prefix(self, x: Tensor) -> Tensor:
+        """(B, 3, S, S) in [-1, 1] -> the frozen stages' output without autograd: hidden tokens (B, T, D),
+        or a contiguous (B, 1, D) when `prefix_keeps_cls_only`. A function of the image and the frozen
+        components alone, which is what makes it cacheable (agents.prefix_cache)."""
+        if not self.has_frozen_prefix:
+            raise ValueError("this model has no frozen prefix: its stem holds a trainable component")
+        h = self._frozen(x)
+        return h[:, :1].contiguous() if self._suffix_per_token else h
+
+    def forward_suffix(self, h: Tensor) -> Tensor:
+        """`forward_prefix`'s output -> logits, with autograd through the trainable stages and head."""
+        return self.forward_head(self._suffix_features(h))
+
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, 3, S, S) in [-1, 1] -> (B, D): encoder_norm output of the class token."""
-        first = self._first_trainable_stage
-        if x.requires_grad:
-            first = 0  # the caller wants input gradients (e.g. saliency): keep the whole graph
-        h = x
-        if first > 0:
-            with torch.no_grad():
-                for _, stage in self._stages[:first]:
-                    h = self._run(stage, h)
-        for _, stage in self._stages[first:]:
-            h = self._run(stage, h)
-        return h[:, 0]
+        if x.requires_grad or not self.has_frozen_prefix:
+            # No prefix, or the caller wants input gradients (e.g. saliency): keep the whole graph.
+            return self._run_stages(x, 0, len(self._stages))[:, 0]
+        # All tokens go through the suffix here (not only the class token as in forward_prefix), so the
+        # plain forward computes exactly what it always has.
+        return self._suffix_features(self._frozen(x))
 
     def forward_head(self, features: Tensor) -> Tensor:
         return self.head(features)

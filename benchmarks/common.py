@@ -165,8 +165,10 @@ def run_swarm(store: str, tasks: Sequence[str], preset: str, *, cycles: int | No
               seed: int = 0, threads: int | None = None, root: str | None = None,
               log_path: str | None = None,
               timeout: float | None = None, prefix: str = "bench",
-              progress_every: float = 15.0) -> SwarmRun:
+              progress_every: float = 15.0, extra_args: Sequence[str] = ()) -> SwarmRun:
     """Run ``launch/run_swarm.py`` as a subprocess until every agent finished; print progress.
+
+    ``extra_args`` go to run_swarm.py as they are (flags this function has no keyword for).
 
     The launcher's own output goes to ``log_path``; a one-line summary read from the store (children
     trained so far) is printed every ``progress_every`` seconds. The process is killed if anything
@@ -180,6 +182,7 @@ def run_swarm(store: str, tasks: Sequence[str], preset: str, *, cycles: int | No
         cmd += ["--threads", str(threads)]
     if root is not None:
         cmd += ["--root", root]
+    cmd += list(extra_args)
     log_path = log_path or os.path.join(os.path.dirname(os.path.abspath(store)),
                                         os.path.basename(store) + ".launcher.log")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -224,12 +227,29 @@ def swarm_children_so_far(store_path: str) -> int | str:
         return "?"
 
 
+FLOPS_KEYS = ("train", "validation", "cache_fill", "total")
+
+
+def add_flops(tallies: Sequence[dict[str, int] | None]) -> dict[str, int] | None:
+    """The sum of FLOPs tallies (``agents.compute.FlopsTally.to_dict()``); None if any is unknown
+    (None or empty: a trial written before trials recorded FLOPs)."""
+    if any(not t or "total" not in t for t in tallies):
+        return None
+    return {k: sum(int(t.get(k, 0)) for t in tallies) for k in FLOPS_KEYS}
+
+
 def trial_budget(store, task: str) -> dict[str, Any]:
-    """Training images, children and training seconds of one task's agent, from its trials."""
+    """Training images, FLOPs, children and training seconds of one task's agent, from its trials.
+
+    ``flops`` sums the trials' FLOPs tallies and ``train_flops`` is its total (everything the children
+    cost: training steps, validations, cache fills); both None when a trial did not record them.
+    """
     from agents.agent import agent_id_for
 
     trials = store.trials(agent=agent_id_for(task))
+    flops = add_flops([getattr(t, "flops", None) for t in trials])
     return {"train_images": sum(t.train_images for t in trials), "children": len(trials),
+            "flops": flops, "train_flops": flops["total"] if flops is not None else None,
             "accepted": sum(1 for t in trials if t.accepted),
             "train_seconds": sum(t.seconds for t in trials),
             "first_start": min((t.created_at - t.seconds for t in trials), default=math.nan),

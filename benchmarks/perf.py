@@ -13,6 +13,12 @@ for bytes, larger):
   polls a real PeerBus as an agent does, / images/s of a hand-written PyTorch loop on the same
   PathModel with the same batches, steps, schedule, clipping and validations (validation included
   in both; the framework's best-checkpoint snapshots and bus polls are its own cost).
+* ``cached_vs_uncached_top_only_child``: seconds of that child in ``train_child`` without a prefix
+  cache / with the agent's cache already holding its frozen prefix (an earlier child with the same
+  frozen components filled it); ``cold_cached_vs_uncached_top_only_child``: the same with a fresh cache
+  whose fills the child pays.
+* ``swarm_children_per_min_cached_vs_uncached``: children per minute of the 2-agent swarm / of the
+  same swarm with ``--prefix-cache-mb 0`` (mean test accuracy of both reported beside it).
 * ``top_only_vs_full_step_speed``: step time with every component trainable / step time with only
   the top block, final norm and head trainable (same bare loop, no validation).
 * ``store_load_vs_torch_load_speed``: ``torch.load`` of a state-dict file / ``Store.load_model_tensors``
@@ -35,6 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -137,13 +144,14 @@ def measure_training(mode: Mode, root, task: str, seed: int) -> dict:
         bus.poll(0)
         return False
 
-    def framework() -> common.Timing:
+    def top_only_child(cache=None) -> common.Timing:
+        """train_child on the top-only child (prefix cache off unless one is given)."""
         child = _child(root, vit, preset, data.num_classes, False, seed)
         with common.Stopwatch() as watch:
             result, _ = train_child(child, vit, data, batch_size=b.batch_size, on_step=on_step,
                                     steps_between_validations=sbv, validations=b.validations_per_child,
                                     threshold=-math.inf, score_of=float,
-                                    gen=torch.Generator().manual_seed(seed))
+                                    gen=torch.Generator().manual_seed(seed), cache=cache)
         assert result.steps == steps
         return watch.timing
 
@@ -153,7 +161,8 @@ def measure_training(mode: Mode, root, task: str, seed: int) -> dict:
 
     _say(f"train_child vs bare loop: {steps} steps x {b.batch_size} images, {mode.repeats} rounds")
     try:
-        t = common.interleaved_times({"framework": framework, "bare": bare}, mode.repeats)
+        t = common.interleaved_times({"framework": top_only_child, "bare": bare}, mode.repeats)
+        c = _cached_child_times(mode, top_only_child, top_only_child)
     finally:
         bus.close()
     images = steps * b.batch_size
@@ -175,10 +184,28 @@ def measure_training(mode: Mode, root, task: str, seed: int) -> dict:
             "framework_cpu_seconds": common.cpu(fw), "bare_cpu_seconds": common.cpu(bare_),
             "full_step_ms": median(ms["full"]), "top_only_step_ms": median(ms["top_only"]),
             "full_step_ms_all": ms["full"], "top_only_step_ms_all": ms["top_only"],
+            "top_only_child_uncached_seconds": common.wall(c["uncached"]),
+            "top_only_child_warm_cache_seconds": common.wall(c["warm"]),
+            "top_only_child_cold_cache_seconds": common.wall(c["cold"]),
+            "ratio_cached_top_only": median(common.wall(c["uncached"])) / median(common.wall(c["warm"])),
+            "ratio_cold_cached_top_only": median(common.wall(c["uncached"])) / median(common.wall(c["cold"])),
             "ratio_train": median(common.wall(bare_)) / median(common.wall(fw)),
             "ratio_train_cpu_time": median(common.cpu(bare_)) / median(common.cpu(fw)),
             "ratio_top": median(ms["full"]) / median(ms["top_only"]),
             "ratio_top_cpu_time": median(common.cpu(s["full"])) / median(common.cpu(s["top_only"]))}
+
+
+def _cached_child_times(mode: Mode, uncached: Callable[[], common.Timing],
+                        train_with: Callable[[object], common.Timing]) -> dict:
+    """Timings of one top-only child: no cache; a warm cache (the agent's cache already holds the
+    child's frozen prefix because an earlier child of the lineage filled it: the steady state);
+    a cold one (a fresh cache, its fills paid by this child)."""
+    from agents.prefix_cache import PrefixCache
+
+    warm = PrefixCache()
+    _say(f"top-only child, prefix cache none / warm / cold: {mode.repeats} rounds")
+    return common.interleaved_times({"uncached": uncached, "warm": lambda: train_with(warm),
+                                     "cold": lambda: train_with(PrefixCache())}, mode.repeats)
 
 
 # ---- store: load speed, bytes on disk --------------------------------------------------------------
@@ -352,6 +379,14 @@ def measure_latency(publishes: int, workdir: str, seed: int) -> dict:
 
 # ---- main ------------------------------------------------------------------------------------------
 
+def _mean_test(store_path: str, tasks: list[str]) -> float:
+    from store import Store
+
+    with Store.open(store_path, readonly=True) as store:
+        pub = store.published_models()
+        return sum(float(pub[t].metrics["test_quality"]) for t in tasks) / len(tasks)
+
+
 def run(args, mode_name: str) -> dict:
     import torch
 
@@ -371,10 +406,18 @@ def run(args, mode_name: str) -> dict:
         _say(f"swarm, 2 agents ({','.join(tasks)}), same preset")
         run2 = common.run_swarm(two, tasks, mode.swarm_preset, cycles=mode.swarm_cycles,
                                 seed=args.seed, threads=1, prefix="perf")
+        nocache = os.path.join(work, "swarm2_nocache")
+        _say(f"swarm, 2 agents ({','.join(tasks)}), same preset, prefix cache off")
+        run3 = common.run_swarm(nocache, tasks, mode.swarm_preset, cycles=mode.swarm_cycles,
+                                seed=args.seed, threads=1, prefix="perf", extra=["--prefix-cache-mb", "0"])
+        c3 = common.swarm_throughput(nocache, tasks)
         c1, c2 = common.swarm_throughput(one, tasks[:1]), common.swarm_throughput(two, tasks)
         out["swarm"] = {"preset": mode.swarm_preset, "cycles": mode.swarm_cycles, "threads_per_agent": 1,
                         "one_agent": {**c1, "wall_seconds": run1.wall_seconds},
-                        "two_agents": {**c2, "wall_seconds": run2.wall_seconds}}
+                        "two_agents": {**c2, "wall_seconds": run2.wall_seconds,
+                                       "mean_test_accuracy": _mean_test(two, tasks)},
+                        "two_agents_no_cache": {**c3, "wall_seconds": run3.wall_seconds,
+                                                "mean_test_accuracy": _mean_test(nocache, tasks)}}
         _say(f"children/min: 1 agent {c1['children_per_min']:.1f}, 2 agents {c2['children_per_min']:.1f}")
         out["store"] = measure_store(two, tasks, mode.load_repeats, work)
         with Store.open(one, readonly=True) as store:
@@ -393,6 +436,10 @@ def run(args, mode_name: str) -> dict:
         "store_load_vs_torch_load_speed": st["torch_load_ms"] / st["store_load_ms"],
         "two_agents_vs_one_throughput": out["swarm"]["two_agents"]["children_per_min"]
         / out["swarm"]["one_agent"]["children_per_min"],
+        "cached_vs_uncached_top_only_child": tr["ratio_cached_top_only"],
+        "cold_cached_vs_uncached_top_only_child": tr["ratio_cold_cached_top_only"],
+        "swarm_children_per_min_cached_vs_uncached": out["swarm"]["two_agents"]["children_per_min"]
+        / out["swarm"]["two_agents_no_cache"]["children_per_min"],
         "store_bytes_vs_checkpoints": st["store_current_models_blob_bytes"] / st["checkpoint_bytes"],
         "store_param_bytes_vs_checkpoints": st["store_current_models_param_bytes"] / st["checkpoint_bytes"],
         "store_file_bytes_vs_checkpoints": st["store_data_mdb_bytes"] / st["checkpoint_bytes"],
@@ -422,6 +469,19 @@ def markdown(r: dict) -> str:
          f"children/min ({sw['preset']} preset, 1 thread per agent; span overlap "
          f"{sw['two_agents']['overlap']:.2f}; union-span rate "
          f"{sw['two_agents']['children_per_min_union_span']:.1f})"),
+        ("cached_vs_uncached_top_only_child", ra["cached_vs_uncached_top_only_child"], ">= 1.6",
+         f"one child training its top block, norm and head ({tr['steps']} steps x {tr['batch_size']}, "
+         f"{tr['validations']} validations): {median(tr['top_only_child_uncached_seconds']):.2f} s "
+         f"without a cache vs {median(tr['top_only_child_warm_cache_seconds']):.2f} s with the agent's "
+         f"cache already holding its frozen prefix (an earlier child of the lineage filled it)"),
+        ("cold_cached_vs_uncached_top_only_child", ra["cold_cached_vs_uncached_top_only_child"], "> 1",
+         f"the same child with a fresh cache, its fills included: "
+         f"{median(tr['top_only_child_cold_cache_seconds']):.2f} s"),
+        ("swarm_children_per_min_cached_vs_uncached", ra["swarm_children_per_min_cached_vs_uncached"],
+         ">= 1.3", f"{sw['two_agents']['children_per_min']:.1f} vs "
+         f"{sw['two_agents_no_cache']['children_per_min']:.1f} children/min (2 agents, "
+         f"--prefix-cache-mb 0 for the second); mean test accuracy "
+         f"{sw['two_agents']['mean_test_accuracy']:.4f} vs {sw['two_agents_no_cache']['mean_test_accuracy']:.4f}"),
         ("store_bytes_vs_checkpoints", ra["store_bytes_vs_checkpoints"], "< 1",
          f"{st['store_current_models_blob_bytes'] / 1e6:.2f} MB of distinct blobs (params + momentum) "
          f"vs {st['checkpoint_bytes'] / 1e6:.2f} MB of torch.save files"),

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cycles", type=int, default=None, help="cycles to reach (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--prefix-cache-mb", type=int, default=512, metavar="MB",
+                   help="per-agent cache of frozen-prefix activations (exact: a child that trains only "
+                        "its top layers runs only those on cached inputs); 0 turns it off (default 512)")
     p.add_argument("--lease-ttl", type=float, default=15.0,
                    help="seconds without heartbeat after which another agent may take over")
     return p
@@ -43,6 +46,8 @@ def main() -> int:
     args = build_parser().parse_args()
     if args.cycles is not None and args.cycles < 0:
         raise UserError("--cycles must be >= 0")
+    if args.prefix_cache_mb < 0:
+        raise UserError("--prefix-cache-mb must be >= 0 (0 turns the cache off)")
     check_devices(parse_devices(args.device))
     from store import open_store
 
@@ -65,7 +70,8 @@ def main() -> int:
 
     opts = AgentOptions(store=args.store, task=args.task, preset=args.preset, device=args.device,
                         cycles=args.cycles, seed=args.seed, threads=args.threads,
-                        lease_ttl=args.lease_ttl, keys=args.keys, bind_host=args.bind_host)
+                        lease_ttl=args.lease_ttl, keys=args.keys, bind_host=args.bind_host,
+                        cache_mb=args.prefix_cache_mb)
     agent = run_agent(opts, verbose=True)
     if agent.lease_lost:
         return 1  # superseded by another agent for this task: it did not finish its cycles here

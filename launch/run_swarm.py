@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="demo",
                    help="BUDGET[@base][+ext...]: budgets vit-t3, vit-b, vit-l, cpu, demo, test; extensions "
                         "autotune, adapters, layers, imagesize, continue (these five are the default "
-                        "method), penalty, clock, probe, guard (default demo)")
+                        "method), penalty, clock, probe, guard, hurdle (default demo)")
     p.add_argument("--devices", default="cpu",
                    help="cpu or cuda:0,cuda:1,...; assigned to agents round-robin (default cpu)")
     p.add_argument("--cycles", type=int, default=None, help="cycles per agent (default: the preset's)")
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a root built with make_root.py --name NAME, or timm:MODEL_NAME")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per CPU agent (default: cores divided among CPU agents)")
+    p.add_argument("--prefix-cache-mb", type=int, default=512, metavar="MB",
+                   help="per-agent cache of frozen-prefix activations (exact: a child that trains only "
+                        "its top layers runs only those on cached inputs); 0 turns it off (default 512)")
     p.add_argument("--refresh", type=float, default=1.0, help="progress refresh period in seconds")
     p.add_argument("--print-config", action="store_true", help="print the resolved preset and exit")
     return p
@@ -88,7 +91,7 @@ def spawn_agents(args, tasks: list[str], devices: list[str]) -> dict[str, mp.Pro
         opts = AgentOptions(store=args.store, task=task, preset=args.preset, device=dev,
                             cycles=args.cycles, seed=args.seed, root=args.root,
                             threads=threads if dev == "cpu" else None, keys=args.keys,
-                            bind_host=args.bind_host)
+                            bind_host=args.bind_host, cache_mb=args.prefix_cache_mb)
         log = os.path.join(args.logs, agent_id_for(task) + ".log")
         proc = ctx.Process(target=agent_process_main, args=(opts, log), name=f"agent-{task}")
         proc.start()
@@ -120,6 +123,8 @@ def main() -> int:
     devices = parse_devices(args.devices)
     if args.cycles is not None and args.cycles < 0:
         raise UserError("--cycles must be >= 0")
+    if args.prefix_cache_mb < 0:
+        raise UserError("--prefix-cache-mb must be >= 0 (0 turns the cache off)")
     from agents.config import format_preset, resolve_preset
 
     preset = resolve_preset(args.preset, root=args.root)

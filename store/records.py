@@ -121,6 +121,8 @@ class _Record:
     _SPEC: ClassVar[dict[str, Callable[[Any], Any]]]
     # Fields that older versions wrote and this one no longer has: accepted on decode and dropped.
     _RETIRED: ClassVar[frozenset[str]] = frozenset()
+    # Fields that older versions did not write: filled with these values on decode.
+    _ADDED: ClassVar[dict[str, Any]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return {name: _plain(getattr(self, name)) for name in self._SPEC}
@@ -131,6 +133,8 @@ class _Record:
             raise error(f"{cls.__name__}: expected a map, got {type(data).__name__}")
         if cls._RETIRED:
             data = {k: v for k, v in data.items() if k not in cls._RETIRED}
+        if cls._ADDED:
+            data = {**cls._ADDED, **data}
         missing = sorted(set(cls._SPEC) - set(data))
         extra = sorted(str(k) for k in set(data) - set(cls._SPEC))
         if missing or extra:
@@ -275,18 +279,28 @@ class AgentState(_Record):
     next_model_id: int
     offsprings: dict[str, int]
     updated_at: float
+    cycle_images: int = 0   # training images the current cycle has spent (a cycle's budget, +hurdle)
 
     _SPEC: ClassVar = {"agent_id": _id, "task": _id, "cycle": _int, "generation": _int,
                        "population": _list_of(_id), "best_model_id": _optional(_id),
                        "next_component_id": _int, "next_model_id": _int, "offsprings": _INT_MAP,
-                       "updated_at": _float}
+                       "updated_at": _float, "cycle_images": _int}
     _RETIRED: ClassVar = frozenset({"extra"})  # a free-form map nothing read; old states still load
+    _ADDED: ClassVar = {"cycle_images": 0}
 
 
 @_record
 @dataclass(frozen=True)
 class TrialRecord(_Record):
-    """One trained child (accepted or not): small metadata for the method report."""
+    """One trained child (accepted or not): small metadata for the method report.
+
+    The learning curve (``evals``: every validation accuracy, in order), the ``threshold`` score it had
+    to reach (None: anything is kept), its lowest trainable component, image size and the training
+    augmentations that were on let a replay tool judge stopping rules without training
+    (benchmarks/replay_rules.py). ``flops`` is what the child cost (agents.compute.FlopsTally:
+    train, validation, cache_fill, total); ``stopped`` says why training ended early ("" = it ran
+    all its validations, "hurdle" = early rejection).
+    """
 
     id: str
     agent: str
@@ -305,13 +319,24 @@ class TrialRecord(_Record):
     preset: str
     preset_hash: str
     created_at: float
+    evals: list[float] = dataclasses.field(default_factory=list)
+    threshold: float | None = None
+    lowest_trainable: str | None = None
+    image_size: int | None = None
+    augment: list[str] = dataclasses.field(default_factory=list)
+    flops: dict[str, int] = dataclasses.field(default_factory=dict)
+    stopped: str = ""
 
     _SPEC: ClassVar = {"id": _id, "agent": _id, "task": _id, "cycle": _int, "generation": _int,
                        "parent": _optional(_id), "model_id": _optional(_id), "mutations": _STR_LIST,
                        "hparams_diff": _PLAIN_MAP, "quality": _optional(_float),
                        "score": _optional(_float), "accepted": _bool, "seconds": _float,
                        "train_images": _int, "preset": _str, "preset_hash": _str,
-                       "created_at": _float}
+                       "created_at": _float, "evals": _list_of(_float), "threshold": _optional(_float),
+                       "lowest_trainable": _optional(_str), "image_size": _optional(_int),
+                       "augment": _STR_LIST, "flops": _INT_MAP, "stopped": _str}
+    _ADDED: ClassVar = {"evals": [], "threshold": None, "lowest_trainable": None, "image_size": None,
+                        "augment": [], "flops": {}, "stopped": ""}
 
 
 @_record
