@@ -104,7 +104,7 @@ class Agent:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         data = load_task(o.task, o.data_dir)
-        tensors = TaskTensors(data, self.device, self.preset.budget.validation_examples)
+        tensors = TaskTensors(data, self.device, self.preset.validation_examples)
         self.store = self._given_store or open_store(o.store, create=True, keys=o.keys)
         ensure_root(self.store, self.preset, self.vit, seed=o.seed)
         self.bus = PeerBus(self.agent_id, host=o.bind_host)

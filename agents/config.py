@@ -27,11 +27,13 @@ DELTA_RANGE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 ADAPTER_DIM_RANGE = (8, 16, 32, 64, 128)
 
 EXTENSIONS = ("autotune", "adapters", "layers", "imagesize", "penalty", "continue", "clock", "probe",
-              "guard", "hurdle")
+              "guard", "hurdle", "fullval", "anneal")
 # µ2Net+ as published, plus +continue (a child resumes its same-task parent's learning-rate schedule),
-# which won +2.5 points of mean test accuracy on the 4-task measurement in benchmarks/results/extensions.
+# which won +2.5 points of mean test accuracy on the 4-task measurement in benchmarks/results/extensions,
+# and +hurdle (early rejection; a cycle is an image budget), +0.8 points on the 8-task benchmark with
+# the final lineage's share of images up from 0.36 to 0.40 (benchmarks/results/quality.md).
 PUBLISHED_METHOD = ("autotune", "adapters", "layers", "imagesize")
-DEFAULT_METHOD = PUBLISHED_METHOD + ("continue",)
+DEFAULT_METHOD = PUBLISHED_METHOD + ("continue", "hurdle")
 PENALTY_SCALE_FACTOR = 0.9  # scale factor s used by +penalty when the budget's own s is 1.0
 
 
@@ -119,6 +121,14 @@ class Preset:
         return "clock" in self.extensions and not self.continue_schedule
 
     @property
+    def anneal_schedule(self) -> bool:
+        """+anneal (with +continue): a lineage's schedule position never lags the agent's clock (the
+        share of its budget spent), so whatever lineage is best late in the budget trains at a
+        decaying learning rate and the agent's last children end its schedule, as one fine-tuning
+        run would."""
+        return "anneal" in self.extensions and self.continue_schedule
+
+    @property
     def probe_parents(self) -> bool:
         """+probe: the fallback parent is the candidate whose frozen features probe best."""
         return "probe" in self.extensions
@@ -133,6 +143,12 @@ class Preset:
         """+hurdle: a child far below its threshold at its first validation stops there, and a cycle
         is a budget of training images (children x images per child), not a count of children."""
         return "hurdle" in self.extensions
+
+    @property
+    def validation_examples(self) -> int:
+        """Validation images a child is judged on: the budget's subset, or with +fullval the whole
+        validation split (fewer decisions made on noise; cheap when the prefix cache serves it)."""
+        return 1 << 30 if "fullval" in self.extensions else self.budget.validation_examples
 
     def child_images(self, n_train: int) -> int:
         """Training images one child gets when it runs all its validations."""

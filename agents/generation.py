@@ -144,6 +144,13 @@ def _schedule(ctx: Context, parent: ModelPath, c: Counters) -> tuple[tuple[int, 
     if ctx.preset.continue_schedule:
         # +continue: one schedule over everything this agent trains, shared by a same-task lineage.
         start = int(parent.metrics.get("lineage_steps", 0)) if parent.task == ctx.task else 0
+        if ctx.preset.anneal_schedule:
+            # +anneal: never behind the agent's clock (images spent / budget), and never past the
+            # point where this child would run beyond the schedule's end (which would restart it).
+            spent = c.cycle * b.children_per_cycle * child_steps * b.batch_size + c.cycle_images
+            clock = spent // b.batch_size
+            position = min(max(start, clock), agent_steps - child_steps)
+            return (position, agent_steps), start
         return (start, agent_steps), start
     if ctx.preset.clock_schedule:
         # +clock: a child trains at the agent's position in its whole budget, so the last children

@@ -194,6 +194,7 @@ def train_child(
     schedule: tuple[int, int] | None = None,
     stop_early: Callable[[int, float], bool] | None = None,
     cache: PrefixCache | None = None,
+    total_steps: int | None = None,
 ) -> tuple[TrainResult, PathModel]:
     """Train the child's trainable (not yet stored) components in place; return the kept result.
 
@@ -206,13 +207,15 @@ def train_child(
     training there (``result.stopped = "hurdle"``, the ``+hurdle`` extension): the child keeps a
     snapshot it already took, and the images it did not use go to the next children.
     ``cache``: the agent's frozen-prefix activation cache (exact; None trains without one).
+    ``total_steps``: train this many steps instead of ``steps_between_validations x validations``
+    (the benchmarks' baselines spending a FLOPs budget), validating also after the last step.
     FLOPs are counted as they are spent (``result.flops``, agents/compute.py).
     """
     t0 = time.perf_counter()
     h = child.hparams
     model, opt, tensors = make_model_and_optimizer(child, vit)
     params = list(tensors.values())
-    total = steps_between_validations * validations
+    total = steps_between_validations * validations if total_steps is None else total_steps
     result = TrainResult(accepted=False, quality=None, score=None)
     inputs = _Inputs(child, model, vit, data, cache, result.flops)
     result.lowest_trainable = next((n for n in component_names(h) if n in model.trainable_components),
@@ -238,7 +241,7 @@ def train_child(
         opt.step()
         result.steps += 1
         result.train_images += int(idx.shape[0])
-        if (step + 1) % steps_between_validations == 0:
+        if (step + 1) % steps_between_validations == 0 or step + 1 == total:
             model.eval()
             q = inputs.accuracy("val")
             model.train()

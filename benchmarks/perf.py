@@ -409,7 +409,8 @@ def run(args, mode_name: str) -> dict:
         nocache = os.path.join(work, "swarm2_nocache")
         _say(f"swarm, 2 agents ({','.join(tasks)}), same preset, prefix cache off")
         run3 = common.run_swarm(nocache, tasks, mode.swarm_preset, cycles=mode.swarm_cycles,
-                                seed=args.seed, threads=1, prefix="perf", extra=["--prefix-cache-mb", "0"])
+                                seed=args.seed, threads=1, prefix="perf",
+                                extra_args=["--prefix-cache-mb", "0"])
         c3 = common.swarm_throughput(nocache, tasks)
         c1, c2 = common.swarm_throughput(one, tasks[:1]), common.swarm_throughput(two, tasks)
         out["swarm"] = {"preset": mode.swarm_preset, "cycles": mode.swarm_cycles, "threads_per_agent": 1,

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="demo",
                    help="BUDGET[@base][+ext...]: budgets vit-t3, vit-b, vit-l, cpu, demo, test; extensions "
                         "autotune, adapters, layers, imagesize, continue (these five are the default "
-                        "method), penalty, clock, probe, guard, hurdle (default demo)")
+                        "method), penalty, clock, probe, guard, hurdle, fullval (default demo)")
     p.add_argument("--devices", default="cpu",
                    help="cpu or cuda:0,cuda:1,...; assigned to agents round-robin (default cpu)")
     p.add_argument("--cycles", type=int, default=None, help="cycles per agent (default: the preset's)")

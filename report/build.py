@@ -17,8 +17,12 @@ Definitions used throughout (the page repeats them for its readers):
   gain* is the same difference of validation accuracies: unlike the score it does not change scale
   when a preset switches the size/compute penalty on (a ``+penalty`` child is compared with a
   parent whose recorded score had no penalty, so its score gain reads low);
-- compute is what the trials recorded: ``train_images`` and wall ``seconds`` per trained child.
-  A child that applied several actions counts fully for each of them in the per-action rows.
+- compute is what the trials recorded: ``train_images``, wall ``seconds`` and training FLOPs
+  (``flops["total"]``: steps forward and backward, validations and prefix-cache fills, counted by
+  ``agents.compute``) per trained child. ``train_flops`` sums them and is None (unknown) when a trial
+  of the group recorded none (written before trials did); ``flops_per_accepted_child`` divides it by
+  the accepted children, as ``train images per accepted child`` does the images. A child that applied
+  several actions counts fully for each of them in the per-action rows.
 """
 from __future__ import annotations
 
@@ -63,6 +67,13 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def trial_flops(trial: TrialRecord) -> int | None:
+    """What a trained child cost in FLOPs (its ``flops["total"]``); None when it did not record it."""
+    flops = getattr(trial, "flops", None) or {}
+    total = flops.get("total")
+    return int(total) if isinstance(total, (int, float)) and not isinstance(total, bool) else None
+
+
 def _finite(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -81,11 +92,14 @@ class _Tally:
     quality_gains: list[float] = field(default_factory=list)
     train_images: int = 0
     seconds: float = 0.0
+    train_flops: int | None = 0   # None once a trial without recorded FLOPs is added
 
     def add(self, trial: TrialRecord, gain: _Gain) -> None:
         self.trials += 1
         self.train_images += trial.train_images
         self.seconds += trial.seconds
+        flops = trial_flops(trial)
+        self.train_flops = None if flops is None or self.train_flops is None else self.train_flops + flops
         if not trial.accepted:
             return
         self.accepted += 1
@@ -105,7 +119,23 @@ class _Tally:
                 "accepted_foreign": self.accepted_foreign, "gain_n": len(self.gains),
                 "gain_unknown": self.gain_unknown, "mean_score_gain": _mean(self.gains),
                 "mean_quality_gain": _mean(self.quality_gains),
-                "train_images": self.train_images, "seconds": round(self.seconds, 4)}
+                "train_images": self.train_images, "seconds": round(self.seconds, 4),
+                "train_flops": self.train_flops,
+                "flops_per_accepted_child": _per_accepted(self.train_flops, self.accepted)}
+
+
+def _per_accepted(flops: int | None, accepted: int) -> float | None:
+    return flops / accepted if flops is not None and accepted else None
+
+
+def _compute(trials: list[TrialRecord]) -> dict[str, Any]:
+    """Children, accepted, training images and FLOPs of some trials (see the module doc)."""
+    flops = [trial_flops(t) for t in trials]
+    total = None if None in flops else sum(flops)
+    accepted = sum(1 for t in trials if t.accepted)
+    return {"children": len(trials), "accepted": accepted,
+            "train_images": sum(t.train_images for t in trials), "train_flops": total,
+            "flops_per_accepted_child": _per_accepted(total, accepted)}
 
 
 @dataclass(frozen=True)
@@ -197,7 +227,12 @@ def _lineage(snap: _Snapshot, model: ModelRecord) -> list[dict[str, Any]]:
 
 
 def _task_rows(snap: _Snapshot) -> list[dict[str, Any]]:
+    """One row per published task; its compute (``children`` ... ``flops_per_accepted_child``) is
+    every child trained for the task, by whichever agent, accepted or not."""
     rows = []
+    by_task: dict[str, list[TrialRecord]] = {}
+    for trial in snap.trials:
+        by_task.setdefault(trial.task, []).append(trial)
     for task, model in snap.published.items():
         m, h = model.metrics, model.hparams
         own = sum(snap.params[c] for c in model.components
@@ -215,6 +250,7 @@ def _task_rows(snap: _Snapshot) -> list[dict[str, Any]]:
             "num_classes": pointer.num_classes if pointer else h.get("num_classes"),
             "updated_at": pointer.updated_at if pointer else model.created_at,
             "components": len(model.components), "own_params": own, "reused_params": total - own,
+            **_compute(by_task.get(task, [])),
             "lineage": _lineage(snap, model)})
     return rows
 

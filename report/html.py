@@ -78,6 +78,16 @@ def _count(value: float | None) -> str:
     return f"{value:.0f}"
 
 
+def _flops(value: float | None) -> str:
+    """FLOPs as 104G / 2.85T / 1.2P ('–' when unknown)."""
+    if value is None:
+        return "–"
+    for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.0f}"
+
+
 def _short_id(model_id: str) -> str:
     """``agent~mnist5k:m3`` -> ``mnist5k:m3`` (agent ids carry a fixed prefix)."""
     return model_id[len("agent~"):] if model_id.startswith("agent~") else model_id
@@ -151,8 +161,8 @@ def _summary(report: dict) -> str:
 def _leaderboard(report: dict, colours: _Colours) -> str:
     headers = ["task", "model", "preset", "score", "quality", "test q.", "params",
                "accounted", "own", "GFLOPs", "layers", "adapters", "image", "cycles",
-               "published at"]
-    numeric = [False, False, False] + [True] * 12
+               "children", "train images", "train FLOPs", "FLOPs / accepted", "published at"]
+    numeric = [False, False, False] + [True] * 16
     rows = []
     for t in report["tasks"]:
         flops = t["flops"] / 1e9 if isinstance(t["flops"], (int, float)) else None
@@ -164,7 +174,8 @@ def _leaderboard(report: dict, colours: _Colours) -> str:
                      _num(flops, 4), _num(t["num_layers"]),
                      escape(f"{len(t['adapters'])} at {','.join(map(str, t['adapters']))}"
                             if t["adapters"] else "–"), _num(t["image_size"]),
-                     _num(t["cycles"]),
+                     _num(t["cycles"]), _num(t.get("children")), _count(t.get("train_images")),
+                     _flops(t.get("train_flops")), _flops(t.get("flops_per_accepted_child")),
                      f"<span title='{escape(_when(t['updated_at']))}'>"
                      f"{escape(_when(t['updated_at'])[11:])}</span>"])
     if not rows:
@@ -288,11 +299,12 @@ def _method(report: dict, colours: _Colours) -> str:
         bars("mean score gain (accepted)", lambda p: p["mean_score_gain"], _signed),
         bars("mean quality gain (accepted)", lambda p: p["mean_quality_gain"], _signed),
         bars("train images per accepted child",
-             lambda p: p["train_images"] / p["accepted"] if p["accepted"] else None, _count)]
+             lambda p: p["train_images"] / p["accepted"] if p["accepted"] else None, _count),
+        bars("train FLOPs per accepted child", lambda p: p.get("flops_per_accepted_child"), _flops)]
     headers = ["preset", "method", "children", "accepted", "rate", "foreign", "score gain",
-               "quality gain", "gain n", "published", "train images", "seconds",
-               "best score"]
-    numeric = [False, False] + [True] * 10 + [False]
+               "quality gain", "gain n", "published", "train images", "train FLOPs",
+               "FLOPs / accepted", "seconds", "best score"]
+    numeric = [False, False] + [True] * 12 + [False]
     rows = []
     for p in presets:
         method = p["method"] + "".join(f" +{e}" for e in p["extensions"])
@@ -303,13 +315,14 @@ def _method(report: dict, colours: _Colours) -> str:
                      _pct(p["acceptance_rate"]), _num(p["accepted_foreign"]),
                      _signed(p["mean_score_gain"]), _signed(p["mean_quality_gain"]),
                      _num(p["gain_n"]), _num(p["published"]), _num(p["train_images"]),
+                     _flops(p.get("train_flops")), _flops(p.get("flops_per_accepted_child")),
                      _num(p["seconds"], 1), best])
     html = [f"<div class='bars'>{''.join(figures)}</div>", "<h3>Per preset</h3>",
             _table(headers, rows, numeric), "<h3>Per mutation action and preset</h3>",
             "<p class='note'>A child that applied several actions counts in each of their rows, "
             "so these rows add up to more than the preset totals.</p>"]
     a_headers = ["action", "preset", "children", "accepted", "rate", "foreign", "score gain",
-                 "quality gain", "gain n", "train images", "seconds"]
+                 "quality gain", "gain n", "train images", "train FLOPs", "seconds"]
     a_rows, previous, starts = [], None, set()
     for a in report["actions"]:
         first = a["action"] != previous
@@ -323,8 +336,8 @@ def _method(report: dict, colours: _Colours) -> str:
                        _num(a["children"]), _num(a["accepted"]), _pct(a["acceptance_rate"]),
                        _num(a["accepted_foreign"]), _signed(a["mean_score_gain"]),
                        _signed(a["mean_quality_gain"]), _num(a["gain_n"]),
-                       _num(a["train_images"]), _num(a["seconds"], 1)])
-    html.append(_table(a_headers, a_rows, [False, False] + [True] * 9, frozenset(starts)))
+                       _num(a["train_images"]), _flops(a.get("train_flops")), _num(a["seconds"], 1)])
+    html.append(_table(a_headers, a_rows, [False, False] + [True] * 10, frozenset(starts)))
     return "".join(html)
 
 
@@ -336,7 +349,10 @@ Children of another task's model (or of the root) are always accepted and counte
 children whose parent belongs to the same task (<i>gain n</i> of them). Quality is validation
 accuracy; the score also carries the size/compute penalty when a preset switches it on, so compare
 quality gains across presets with and without <code>+penalty</code>.</dd>
-<dt>compute</dt><dd>training images and wall seconds that the trained children recorded.</dd>
+<dt>compute</dt><dd>training images, wall seconds and training FLOPs that the trained children
+recorded. FLOPs count training steps (forward and backward; a frozen component runs forward only, a
+cached frozen prefix is free), validations and prefix-cache fills; <i>FLOPs / accepted</i> is all of
+them over the accepted children; – where a child recorded none (trained before children did).</dd>
 <dt>preset</dt><dd><code>BUDGET[@base][+ext...]</code>: budget, base or default method, extensions
 layered on top; the hash identifies the fully resolved configuration.</dd>
 </dl>"""

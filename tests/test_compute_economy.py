@@ -111,7 +111,7 @@ def test_a_child_stopped_by_the_hurdle_keeps_its_snapshot_and_saves_its_images(d
 
 
 def test_the_hurdle_rule():
-    rule = HurdleRule(margin=0.04, loose_margin=0.08, rung=1)
+    rule = HurdleRule(margins=(0.04,), loose_extra=0.04)
     assert rule.stops(1, 0.80, 0.85, loose=False) and not rule.stops(1, 0.82, 0.85, loose=False)
     assert not rule.stops(1, 0.80, 0.85, loose=True) and rule.stops(1, 0.76, 0.85, loose=True)
     assert not rule.stops(2, 0.10, 0.85, loose=False)        # only at its rung
@@ -136,7 +136,7 @@ def test_trials_record_curves_and_flops_and_a_hurdle_cycle_is_an_image_budget(tm
         agent._open()
         # a bar no child of its own task can clear: every one of them stops at its first validation
         agent.ctx = copy.copy(agent.ctx)
-        object.__setattr__(agent.ctx, "hurdle", HurdleRule(margin=-2.0, loose_margin=-2.0))
+        object.__setattr__(agent.ctx, "hurdle", HurdleRule(margins=(-2.0,), loose_extra=0.0))
         try:
             agent._run_cycle()
         finally:
@@ -159,3 +159,29 @@ def test_trials_record_curves_and_flops_and_a_hurdle_cycle_is_an_image_budget(tm
         first = trials[0]
         assert first.threshold is None and not first.stopped  # the root's child: anything is kept
         assert store.get_agent_state(agent_id_for(TASK)).cycle == 1
+
+
+def test_anneal_keeps_a_lineage_schedule_up_with_the_agents_clock(data):
+    """+anneal: a child's place in the agent's one schedule is max(its lineage's steps, the share of
+    the budget spent), never past the point where it would run beyond the end (a restart)."""
+    from agents import generation as step
+
+    def place(preset_name: str, lineage_steps: int, cycle: int, cycle_images: int):
+        preset = resolve_preset(preset_name)
+        ctx = step.Context("agent~x", TASK, preset, VIT, 2, data, view=None, scorer=None, probe_cache={})
+        parent = ModelPath("agent~x:m0", "agent~x", TASK, {}, {}, metrics={"lineage_steps": lineage_steps})
+        counters = step.Counters(cycle, 0, 1, 1, {}, cycle_images)
+        return step._schedule(ctx, parent, counters)
+
+    preset = resolve_preset("test+anneal")
+    b = preset.budget
+    child_steps = preset.steps_between_validations(data.n_train) * b.validations_per_child
+    total = 2 * b.children_per_cycle * child_steps
+    half = b.children_per_cycle * child_steps * b.batch_size  # images of one whole cycle
+    # behind the clock: moved up to it; ahead of it: its own lineage position stands
+    assert place("test+anneal", 0, 1, 0) == ((total // 2, total), 0)
+    assert place("test+anneal", total // 2 + 3, 1, 0) == ((total // 2 + 3, total), total // 2 + 3)
+    # the budget's last child ends the schedule instead of wrapping into a restart
+    assert place("test+anneal", 0, 1, half) == ((total - child_steps, total), 0)
+    # +continue alone keeps the lineage's position whatever the clock says
+    assert place("test", 0, 1, half) == ((0, total), 0)

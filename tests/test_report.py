@@ -25,6 +25,7 @@ import pytest
 
 from store import Store, TrialRecord
 from report.build import action_family, build_report, parse_preset_name
+from report.html import render_html
 from helpers.store_records import lease, make_root, publish_next
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,12 +46,18 @@ def run_query(store: Path | str, *args: str, timeout: float = 60) -> subprocess.
 
 
 def _trial(agent: str, task: str, tid: str, parent: str, *, score: float | None, quality: float,
-           accepted: bool, mutations: list[str], images: int, seconds: float) -> TrialRecord:
+           accepted: bool, mutations: list[str], images: int, seconds: float,
+           flops: dict[str, int] | None = None) -> TrialRecord:
     return TrialRecord(id=f"{agent}:{tid}", agent=agent, task=task, cycle=2, generation=0,
                        parent=parent, model_id=None, mutations=mutations, hparams_diff={},
                        quality=quality, score=score, accepted=accepted, seconds=seconds,
                        train_images=images, preset="test+penalty", preset_hash="h1",
-                       created_at=time.time())
+                       created_at=time.time(), **({"flops": flops} if flops is not None else {}))
+
+
+def _tally(train: int, validation: int, cache_fill: int = 0) -> dict[str, int]:
+    return {"train": train, "validation": validation, "cache_fill": cache_fill,
+            "total": train + validation + cache_fill}
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +220,44 @@ def test_report_of_an_empty_store(tmp_path):
     assert "No task has a published model yet" in (tmp_path / "e.html").read_text()
 
 
+def test_report_shows_training_flops_and_dashes_where_unknown(tmp_path):
+    """gamma: every child recorded its FLOPs; delta: its one child did not (an older store)."""
+    path = tmp_path / "store"
+    rng = np.random.default_rng(0)
+    with Store.open(path, create=True) as st:
+        root = make_root(st)
+        gamma = "agent~gamma"
+        token = lease(st, gamma, "gamma")
+        publish_next(st, gamma, token, "gamma", 0, root, rng, flops=_tally(3 * 10**9, 10**9))
+        st.commit(gamma, token, trials=[
+            _trial(gamma, "gamma", "x0", f"{gamma}:m0", score=0.6, quality=0.6, accepted=True,
+                   mutations=["hp:opt_lr"], images=100, seconds=1.0,
+                   flops=_tally(2 * 10**9, 5 * 10**8, 5 * 10**8)),
+            _trial(gamma, "gamma", "x1", f"{gamma}:m0", score=None, quality=0.4, accepted=False,
+                   mutations=["hp:opt_lr"], images=100, seconds=1.0, flops=_tally(10**9, 0))])
+        delta = "agent~delta"
+        publish_next(st, delta, lease(st, delta, "delta"), "delta", 0, root, rng)
+        report = build_report(st)
+    tasks = {t["task"]: t for t in report["tasks"]}
+    assert (tasks["gamma"]["children"], tasks["gamma"]["accepted"], tasks["gamma"]["train_images"]) == \
+        (3, 2, 264)
+    assert tasks["gamma"]["train_flops"] == 8 * 10**9
+    assert tasks["gamma"]["flops_per_accepted_child"] == pytest.approx(4e9)
+    assert tasks["delta"]["train_flops"] is None and tasks["delta"]["flops_per_accepted_child"] is None
+    presets = {p["name"]: p for p in report["presets"]}
+    assert presets["test"]["train_flops"] is None  # delta's child recorded none
+    assert presets["test+penalty"]["train_flops"] == 4 * 10**9
+    assert presets["test+penalty"]["flops_per_accepted_child"] == pytest.approx(4e9)
+    actions = {(a["action"], a["preset"]): a for a in report["actions"]}
+    assert actions[("hp:opt_lr", "test+penalty")]["train_flops"] == 4 * 10**9
+    html = render_html(report)
+    check_self_contained(html)
+    assert "train FLOPs" in html and "FLOPs / accepted" in html
+    assert "<td class='n'>8G</td><td class='n'>4G</td>" in html          # gamma's leaderboard row
+    assert "<td class='n'>–</td><td class='n'>–</td>" in html            # delta's: unknown
+    assert "train FLOPs per accepted child" in html
+
+
 def _png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     return struct.unpack(">II", data[16:24])
@@ -263,6 +308,7 @@ def test_report_of_a_real_swarm(swarm_store, tmp_path):
     with Store.open(swarm_store, readonly=True) as st:
         published = st.published_models()
         root_id = st.root_model_id()
+        store_trials = st.trials()
     rows = {t["task"]: t for t in report["tasks"]}
     assert set(rows) == set(published) == {"uci_digits", "glyphs_latin", "glyphs_greek"}
     for task, model in published.items():
@@ -272,6 +318,10 @@ def test_report_of_a_real_swarm(swarm_store, tmp_path):
         lineage = [n["model_id"] for n in row["lineage"]]
         assert lineage[0] == model.id and lineage[-1] == root_id
         assert row["own_params"] + row["reused_params"] == model.metrics["params"]
+        # every child of a real swarm records its FLOPs; the row sums them
+        trials = [t for t in store_trials if t.task == task]
+        assert row["train_flops"] == sum(t.flops["total"] for t in trials) > 0
+        assert row["train_images"] == sum(t.train_images for t in trials)
         used = {c["id"] for c in report["sharing"]["components"] if task in c["used_by"]}
         assert used == set(model.components)
     # the attached task starts from the system: its first parent is another model

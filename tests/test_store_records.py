@@ -29,12 +29,14 @@ SAMPLES = [
                 state="running", progress={"cycle": 2, "best_score": 0.5, "children": 7}),
     AgentState(agent_id="a", task="mnist", cycle=2, generation=5, population=["a:m1"],
                best_model_id="a:m1", next_component_id=4, next_model_id=2,
-               offsprings={"a:m1": 3}, updated_at=4.0),
+               offsprings={"a:m1": 3}, updated_at=4.0, cycle_images=1536),
     TrialRecord(id="a:t1", agent="a", task="mnist", cycle=2, generation=5, parent="root:m0",
                 model_id=None, mutations=["hp:opt_lr", "clone:head"],
                 hparams_diff={"opt_lr": [0.01, 0.02]}, quality=0.8, score=None, accepted=False,
                 seconds=1.25, train_images=512, preset="demo", preset_hash="abc",
-                created_at=5.0),
+                created_at=5.0, evals=[0.5, 0.8], threshold=0.85, lowest_trainable="encoderblock_2",
+                image_size=48, augment=["flip"], flops={"train": 3, "validation": 2, "cache_fill": 1,
+                                                        "total": 6}, stopped="hurdle"),
     Event(seq=7, kind="published", task="mnist", agent="a", model_id="a:m1", time=6.0,
           data={"score": 0.5}),
 ]
@@ -83,6 +85,19 @@ def test_an_agent_state_written_with_the_retired_extra_field_still_loads():
         AgentState.from_dict({**old, "surprise": 1})
     with pytest.raises(TypeError):
         AgentState(**old)  # the constructor no longer takes it
+
+
+@pytest.mark.parametrize("cls", [TrialRecord, AgentState])
+def test_records_written_before_fields_were_added_load_with_their_defaults(cls):
+    """Trials gained learning curves and FLOPs, agent states a cycle's image count (issue 16): a
+    store written before them still opens, and the added fields read as 'not recorded'."""
+    record = next(r for r in SAMPLES if isinstance(r, cls))
+    old = {k: v for k, v in record.to_dict().items() if k not in cls._ADDED}
+    loaded = cls.from_dict(unpack_value(pack_value(old), "test"))
+    assert {k: getattr(loaded, k) for k in cls._ADDED} == cls._ADDED
+    assert loaded.to_dict() == {**record.to_dict(), **cls._ADDED}
+    with pytest.raises(StoreCorrupt, match="evals|cycle_images"):  # an added field still type-checks
+        cls.from_dict({**old, next(iter(cls._ADDED)): "not a value of its type"})
 
 
 def test_int_and_float_fields_are_strict_about_bool_and_str():
