@@ -498,9 +498,12 @@ def _check_swarm_store(path: str, tasks: list[str], preset, seed: int) -> None:
     with open_store(path, readonly=True) as store:
         states = {s.task: s for s in (store.get_agent_state(agent_id_for(t)) for t in tasks) if s}
         missing = [t for t in tasks if t not in states]
+        running = sorted(a.task for a in store.agents() if a.task in tasks and a.state != "finished")
         hashes = {t.preset_hash for t in store.trials()}
     if missing:
         raise BenchmarkError(f"--swarm-store {path} has no agent for {', '.join(missing)}")
+    if running:
+        raise BenchmarkError(f"--swarm-store {path}: the agents of {', '.join(running)} have not finished")
     if hashes != {preset.hash}:
         raise BenchmarkError(f"--swarm-store {path} was trained under preset hash(es) {sorted(hashes)}, "
                              f"not {preset.name} ({preset.hash})")

@@ -2,6 +2,7 @@
 """Where a swarm's training images went, read from its store: why it scores what it scores.
 
     python benchmarks/swarm_analysis.py STORE [--out FILE.json]
+    python benchmarks/swarm_analysis.py STORE STORE ... --out FILE.json --md FILE.md   # compare runs
 
 Per task: children and acceptance; the images spent on the current model's own lineage (its same-task
 ancestors, each child's images counted once) versus on children that were rejected or whose lineage
@@ -83,22 +84,62 @@ def analyse(store_path: str) -> dict:
                         / max(1, sum(p["children"] for p in per_task.values())),
                         "foreign_parent_children": sum(p["foreign_parent_children"] for p in per_task.values()),
                         "components_owned_fraction": sum(p["components_owned"] for p in per_task.values())
-                        / sum(p["components"] for p in per_task.values())}}
+                        / sum(p["components"] for p in per_task.values()),
+                        **_outcome(store_path, tasks)}}
+
+
+def _outcome(store_path: str, tasks: list[str]) -> dict:
+    """What the run produced and what it cost: mean test accuracy of the published models, their
+    validation-minus-test gap (selection noise), children stopped early, training FLOPs."""
+    from store import Store
+
+    with Store.open(store_path, readonly=True) as store:
+        published, trials = store.published_models(), store.trials()
+        presets = sorted({t.preset for t in trials})
+    test = {t: float(published[t].metrics["test_quality"]) for t in tasks}
+    gap = {t: float(published[t].metrics["quality"]) - test[t] for t in tasks}
+    flops = [t.flops.get("total") for t in trials]
+    return {"presets": presets, "mean_test_accuracy": sum(test.values()) / len(tasks),
+            "test_accuracy": test, "val_test_gap_mean": sum(gap.values()) / len(tasks),
+            "val_test_gap": gap, "children": len(trials),
+            "stopped_early": sum(1 for t in trials if t.stopped),
+            "train_flops": sum(flops) if all(f is not None for f in flops) else None}
+
+
+def comparison_md(results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        s = r["summary"]
+        rows.append([" ".join(s["presets"]), common.fmt(s["mean_test_accuracy"]),
+                     common.fmt(100 * s["val_test_gap_mean"], 2), common.fmt(s["final_lineage_fraction"], 3),
+                     common.fmt(s["rejected_fraction"], 3), s["children"], s["stopped_early"],
+                     common.fmt(s["train_images"]),
+                     "-" if s["train_flops"] is None else f"{s['train_flops'] / 1e12:.2f}T"])
+    return common.md_table(["preset", "mean test acc", "val-test gap (points)", "final-lineage share of images",
+                            "rejected share", "children", "stopped early", "train images", "train FLOPs"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="swarm_analysis.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("store")
+    p.add_argument("stores", nargs="+", metavar="STORE")
     p.add_argument("--out", default=None, help="write the JSON here (default: print it)")
+    p.add_argument("--md", default=None, help="with several stores: write a comparison table here")
     args = p.parse_args(argv)
     from store import NotAStore
 
     try:
-        result = analyse(args.store)
+        results = [analyse(path) for path in args.stores]
     except NotAStore as exc:
         print(f"swarm_analysis.py: error: {exc}", file=sys.stderr)
         return 2
+    result = results[0] if len(results) == 1 else {"stores": results}
+    if len(results) > 1:
+        table = comparison_md(results)
+        print(table)
+        if args.md:
+            common.write_text(Path(args.md), f"# Swarm runs compared\n\nCommand: `python benchmarks/"
+                              f"swarm_analysis.py {' '.join(args.stores)}`\n\n{table}\n")
     if args.out:
         common.write_json(Path(args.out), result)
         print(f"wrote {args.out}")

@@ -18,7 +18,8 @@ stage demo@base 2                                   # clone-only base method
 stage demo@base+autotune 3                          # + learned mutation probabilities, hparam moves
 stage demo@base+autotune+adapters 4                 # + residual adapters
 stage demo@base+autotune+adapters+layers+imagesize 5  # = µ2Net+ as published
-stage demo 6                                        # + continue: the project's default method
-stage demo+penalty 7                                # + size/compute penalty (s = 0.9)
+stage demo@base+autotune+adapters+layers+imagesize+continue 6  # + continue: one schedule per lineage
+stage demo 7                                        # + hurdle: the project's default method
+stage demo+penalty 8                                # + size/compute penalty (s = 0.9)
 "$PY" launch/query.py --store "$STORE" report --out "$STORE-report.html"
 echo "report: $STORE-report.html (+ .json)"

@@ -24,11 +24,20 @@ def _number(model_id: str) -> int:
     return int(model_id.rpartition(":m")[2])
 
 
-def _pairs_done(state, cycles: int, gens: int) -> list[tuple[int, int]]:
-    """The (cycle, generation) of every child an agent whose stored state is ``state`` has trained:
-    the state's counters name the next child, and each child is committed with the state it moves."""
-    return [(c, g) for c in range(cycles) for g in range(gens)
-            if (c, g) < (state.cycle, state.generation)]
+def _check_progress(pairs: list[tuple[int, int]], state, gens: int) -> None:
+    """The (cycle, generation) of the children trained are exactly what the stored ``state`` says
+    was done: every finished cycle has generations 0..n-1 with no gap or repeat (n >= ``gens``: with
+    +hurdle a cycle is an image budget and children stopped early leave room for more), the current
+    cycle has 0..state.generation-1, and nothing lies beyond (each child is committed with the state
+    it moves)."""
+    by_cycle: dict[int, list[int]] = {}
+    for c, g in pairs:
+        by_cycle.setdefault(c, []).append(g)
+    assert set(by_cycle) <= set(range(state.cycle + 1)), (sorted(by_cycle), state)
+    for c in range(state.cycle):
+        done = sorted(by_cycle.get(c, []))
+        assert done == list(range(len(done))) and len(done) >= gens, (c, done)
+    assert sorted(by_cycle.get(state.cycle, [])) == list(range(state.generation)), (by_cycle, state)
 
 
 def test_agent_publishes_survives_kill9_and_resumes(tmp_path):
@@ -56,8 +65,7 @@ def test_agent_publishes_survives_kill9_and_resumes(tmp_path):
     # what the store holds of the dead agent is exactly what its state says it did: no trial
     # beyond its counters (nothing half-committed), none missing before them
     trials_before = {t.id: t for t in read(store, lambda s: s.trials(agent=AID))}
-    assert sorted((t.cycle, t.generation) for t in trials_before.values()) == \
-        _pairs_done(state_before, cycles, gens)
+    _check_progress([(t.cycle, t.generation) for t in trials_before.values()], state_before, gens)
     assert all(_number(t) < state_before.next_model_id for t in trials_before)
     models_before = {m.id: m for m in read(store, lambda s: s.models(agent=AID))}
     assert state_before.best_model_id in models_before
@@ -80,13 +88,13 @@ def test_agent_publishes_survives_kill9_and_resumes(tmp_path):
     assert read(store, lambda s: s.verify()) == []
     trials = read(store, lambda s: s.trials(agent=AID))
     seen = sorted((t.cycle, t.generation) for t in trials)
-    assert seen == [(c, g) for c in range(cycles) for g in range(gens)], seen  # no gap, no repeat
+    _check_progress(seen, st, gens)  # no gap, no repeat, every cycle done
     # the resumed agent started at the generation the store recorded, not from scratch: the dead
     # agent's trials and models are untouched, and everything new continues its counters
     assert {t.id: t for t in trials if t.id in trials_before} == trials_before
     new = sorted((t for t in trials if t.id not in trials_before), key=lambda t: (t.cycle, t.generation))
-    assert [(t.cycle, t.generation) for t in new] == \
-        [p for p in seen if p not in _pairs_done(state_before, cycles, gens)]
+    done_before = {(t.cycle, t.generation) for t in trials_before.values()}
+    assert [(t.cycle, t.generation) for t in new] == [p for p in seen if p not in done_before]
     assert all(t.created_at > killed_at for t in new)
     numbers = [_number(t.id) for t in new]  # the model counter continues from the stored one
     assert numbers == sorted(set(numbers)) and numbers[0] >= state_before.next_model_id

@@ -198,7 +198,10 @@ def test_agents_view_live_and_after_the_swarm(swarm):
         assert after[t]["state"] == "finished" and after[t]["cycle"] == 3 and after[t]["preset"] == "test"
         trials = json.loads(run_cli("launch/query.py", "--store", swarm["store"], "trials", t,
                                     "--json").stdout)
-        assert len(trials) == after[t]["children"] == 3 * 2  # test preset: 2 children per cycle
+        # test preset: 2 children's images per cycle; +hurdle (default) may buy more children with
+        # the images it saves by stopping some early
+        assert len(trials) == after[t]["children"] >= 3 * 2
+        assert len({(tr["cycle"], tr["generation"]) for tr in trials}) == len(trials)
         assert sum(tr["accepted"] for tr in trials) == after[t]["accepted"]
 
 
