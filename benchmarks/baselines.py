@@ -306,6 +306,19 @@ def joint_flops_plan(flops_budget: Mapping[str, int], per_image: Mapping[str, in
     return steps, _allocate(steps * batch_size, weights), every
 
 
+def multi_head_loss(features: Tensor, heads: Mapping[str, tuple[Tensor, Tensor]],
+                    batches: list[tuple[str, Tensor]]) -> Tensor:
+    """Mean cross-entropy of a batch that concatenates several tasks' samples: ``features`` rows are
+    ``batches`` in order (task name, its labels), each scored by its own task's head."""
+    loss, offset = features.new_zeros(()), 0
+    for name, y in batches:
+        weight, bias = heads[name]
+        loss = loss + F.cross_entropy(F.linear(features[offset:offset + len(y)], weight, bias), y,
+                                      reduction="sum")
+        offset += len(y)
+    return loss / offset
+
+
 def run_joint(root: ModelPath, vit: VitConfig, preset: Preset, tasks: Mapping[str, TaskTensors],
               images: Mapping[str, int] | None, seed: int, log=print, *,
               flops_budget: Mapping[str, int] | None = None) -> MethodOutcome:
@@ -379,16 +392,8 @@ def run_joint(root: ModelPath, vit: VitConfig, preset: Preset, tasks: Mapping[st
         lr = lr_at(step, total_steps, h["opt_lr"], h["opt_lr_warmup_ratio"])
         for g in opt.param_groups:
             g["lr"] = lr
-        feats = model.forward_features(torch.cat(xs))
-        loss, offset = feats.new_zeros(()), 0
-        for n, y in zip(names, ys):
-            if y is None:
-                continue
-            w, bias = heads[n]
-            loss = loss + F.cross_entropy(F.linear(feats[offset:offset + len(y)], w, bias), y,
-                                          reduction="sum")
-            offset += len(y)
-        loss = loss / offset
+        drawn = [(n, y) for n, y in zip(names, ys) if y is not None]
+        loss = multi_head_loss(model.forward_features(torch.cat(xs)), heads, drawn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

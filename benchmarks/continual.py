@@ -490,10 +490,9 @@ class SharedBackbone:
         the budget buys with those validations, a step priced at its dearest mix of heads, so the
         budget is never exceeded), the warm-up/cosine schedule spanning exactly those steps."""
         import torch
-        import torch.nn.functional as F
 
         from agents.training import accuracy, lr_at
-        from benchmarks.baselines import steps_for_flops
+        from benchmarks.baselines import multi_head_loss, steps_for_flops
         from taskdata.augment import augment_train
 
         b, h, size = self.preset.budget, self.h, self.size
@@ -538,14 +537,8 @@ class SharedBackbone:
             lr = lr_at(step, total, h["opt_lr"], h["opt_lr_warmup_ratio"])
             for g in opt.param_groups:
                 g["lr"] = lr
-            feats = self.model.forward_features(torch.cat(xs))
-            loss, offset = feats.new_zeros(()), 0
-            for n, y in zip(names, ys):
-                w, bias = self.heads[n]
-                loss = loss + F.cross_entropy(F.linear(feats[offset:offset + len(y)], w, bias), y,
-                                              reduction="sum")
-                offset += len(y)
-            loss = loss / offset
+            loss = multi_head_loss(self.model.forward_features(torch.cat(xs)), self.heads,
+                                   list(zip(names, ys)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
