@@ -10,7 +10,7 @@ import os
 import signal
 import time
 
-from helpers.swarm import make_store, read, start, wait_for
+from helpers.swarm import check_progress, make_store, read, start, wait_for
 
 from agents.agent import agent_id_for
 from agents.config import resolve_preset
@@ -22,22 +22,6 @@ AID = agent_id_for(TASK)
 def _number(model_id: str) -> int:
     """n of a model or trial id ``"{agent}:m{n}"``."""
     return int(model_id.rpartition(":m")[2])
-
-
-def _check_progress(pairs: list[tuple[int, int]], state, gens: int) -> None:
-    """The (cycle, generation) of the children trained are exactly what the stored ``state`` says
-    was done: every finished cycle has generations 0..n-1 with no gap or repeat (n >= ``gens``: with
-    +hurdle a cycle is an image budget and children stopped early leave room for more), the current
-    cycle has 0..state.generation-1, and nothing lies beyond (each child is committed with the state
-    it moves)."""
-    by_cycle: dict[int, list[int]] = {}
-    for c, g in pairs:
-        by_cycle.setdefault(c, []).append(g)
-    assert set(by_cycle) <= set(range(state.cycle + 1)), (sorted(by_cycle), state)
-    for c in range(state.cycle):
-        done = sorted(by_cycle.get(c, []))
-        assert done == list(range(len(done))) and len(done) >= gens, (c, done)
-    assert sorted(by_cycle.get(state.cycle, [])) == list(range(state.generation)), (by_cycle, state)
 
 
 def test_agent_publishes_survives_kill9_and_resumes(tmp_path):
@@ -65,7 +49,7 @@ def test_agent_publishes_survives_kill9_and_resumes(tmp_path):
     # what the store holds of the dead agent is exactly what its state says it did: no trial
     # beyond its counters (nothing half-committed), none missing before them
     trials_before = {t.id: t for t in read(store, lambda s: s.trials(agent=AID))}
-    _check_progress([(t.cycle, t.generation) for t in trials_before.values()], state_before, gens)
+    check_progress([(t.cycle, t.generation) for t in trials_before.values()], state_before, gens)
     assert all(_number(t) < state_before.next_model_id for t in trials_before)
     models_before = {m.id: m for m in read(store, lambda s: s.models(agent=AID))}
     assert state_before.best_model_id in models_before
@@ -88,7 +72,7 @@ def test_agent_publishes_survives_kill9_and_resumes(tmp_path):
     assert read(store, lambda s: s.verify()) == []
     trials = read(store, lambda s: s.trials(agent=AID))
     seen = sorted((t.cycle, t.generation) for t in trials)
-    _check_progress(seen, st, gens)  # no gap, no repeat, every cycle done
+    check_progress(seen, st, gens)  # no gap, no repeat, every cycle done
     # the resumed agent started at the generation the store recorded, not from scratch: the dead
     # agent's trials and models are untouched, and everything new continues its counters
     assert {t.id: t for t in trials if t.id in trials_before} == trials_before

@@ -66,3 +66,19 @@ def read(path: str, fn):
 
     with Store.open(path, readonly=True) as s:
         return fn(s)
+
+
+def check_progress(pairs: list[tuple[int, int]], state, gens: int) -> None:
+    """The (cycle, generation) of the children trained are exactly what the stored ``state`` says
+    was done: every finished cycle has generations 0..n-1 with no gap or repeat (n >= ``gens``: with
+    +hurdle a cycle is an image budget and children stopped early leave room for more), the current
+    cycle has 0..state.generation-1, and nothing lies beyond (each child is committed with the state
+    it moves)."""
+    by_cycle: dict[int, list[int]] = {}
+    for c, g in pairs:
+        by_cycle.setdefault(c, []).append(g)
+    assert set(by_cycle) <= set(range(state.cycle + 1)), (sorted(by_cycle), state)
+    for c in range(state.cycle):
+        done = sorted(by_cycle.get(c, []))
+        assert done == list(range(len(done))) and len(done) >= gens, (c, done)
+    assert sorted(by_cycle.get(state.cycle, [])) == list(range(state.generation)), (by_cycle, state)
