@@ -24,9 +24,9 @@ import torch
 
 from agents import generation as step
 from agents.bootstrap import ensure_root
-from agents.config import Preset, resolve_preset
+from agents.config import DEFAULT_PREFIX_CACHE_MB, Preset, resolve_preset
 from agents.paths import ModelPath
-from agents.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
+from agents.prefix_cache import PrefixCache
 from agents.progress import Progress
 from agents.scoring import Scorer
 from agents.selection import best_path
@@ -52,9 +52,6 @@ def generation_rng(seed: int, agent_id: str, cycle: int, generation: int
     return random.Random(s), torch.Generator().manual_seed(s)
 
 
-DEFAULT_CACHE_MB = DEFAULT_MAX_BYTES >> 20
-
-
 @dataclass
 class AgentOptions:
     store: str
@@ -70,7 +67,7 @@ class AgentOptions:
     bind_host: str = "127.0.0.1"
     data_dir: str | None = None
     keys: str | None = None          # CURVE key folder, for a store service beyond loopback
-    cache_mb: int = DEFAULT_CACHE_MB  # frozen-prefix activation cache cap; 0 turns the cache off
+    cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # frozen-prefix activation cache cap; 0 turns the cache off
 
 
 LOG_POLL_SECONDS = 0.5  # how often a training agent looks at the store's event log

@@ -46,8 +46,6 @@ def frozen_prefix(hparams: Mapping[str, Any], trainable: Collection[str]) -> tup
         if set(comps) & set(trainable):
             break
         out.extend(comps)
-    else:
-        return tuple(out)  # nothing below the head trains: the whole encoder is a frozen prefix
     return tuple(out)
 
 

@@ -34,7 +34,10 @@ EXTENSIONS = ("autotune", "adapters", "layers", "imagesize", "penalty", "continu
 # the final lineage's share of images up from 0.36 to 0.40 (benchmarks/results/quality.md).
 PUBLISHED_METHOD = ("autotune", "adapters", "layers", "imagesize")
 DEFAULT_METHOD = PUBLISHED_METHOD + ("continue", "hurdle")
-PENALTY_SCALE_FACTOR = 0.9  # scale factor s used by +penalty when the budget's own s is 1.0
+PENALTY_SCALE_FACTOR = 0.9
+# Per-agent cap of the frozen-prefix activation cache (agents/prefix_cache.py; 0 turns it off):
+# ~140k images at 32 px in full tokens (3.8 kB each), ~700k class tokens only.
+DEFAULT_PREFIX_CACHE_MB = 512  # scale factor s used by +penalty when the budget's own s is 1.0
 
 
 class PresetError(ValueError):

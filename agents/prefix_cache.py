@@ -30,11 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from agents.config import DEFAULT_PREFIX_CACHE_MB
 from agents.paths import ModelPath
 from agents.vit import PathModel
 from taskdata.augment import AugmentParams, preprocess_eval
 
-DEFAULT_MAX_BYTES = 512 * 2**20  # 512 MiB: ~140k images at 32 px in full tokens (3.8 kB), ~700k cls-only
+DEFAULT_MAX_BYTES = DEFAULT_PREFIX_CACHE_MB << 20
 CHUNK = 512  # images per prefix forward while filling: bounds the transient activation memory
 
 PrefixKey = tuple[int, tuple[tuple[str, str], ...], bool]

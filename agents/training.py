@@ -163,20 +163,15 @@ class _Inputs:
         x = augment_train(self.data.train_x[idx], self.model.hparams, self.size, gen)
         return self.model(x)
 
-    def accuracy(self, split: str) -> float:
-        """Accuracy on the validation subset (charged as validation FLOPs) or the test split."""
-        if split == "val":
-            images, labels = self.data.val_x, self.data.val_y
-            self.tally.validation += len(labels) * self.eval_flops
-        else:
-            images, labels = self.data.test_x, self.data.test_y
-        if self.cache is not None:
-            h = self.cache.outputs(self.key, self.model, split, images, self.size)
-            self._charge_fills()
-            return accuracy(self.model.forward_suffix, h, labels)
-        if split == "val":
+    def val_accuracy(self) -> float:
+        """Accuracy on the validation subset, charged as validation FLOPs."""
+        labels = self.data.val_y
+        self.tally.validation += len(labels) * self.eval_flops
+        if self.cache is None:
             return accuracy(self.model, self.data.val_inputs(self.size), labels)
-        return accuracy(self.model, images, labels, prep=lambda xb: preprocess_eval(xb, self.size))
+        h = self.cache.outputs(self.key, self.model, "val", self.data.val_x, self.size)
+        self._charge_fills()
+        return accuracy(self.model.forward_suffix, h, labels)
 
 
 def train_child(
@@ -243,7 +238,7 @@ def train_child(
         result.train_images += int(idx.shape[0])
         if (step + 1) % steps_between_validations == 0 or step + 1 == total:
             model.eval()
-            q = inputs.accuracy("val")
+            q = inputs.val_accuracy()
             model.train()
             result.evals.append(q)
             s = score_of(q)

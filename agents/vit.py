@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agents import registry
+from agents import compute, registry
 
 # agents/__init__.py has already run here, which makes `import timm` work on CPU-only installs.
 from timm.models.vision_transformer import Block
@@ -389,15 +389,16 @@ class PathModel(nn.Module):
 
         # Stages in forward order; the head is applied separately (forward_head).
         # The stem is stored as None (not a bound method) to keep the module free of reference cycles.
-        stem = tuple(n for n in names if registry.kind_of(n).stage == registry.STAGE_STEM)
-        stages: list[tuple[tuple[str, ...], nn.Module | None]] = [(stem, None)]
-        stages += [((n,), modules[n]) for n in names
-                   if registry.kind_of(n).stage not in (registry.STAGE_STEM, registry.STAGE_HEAD)]
+        # The grouping is agents.compute's, so the FLOPs model and the module agree on where the frozen
+        # prefix ends.
+        grouped = compute.stages(hparams)
+        stages: list[tuple[tuple[str, ...], nn.Module | None]] = [(grouped[0], None)]
+        stages += [(comps, modules[comps[0]]) for comps in grouped[1:]]
         self._stages = stages
+        # Components that run without autograd because nothing below them trains.
+        self.frozen_prefix: tuple[str, ...] = compute.frozen_prefix(hparams, self.trainable_components)
         first = next((k for k, (comps, _) in enumerate(stages) if self.trainable_components & set(comps)),
                      len(stages))
-        # Components that run without autograd because nothing below them trains.
-        self.frozen_prefix: tuple[str, ...] = tuple(c for comps, _ in stages[:first] for c in comps)
         self._first_trainable_stage = first
         # Top stages (encoder_norm) act on each token alone and only token 0 reaches the head (which is
         # not a stage), so a suffix made of them needs nothing of the prefix output but its class token.

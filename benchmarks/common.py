@@ -247,7 +247,7 @@ def trial_budget(store, task: str) -> dict[str, Any]:
     from agents.agent import agent_id_for
 
     trials = store.trials(agent=agent_id_for(task))
-    flops = add_flops([getattr(t, "flops", None) for t in trials])
+    flops = add_flops([t.flops for t in trials])
     return {"train_images": sum(t.train_images for t in trials), "children": len(trials),
             "flops": flops, "train_flops": flops["total"] if flops is not None else None,
             "accepted": sum(1 for t in trials if t.accepted),

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch.common import UserError, add_store_flags, check_devices, parse_devices, run_main
+from launch.common import (UserError, add_prefix_cache_flag, add_store_flags, check_devices,
+                           check_prefix_cache_flag, parse_devices, run_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cycles", type=int, default=None, help="cycles to reach (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--prefix-cache-mb", type=int, default=512, metavar="MB",
-                   help="per-agent cache of frozen-prefix activations (exact: a child that trains only "
-                        "its top layers runs only those on cached inputs); 0 turns it off (default 512)")
+    add_prefix_cache_flag(p)
     p.add_argument("--lease-ttl", type=float, default=15.0,
                    help="seconds without heartbeat after which another agent may take over")
     return p
@@ -46,8 +45,7 @@ def main() -> int:
     args = build_parser().parse_args()
     if args.cycles is not None and args.cycles < 0:
         raise UserError("--cycles must be >= 0")
-    if args.prefix_cache_mb < 0:
-        raise UserError("--prefix-cache-mb must be >= 0 (0 turns the cache off)")
+    check_prefix_cache_flag(args)
     check_devices(parse_devices(args.device))
     from store import open_store
 

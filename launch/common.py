@@ -83,6 +83,21 @@ def run_main(main: Callable[[], int | None], prog: str,
     sys.exit(run(main, prog, user_errors))
 
 
+def add_prefix_cache_flag(p: argparse.ArgumentParser) -> None:
+    """``--prefix-cache-mb``, the same on every command that starts agents."""
+    from agents.config import DEFAULT_PREFIX_CACHE_MB  # torch-free
+
+    p.add_argument("--prefix-cache-mb", type=int, default=DEFAULT_PREFIX_CACHE_MB, metavar="MB",
+                   help="per-agent cache of frozen-prefix activations (exact: a child that trains only "
+                        "its top layers runs only those on cached inputs); 0 turns it off "
+                        f"(default {DEFAULT_PREFIX_CACHE_MB})")
+
+
+def check_prefix_cache_flag(args: argparse.Namespace) -> None:
+    if args.prefix_cache_mb < 0:
+        raise UserError("--prefix-cache-mb must be >= 0 (0 turns the cache off)")
+
+
 def add_store_flags(p: argparse.ArgumentParser, *, required: bool = False,
                     default: str | None = None, help: str | None = None) -> None:
     """``--store DIR|tcp://HOST:PORT`` and ``--keys KEYDIR``, the same on every entry point."""

@@ -22,8 +22,8 @@ import os
 import sys
 import time
 
-from launch.common import (UserError, add_store_flags, agent_process_main, check_devices,
-                           parse_devices, run_main)
+from launch.common import (UserError, add_prefix_cache_flag, add_store_flags, agent_process_main,
+                           check_devices, check_prefix_cache_flag, parse_devices, run_main)
 
 DEFAULT_STORE = "swarm-store"
 
@@ -58,9 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a root built with make_root.py --name NAME, or timm:MODEL_NAME")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per CPU agent (default: cores divided among CPU agents)")
-    p.add_argument("--prefix-cache-mb", type=int, default=512, metavar="MB",
-                   help="per-agent cache of frozen-prefix activations (exact: a child that trains only "
-                        "its top layers runs only those on cached inputs); 0 turns it off (default 512)")
+    add_prefix_cache_flag(p)
     p.add_argument("--refresh", type=float, default=1.0, help="progress refresh period in seconds")
     p.add_argument("--print-config", action="store_true", help="print the resolved preset and exit")
     return p
@@ -123,8 +121,7 @@ def main() -> int:
     devices = parse_devices(args.devices)
     if args.cycles is not None and args.cycles < 0:
         raise UserError("--cycles must be >= 0")
-    if args.prefix_cache_mb < 0:
-        raise UserError("--prefix-cache-mb must be >= 0 (0 turns the cache off)")
+    check_prefix_cache_flag(args)
     from agents.config import format_preset, resolve_preset
 
     preset = resolve_preset(args.preset, root=args.root)
