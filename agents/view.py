@@ -66,7 +66,8 @@ def model_record(p: ModelPath) -> ModelRecord:
 def publication(p: ModelPath) -> Publication:
     """What readers of the published pointer need: the class count and the input (``ds_*``) spec."""
     return Publication(p.id, int(p.hparams["num_classes"]),
-                       {k: v for k, v in p.hparams.items() if k.startswith("ds_")})
+                       {k: v for k, v in p.hparams.items() if k.startswith("ds_")},
+                       score=p.metrics.get("score"))
 
 
 class SystemView:

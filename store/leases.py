@@ -1,4 +1,4 @@
-"""Agent leases inside a write transaction: one live process per agent id and per task.
+"""Agent leases inside a write transaction: one live process per agent id and per (task, kind).
 
 A lease is the ``lease_token`` + ``lease_expiry`` of an agent's record. Liveness is the holder's
 heartbeat extending the expiry; a holder that stops heartbeating (crashed, hung, partitioned) can be
@@ -15,7 +15,7 @@ import lmdb
 
 from store.env import Databases
 from store.errors import Conflict, LeaseHeld, LeaseLost
-from store.records import AgentRecord
+from store.records import SINGLE, AgentRecord
 from store.txnops import get_record, iter_records, put_record
 
 
@@ -34,13 +34,15 @@ def check(txn: lmdb.Transaction, dbs: Databases, agent_id: str, token: str) -> A
 
 
 def acquire(txn: lmdb.Transaction, dbs: Databases, agent_id: str, task: str, *, ttl: float,
-            now: float, host: str, pid: int, device: str, endpoint: str, preset: str) -> str:
+            now: float, host: str, pid: int, device: str, endpoint: str, preset: str,
+            kind: str = SINGLE) -> str:
     """Take the lease (see Store.acquire_lease) and return the new token."""
     existing = get_record(txn, dbs.agents, agent_id, AgentRecord, "agents")
-    if existing is not None and existing.task != task:
-        raise Conflict(f"agent id {agent_id!r} serves task {existing.task!r}, not {task!r}: use "
-                       f"another agent id for this task")
-    same_task = [a for a in iter_records(txn, dbs.agents, AgentRecord, "agents") if a.task == task]
+    if existing is not None and (existing.task, existing.kind) != (task, kind):
+        raise Conflict(f"agent id {agent_id!r} serves task {existing.task!r} as its {existing.kind} "
+                       f"agent, not {task!r} as its {kind} agent: use another agent id")
+    same_task = [a for a in iter_records(txn, dbs.agents, AgentRecord, "agents")
+                 if a.task == task and a.kind == kind]
     for other in same_task:
         if other.lease_live(now):
             raise LeaseHeld(agent_id, f"{other.agent_id} (pid {other.pid} on {other.host})",
@@ -54,7 +56,7 @@ def acquire(txn: lmdb.Transaction, dbs: Databases, agent_id: str, task: str, *, 
     record = AgentRecord(agent_id=agent_id, task=task, host=host, pid=pid, device=device,
                          endpoint=endpoint, preset=preset, lease_token=token,
                          lease_expiry=now + ttl, heartbeat_at=now, state="starting",
-                         progress={}).validated()
+                         progress={}, kind=kind).validated()
     put_record(txn, dbs.agents, agent_id, record)
     return token
 

@@ -86,7 +86,7 @@ def verify(txn: lmdb.Transaction, dbs: Databases) -> VerifyResult:
     blobs = _verify_blobs(txn, dbs, problems)
     components = _decode_all(txn, dbs.components, ComponentRecord, "components", "id", problems)
     models = _decode_all(txn, dbs.models, ModelRecord, "models", "id", problems)
-    tasks = _decode_all(txn, dbs.tasks, TaskRecord, "tasks", "task", problems)
+    tasks = _decode_all(txn, dbs.tasks, TaskRecord, "tasks", "key", problems)
     _decode_all(txn, dbs.agents, AgentRecord, "agents", "agent_id", problems)
     states = _decode_all(txn, dbs.agent_state, AgentState, "agent_state", "agent_id", problems)
     _decode_all(txn, dbs.trials, TrialRecord, "trials", "id", problems)
@@ -111,13 +111,20 @@ def verify(txn: lmdb.Transaction, dbs: Databases) -> VerifyResult:
                 problems.append(f"models/{mid}: refers to missing component {cid}")
         if model.parent is not None and model.parent not in models:
             problems.append(f"models/{mid}: parent {model.parent} is missing")
-    for task, pointer in tasks.items():
+        for ref in model.refs:  # a multipath model's pinned paths
+            if ref not in models:
+                problems.append(f"models/{mid}: runs model {ref}, which is missing")
+    for key, pointer in tasks.items():
+        task = pointer.task
         target = models.get(pointer.model_id)
         if target is None:
             problems.append(f"tasks/{task}: points to missing model {pointer.model_id}")
         elif target.task != task:
             problems.append(f"tasks/{task}: points to model {pointer.model_id} of task "
                             f"{target.task!r}")
+        elif target.kind != pointer.kind:
+            problems.append(f"tasks/{task}: the {pointer.kind} pointer names {target.kind} model "
+                            f"{pointer.model_id}")
     for agent_id, state in states.items():
         for mid in [*state.population, *([state.best_model_id] if state.best_model_id else [])]:
             if mid not in models:
@@ -155,7 +162,7 @@ def gc(txn: lmdb.Transaction, dbs: Databases, grace_seconds: float,
     meta = read_meta(txn, dbs) or {}
     models = _decode_all(txn, dbs.models, ModelRecord, "models", "id", problems)
     components = _decode_all(txn, dbs.components, ComponentRecord, "components", "id", problems)
-    tasks = _decode_all(txn, dbs.tasks, TaskRecord, "tasks", "task", problems)
+    tasks = _decode_all(txn, dbs.tasks, TaskRecord, "tasks", "key", problems)
     states = _decode_all(txn, dbs.agent_state, AgentState, "agent_state", "agent_id", problems)
     if problems:  # never delete on a store we cannot fully read: we might drop live data
         raise StoreError(f"gc refused: store has undecodable records ({problems[0]}); "
@@ -167,10 +174,14 @@ def gc(txn: lmdb.Transaction, dbs: Databases, grace_seconds: float,
         seeds.add(state.best_model_id)
     seeds.update(mid for mid, m in models.items() if m.created_at >= cutoff)
     live_models: set[str] = set()
-    for mid in seeds:
-        while mid is not None and mid in models and mid not in live_models:
-            live_models.add(mid)
-            mid = models[mid].parent
+    todo = list(seeds)
+    while todo:  # ancestors, and the models a live model runs by reference (pinned paths)
+        mid = todo.pop()
+        if mid is None or mid not in models or mid in live_models:
+            continue
+        live_models.add(mid)
+        todo.append(models[mid].parent)
+        todo.extend(models[mid].refs)
 
     live_components = {cid for mid in live_models for cid in models[mid].components}
     live_components.update(cid for cid, c in components.items() if c.created_at >= cutoff)

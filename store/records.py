@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 from protocol.tensors import RawTensor, blob_key
 from store.errors import StoreCorrupt, StoreError
@@ -168,6 +168,35 @@ def _record(cls: type) -> type:
     return cls
 
 
+# ---- agent kinds and published pointers -----------------------------------------------------------
+
+SINGLE, MULTIPATH = "single", "multipath"
+AGENT_KINDS = (SINGLE, MULTIPATH)
+
+
+def _kind(v: Any) -> str:
+    if _str(v) not in AGENT_KINDS:
+        raise _Invalid(f"expected an agent kind {AGENT_KINDS}, got {v!r}")
+    return v
+
+
+def pointer_key(task: str, kind: str) -> str:
+    """Key of a task's pointer for one agent kind (the single-path key is the task, as it always was)."""
+    return task if kind == SINGLE else f"{task}\x1f{kind}"
+
+
+def served(pointers: "Iterable[TaskRecord]") -> "dict[str, TaskRecord]":
+    """Task -> the pointer that serves it: the highest score; a tie (or no score) goes to single."""
+    out: dict[str, TaskRecord] = {}
+    for p in pointers:
+        cur = out.get(p.task)
+        rank = (-float("inf") if p.score is None else p.score, p.kind == SINGLE)
+        if cur is None or rank > (-float("inf") if cur.score is None else cur.score,
+                                  cur.kind == SINGLE):
+            out[p.task] = p
+    return out
+
+
 # ---- records --------------------------------------------------------------------------------------
 
 def component_id(agent: str, n: int) -> str:
@@ -203,7 +232,13 @@ class ComponentRecord(_Record):
 @_record
 @dataclass(frozen=True)
 class ModelRecord(_Record):
-    """One model (a "path") of one task: components in forward order plus flat hparams/metrics."""
+    """One model (a "path") of one task: components in forward order plus flat hparams/metrics.
+
+    ``kind`` names the agent kind that made it (``single``: a single-path ViT; ``multipath``: frozen
+    whole models joined by a router and connectors). ``refs`` are whole models this one runs by
+    reference (a multipath model's paths, main path first): the store keeps them while this model
+    lives, so they stay loadable after their owners publish better ones.
+    """
 
     id: str
     task: str
@@ -215,16 +250,24 @@ class ModelRecord(_Record):
     preset: str
     preset_hash: str
     created_at: float
+    kind: str = SINGLE
+    refs: list[str] = field(default_factory=list)
 
     _SPEC: ClassVar = {"id": _id, "task": _id, "agent": _id, "components": _list_of(_id),
                        "hparams": _SCALAR_MAP, "metrics": _SCALAR_MAP, "parent": _optional(_id),
-                       "preset": _str, "preset_hash": _str, "created_at": _float}
+                       "preset": _str, "preset_hash": _str, "created_at": _float,
+                       "kind": _kind, "refs": _list_of(_id)}
+    _ADDED: ClassVar = {"kind": SINGLE, "refs": []}
 
 
 @_record
 @dataclass(frozen=True)
 class TaskRecord(_Record):
-    """The published pointer of a task: which model currently serves it."""
+    """A published pointer: which model the ``kind`` agent of a task publishes now, with its score.
+
+    A task has one pointer per agent kind; the task is served by the pointer with the highest score
+    (``served``), so readers get the best model whichever kind made it.
+    """
 
     task: str
     model_id: str
@@ -232,15 +275,25 @@ class TaskRecord(_Record):
     num_classes: int
     data_spec: dict[str, Any]
     updated_at: float
+    kind: str = SINGLE
+    score: float | None = None
 
     _SPEC: ClassVar = {"task": _id, "model_id": _id, "agent": _id, "num_classes": _int,
-                       "data_spec": _PLAIN_MAP, "updated_at": _float}
+                       "data_spec": _PLAIN_MAP, "updated_at": _float, "kind": _kind,
+                       "score": _optional(_float)}
+    _ADDED: ClassVar = {"kind": SINGLE, "score": None}
+
+    @property
+    def key(self) -> str:
+        return pointer_key(self.task, self.kind)
 
 
 @_record
 @dataclass(frozen=True)
 class AgentRecord(_Record):
-    """Registration and lease of one agent id (kept after release, for history)."""
+    """Registration and lease of one agent id (kept after release, for history).
+
+    One live lease per (task, kind): a task's single-path and multipath agents run side by side."""
 
     agent_id: str
     task: str
@@ -254,11 +307,13 @@ class AgentRecord(_Record):
     heartbeat_at: float
     state: str
     progress: dict[str, Any]
+    kind: str = SINGLE
 
     _SPEC: ClassVar = {"agent_id": _id, "task": _id, "host": _str, "pid": _int, "device": _str,
                        "endpoint": _str, "preset": _str, "lease_token": _str,
                        "lease_expiry": _float, "heartbeat_at": _float, "state": _str,
-                       "progress": _PLAIN_MAP}
+                       "progress": _PLAIN_MAP, "kind": _kind}
+    _ADDED: ClassVar = {"kind": SINGLE}
 
     def lease_live(self, now: float) -> bool:
         return bool(self.lease_token) and self.lease_expiry > now
@@ -367,11 +422,13 @@ class Publication:
     model_id: str
     num_classes: int
     data_spec: dict[str, Any] = field(default_factory=dict)
+    score: float | None = None   # the model's score; the task is served by its best-scoring pointer
 
     def validated(self) -> Publication:
         try:
             _id(self.model_id)
             _int(self.num_classes)
+            _optional(_float)(self.score)
             spec = _PLAIN_MAP(self.data_spec)
         except _Invalid as exc:
             raise StoreError(f"publication of {self.model_id!r} is invalid: {exc}") from None
@@ -382,12 +439,12 @@ class Publication:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "num_classes": self.num_classes,
-                "data_spec": dict(self.data_spec)}
+                "data_spec": dict(self.data_spec), "score": self.score}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Publication:
         return cls(model_id=d["model_id"], num_classes=d["num_classes"],
-                   data_spec=dict(d.get("data_spec") or {})).validated()
+                   data_spec=dict(d.get("data_spec") or {}), score=d.get("score")).validated()
 
 
 # ---- component writes -----------------------------------------------------------------------------

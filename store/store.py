@@ -18,7 +18,7 @@ import lmdb
 from store import leases, maintenance, txnops
 from store.env import SharedEnvironment, resolve_map_size
 from store.errors import Conflict, MissingReference, NotAStore, StoreError, StoreFull
-from store.records import (AgentRecord, AgentState, ComponentRecord, ComponentWrite, Event,
+from store.records import (SINGLE, served, AgentRecord, AgentState, ComponentRecord, ComponentWrite, Event,
                            ModelRecord, Publication, TaskRecord, TrialRecord, parse_component_id,
                            plain_value)
 from store.txnops import TensorDict
@@ -163,6 +163,10 @@ class Store:
             if not txnops.exists(txn, self._dbs.components, cid):
                 raise MissingReference(f"model {model.id} refers to component {cid} which is not "
                                        f"in the store (deleted by gc or never committed)")
+        for ref in model.refs:
+            if ref not in new_models and not txnops.exists(txn, self._dbs.models, ref):
+                raise MissingReference(f"model {model.id} runs model {ref} which is not in the "
+                                       f"store (deleted by gc?): reload the system")
         if model.parent is not None and model.parent not in new_models \
                 and not txnops.exists(txn, self._dbs.models, model.parent):
             raise MissingReference(f"model {model.id} has parent {model.parent} which is not in "
@@ -224,13 +228,17 @@ class Store:
         if model.task != agent.task:
             raise Conflict(f"agent {agent.agent_id} cannot publish model {pub.model_id} of task "
                            f"{model.task!r} for its task {agent.task!r}")
+        if model.kind != agent.kind:
+            raise Conflict(f"{agent.kind} agent {agent.agent_id} cannot publish {model.kind} model "
+                           f"{pub.model_id}")
         now = time.time()
         pointer = TaskRecord(task=model.task, model_id=model.id, agent=agent.agent_id,
                              num_classes=pub.num_classes, data_spec=dict(pub.data_spec),
-                             updated_at=now)
-        txnops.put_record(txn, self._dbs.tasks, model.task, pointer.validated())
+                             updated_at=now, kind=agent.kind, score=pub.score)
+        txnops.put_record(txn, self._dbs.tasks, pointer.key, pointer.validated())
+        data = {**event_data, "kind": agent.kind} if agent.kind != SINGLE else event_data
         return txnops.append_event(txn, self._dbs, kind, task=model.task, agent=agent.agent_id,
-                                   model_id=model.id, data=event_data, now=now)
+                                   model_id=model.id, data=data, now=now)
 
     def ensure_root(self, model: ModelRecord, components: Sequence[ComponentWrite], *,
                     request_id: str | None = None) -> str:
@@ -253,12 +261,13 @@ class Store:
     # ---- leases ------------------------------------------------------------------------------------
 
     def acquire_lease(self, agent_id: str, task: str, *, ttl: float, host: str, pid: int,
-                      device: str, endpoint: str, preset: str, now: float | None = None,
-                      request_id: str | None = None) -> str:
-        """Take the lease of ``agent_id`` (serving ``task``) and return its new token.
+                      device: str, endpoint: str, preset: str, kind: str = SINGLE,
+                      now: float | None = None, request_id: str | None = None) -> str:
+        """Take the lease of ``agent_id`` (the ``kind`` agent of ``task``) and return its new token.
 
         Refused with LeaseHeld while another live lease exists for this agent id or for another
-        agent id serving the same task. Taking a task over from a stale agent revokes that agent's
+        agent id serving the same task with the same kind (a task's single-path and multipath
+        agents run side by side). Taking a task over from a stale agent revokes that agent's
         token, so the stale process gets LeaseLost instead of becoming a second writer of the task.
         """
         now = time.time() if now is None else now
@@ -267,7 +276,8 @@ class Store:
             if done:
                 return prior
             token = leases.acquire(txn, self._dbs, agent_id, task, ttl=ttl, now=now, host=host,
-                                   pid=pid, device=device, endpoint=endpoint, preset=preset)
+                                   pid=pid, device=device, endpoint=endpoint, preset=preset,
+                                   kind=kind)
             txnops.record_reply(txn, self._dbs, request_id, token, now)
             return token
 
@@ -314,19 +324,27 @@ class Store:
             return txnops.get_record(txn, self._dbs.components, component_id, ComponentRecord,
                                      "components")
 
-    def get_task(self, task: str) -> TaskRecord | None:
-        with self._read() as txn:
-            return txnops.get_record(txn, self._dbs.tasks, task, TaskRecord, "tasks")
-
-    def tasks(self) -> list[TaskRecord]:
+    def pointers(self) -> list[TaskRecord]:
+        """Every published pointer: one per (task, agent kind) that has published."""
         with self._read() as txn:
             return list(txnops.iter_records(txn, self._dbs.tasks, TaskRecord, "tasks"))
 
-    def published_models(self) -> dict[str, ModelRecord]:
-        """Task -> its current model, from one snapshot."""
+    def get_task(self, task: str) -> TaskRecord | None:
+        """The pointer that serves ``task``: its best-scoring kind (see records.served)."""
+        return served(p for p in self.pointers() if p.task == task).get(task)
+
+    def tasks(self) -> list[TaskRecord]:
+        """The serving pointer of every task, by task name."""
+        return sorted(served(self.pointers()).values(), key=lambda p: p.task)
+
+    def published_models(self, kind: str | None = None) -> dict[str, ModelRecord]:
+        """Task -> the model that serves it (None), or that its ``kind`` agent publishes; from one
+        snapshot."""
         with self._read() as txn:
             out = {}
-            for pointer in txnops.iter_records(txn, self._dbs.tasks, TaskRecord, "tasks"):
+            every = list(txnops.iter_records(txn, self._dbs.tasks, TaskRecord, "tasks"))
+            chosen = served(every).values() if kind is None else [p for p in every if p.kind == kind]
+            for pointer in chosen:
                 model = txnops.get_record(txn, self._dbs.models, pointer.model_id, ModelRecord,
                                           "models")
                 if model is None:

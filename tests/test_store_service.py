@@ -79,7 +79,7 @@ def test_a_resent_commit_or_lease_is_applied_once(tmp_path, service):
         root = make_root(st)
         rid = wire.new_request_id()
         args = {"agent_id": "a1", "task": "t1", "ttl": 60.0, "host": "h", "pid": 1,
-                "device": "cpu", "endpoint": "", "preset": "test"}
+                "device": "cpu", "endpoint": "", "preset": "test", "kind": "single"}
         token = st.channel.call("acquire_lease", args, request_id=rid)[0]
         assert st.channel.call("acquire_lease", args, request_id=rid)[0] == token  # not LeaseHeld
         calls = []
@@ -249,7 +249,7 @@ def test_a_dropped_connection_mid_blob_resumes_the_upload_and_the_download(tmp_p
 def _junk(rng: random.Random) -> list[bytes]:
     """One malformed request of a random sort."""
     sort = rng.randrange(8)
-    good = {"v": 1, "kind": "meta", "id": "x1", "args": {}}
+    good = {"v": wire.VERSION, "kind": "meta", "id": "x1", "args": {}}
     if sort == 0:
         return [rng.randbytes(rng.randrange(0, 200))]
     if sort == 1:
@@ -308,8 +308,8 @@ def test_a_request_of_another_version_or_kind_gets_an_error_reply_not_silence(se
     sock.linger = 0
     sock.connect(service.endpoint)
     try:
-        for header in ({"v": 2, "kind": "meta", "id": "old-client", "args": {}},
-                       {"v": 1, "kind": "teleport", "id": "new-client", "args": {}}):
+        for header in ({"v": wire.VERSION + 1, "kind": "meta", "id": "other-client", "args": {}},
+                       {"v": wire.VERSION, "kind": "teleport", "id": "new-client", "args": {}}):
             sock.send_multipart([msgpack.packb(header)])
             assert sock.poll(5000), f"no reply to {header}"
             rid, ok, err = wire.decode_reply(sock.recv_multipart()[0])

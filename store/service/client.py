@@ -110,7 +110,7 @@ class RemoteStore:
     def __repr__(self) -> str:
         return f"RemoteStore({self.path!r}, {'readonly' if self.readonly else 'writable'})"
 
-    def _call(self, kind: str, request_id: str | None = None, **args: Any) -> Any:
+    def _call(self, kind: str, request_id: str | None = None, /, **args: Any) -> Any:
         return self.channel.call(kind, args, request_id=request_id)[0]
 
     def _writable(self) -> None:
@@ -200,11 +200,11 @@ class RemoteStore:
         raise StoreError("uploading blobs to the store service made no progress")
 
     def acquire_lease(self, agent_id: str, task: str, *, ttl: float, host: str, pid: int,
-                      device: str, endpoint: str, preset: str) -> str:
+                      device: str, endpoint: str, preset: str, kind: str = "single") -> str:
         self._writable()
         return self._call("acquire_lease", wire.new_request_id(), agent_id=agent_id, task=task,
                           ttl=float(ttl), host=host, pid=int(pid), device=device,
-                          endpoint=endpoint, preset=preset)
+                          endpoint=endpoint, preset=preset, kind=kind)
 
     def heartbeat(self, agent_id: str, token: str, *, ttl: float, state: str | None = None,
                   progress: dict | None = None, endpoint: str | None = None) -> AgentRecord:
@@ -254,8 +254,12 @@ class RemoteStore:
     def tasks(self) -> list[TaskRecord]:
         return [TaskRecord.from_dict(t) for t in self._call("tasks")]
 
-    def published_models(self) -> dict[str, ModelRecord]:
-        return {t: ModelRecord.from_dict(m) for t, m in self._call("published_models").items()}
+    def pointers(self) -> list[TaskRecord]:
+        return [TaskRecord.from_dict(t) for t in self._call("pointers")]
+
+    def published_models(self, kind: str | None = None) -> dict[str, ModelRecord]:
+        return {t: ModelRecord.from_dict(m)
+                for t, m in self._call("published_models", kind=kind).items()}
 
     def agents(self) -> list[AgentRecord]:
         return [AgentRecord.from_dict(a) for a in self._call("agents")]

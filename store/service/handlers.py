@@ -86,7 +86,11 @@ class Handlers:
         return [t.to_dict() for t in self.store.tasks()], []
 
     def _h_published_models(self, args, data):
-        return {t: m.to_dict() for t, m in self.store.published_models().items()}, []
+        return {t: m.to_dict()
+                for t, m in self.store.published_models(kind=args.get("kind")).items()}, []
+
+    def _h_pointers(self, args, data):
+        return [t.to_dict() for t in self.store.pointers()], []
 
     def _h_agents(self, args, data):
         return [a.to_dict() for a in self.store.agents()], []
@@ -244,7 +248,7 @@ class Handlers:
         return self.store.acquire_lease(
             args["agent_id"], args["task"], ttl=args["ttl"], host=args["host"], pid=args["pid"],
             device=args["device"], endpoint=args["endpoint"], preset=args["preset"],
-            request_id=rid), []
+            kind=args["kind"], request_id=rid), []
 
     def _h_heartbeat(self, args, data, rid):
         # Not recorded as a reply: a heartbeat applied twice only extends the lease again, and

@@ -31,7 +31,7 @@ import msgpack
 from store import errors as store_errors
 from store.errors import NotAStore, StoreError
 
-VERSION = 1
+VERSION = 2  # 2: agent kinds (acquire_lease.kind, published_models.kind, pointers)
 CHUNK_BYTES = 4 * 2**20          # blob bytes per request or reply (uploads and downloads)
 CREDIT = 4                       # chunk requests a client keeps in flight (zguide ch. 7 "credit")
 MAX_DATA_FRAMES = 64             # data frames per request (many small blobs share one chunk)
@@ -232,7 +232,7 @@ def _ranges(v: Any) -> bool:
 #: kind -> (argument name -> check, required names); mutating kinds are in WRITES
 SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     "hello": {}, "health": {}, "meta": {}, "root_model_id": {}, "tasks": {},
-    "published_models": {}, "agents": {}, "live_agents": {}, "last_event_seq": {}, "stats": {},
+    "published_models": {"kind": _opt(_is_str)}, "pointers": {}, "agents": {}, "live_agents": {}, "last_event_seq": {}, "stats": {},
     "verify": {}, "check": {},
     "get_model": {"model_id": _is_str}, "get_component": {"component_id": _is_str},
     "get_task": {"task": _is_str}, "get_agent": {"agent_id": _is_str},
@@ -248,7 +248,8 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
                "event_kind": _is_str, "event_data": _opt(_map)},
     "ensure_root": {"model": _map, "components": _maps},
     "acquire_lease": {"agent_id": _is_str, "task": _is_str, "ttl": _num, "host": _is_str,
-                      "pid": _int, "device": _is_str, "endpoint": _is_str, "preset": _is_str},
+                      "pid": _int, "device": _is_str, "endpoint": _is_str, "preset": _is_str,
+                      "kind": _is_str},
     "heartbeat": {"agent_id": _is_str, "token": _is_str, "ttl": _num, "state": _opt(_is_str),
                   "progress": _opt(_map), "endpoint": _opt(_is_str)},
     "release_lease": {"agent_id": _is_str, "token": _is_str, "state": _is_str},
