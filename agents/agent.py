@@ -23,12 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from agents import generation as step
+from agents.methods import method as agent_method
 from agents.bootstrap import ensure_root
 from agents.config import DEFAULT_PREFIX_CACHE_MB, Preset, resolve_preset
 from agents.paths import ModelPath
-from agents.prefix_cache import PrefixCache
 from agents.progress import Progress
-from agents.scoring import Scorer
 from agents.selection import best_path
 from agents.training import TaskTensors
 from agents.view import SystemView, component_write, model_record, publication
@@ -39,10 +38,16 @@ from store import AgentState, LeaseLost, MissingReference, StoreAPI, StoreError,
 from taskdata import load_task
 
 
-def agent_id_for(task: str) -> str:
-    """Stable id per task (a restarted agent continues its own components): safe for '<id>:<n>'."""
+def agent_id_for(task: str, kind: str = "single") -> str:
+    """Stable id per (task, kind) (a restarted agent continues its own components): safe for
+    '<id>:<n>'. The single-path agent of a task is ``agent~<task>``, its multipath agent
+    ``multipath~<task>``."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "~" for ch in task)
-    return f"agent~{safe}"
+    return f"{agent_method(kind).id_prefix}~{safe}"
+
+
+class NoSinglePathModel(RuntimeError):
+    """A multipath agent was started for a task whose single-path agent has published nothing yet."""
 
 
 def generation_rng(seed: int, agent_id: str, cycle: int, generation: int
@@ -68,6 +73,8 @@ class AgentOptions:
     data_dir: str | None = None
     keys: str | None = None          # CURVE key folder, for a store service beyond loopback
     cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # frozen-prefix activation cache cap; 0 turns the cache off
+    kind: str = "single"             # agent kind (agents/methods.py): single or multipath
+    wait_for_model: bool = False     # multipath: wait for the task's single-path model instead of failing
 
 
 LOG_POLL_SECONDS = 0.5  # how often a training agent looks at the store's event log
@@ -80,7 +87,8 @@ class Agent:
         self.opts = opts
         self.preset: Preset = resolve_preset(opts.preset, root=opts.root)
         self.vit: VitConfig = preset_vit(self.preset)
-        self.agent_id = agent_id_for(opts.task)
+        self.method = agent_method(opts.kind)
+        self.agent_id = agent_id_for(opts.task, opts.kind)
         self.device = torch.device(opts.device)
         self.cycles = opts.cycles if opts.cycles is not None else self.preset.budget.cycles
         self.stop_requested = False
@@ -104,15 +112,22 @@ class Agent:
         tensors = TaskTensors(data, self.device, self.preset.validation_examples)
         self.store = self._given_store or open_store(o.store, create=True, keys=o.keys)
         ensure_root(self.store, self.preset, self.vit, seed=o.seed)
+        if self.method.needs_single_path:
+            try:
+                self._wait_for_single_path()
+            except NoSinglePathModel:
+                if self._given_store is None:
+                    self.store.close()
+                raise
         self.bus = PeerBus(self.agent_id, host=o.bind_host)
         self.token = self.store.acquire_lease(
             self.agent_id, o.task, ttl=o.lease_ttl, host=socket.gethostname(), pid=os.getpid(),
-            device=str(self.device), endpoint=self.bus.endpoint, preset=self.preset.name)
+            device=str(self.device), endpoint=self.bus.endpoint, preset=self.preset.name,
+            kind=self.method.kind)
         self.view = SystemView(self.store, self.agent_id, self.device)
-        cache = PrefixCache(max_bytes=o.cache_mb << 20) if o.cache_mb > 0 else None
         self.ctx = step.Context(self.agent_id, o.task, self.preset, self.vit, self.cycles, tensors,
-                                self.view, Scorer(self.preset, self.vit), probe_cache={},
-                                prefix_cache=cache)
+                                self.view, self.method.scorer(self.preset, self.vit), probe_cache={},
+                                prefix_cache=self.method.cache(o.cache_mb))
         self.state = self.store.get_agent_state(self.agent_id) or AgentState(
             agent_id=self.agent_id, task=o.task, cycle=0, generation=0, population=[],
             best_model_id=None, next_component_id=0, next_model_id=0, offsprings={},
@@ -125,6 +140,17 @@ class Agent:
         self._hb_stop = threading.Event()
         self._hb = threading.Thread(target=self._heartbeat_loop, daemon=True)
         self._hb.start()
+
+    def _wait_for_single_path(self) -> None:
+        """A multipath agent builds on its task's single-path model: fail at once, or wait for it."""
+        while self.opts.task not in self.store.published_models(kind="single"):
+            if not self.opts.wait_for_model:
+                raise NoSinglePathModel(
+                    f"task {self.opts.task!r} has no single-path model yet: start its single-path agent "
+                    f"first (attach.py --task {self.opts.task}) and let it publish")
+            if self.stop_requested:
+                raise NoSinglePathModel(f"stopped while waiting for {self.opts.task!r}'s single-path model")
+            time.sleep(1.0)
 
     def _peers(self) -> None:
         self.bus.set_peers({a.agent_id: a.endpoint for a in self.store.live_agents()
@@ -241,7 +267,7 @@ class Agent:
         """A cycle is a number of children; with +hurdle, a budget of training images (children
         stopped early leave images for more children), capped at 4x the children as a guard."""
         b, s = self.preset.budget, self.state
-        if not self.preset.hurdle:
+        if not (self.preset.hurdle and self.method.cycle_by_images):
             return s.generation >= b.children_per_cycle
         budget = b.children_per_cycle * self.preset.child_images(self.ctx.tensors.n_train)
         return s.cycle_images >= budget or s.generation >= 4 * b.children_per_cycle
@@ -258,11 +284,11 @@ class Agent:
         counters = step.Counters(s.cycle, s.generation, s.next_model_id, s.next_component_id,
                                  dict(s.offsprings), s.cycle_images)
         rng, gen = generation_rng(self.opts.seed, self.agent_id, s.cycle, s.generation)
-        proposal = step.propose(self.ctx, counters, self.population, rng, gen)
-        outcome = step.train(self.ctx, proposal, gen, should_stop=self._listen)
+        proposal = self.method.propose(self.ctx, counters, self.population, rng, gen)
+        outcome = self.method.train(self.ctx, proposal, gen, should_stop=self._listen)
         if outcome.result.aborted:
             return None  # nothing of an abandoned child is written; the generation reruns on resume
-        verdict = step.judge(self.ctx, proposal, outcome, self.population)
+        verdict = self.method.judge(self.ctx, proposal, outcome, self.population)
         try:
             self._apply(verdict)
         except MissingReference as exc:

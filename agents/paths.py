@@ -54,6 +54,8 @@ class ModelPath:
     stored: bool = False
     mutations: list[str] = field(default_factory=list)  # what built it from its parent (trial log)
     current_score: float | None = None  # re-scored by this agent (its preset, today's sharing)
+    kind: str = "single"                # "multipath": frozen whole models (``refs``) + router/connectors
+    refs: list[str] = field(default_factory=list)  # a multipath model's paths (model ids), main first
 
     @property
     def score(self) -> float | None:

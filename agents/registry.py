@@ -158,6 +158,7 @@ class ComponentKind:
     label: str = ""
     description: str = ""
     # torch parts, attached by agents.vit (or by whoever registers a kind):
+    method: str = "single"  # the model kind it belongs to (``model_kind``): single-path or multipath
     init: Callable[..., dict] | None = field(default=None, repr=False)          # (cfg, hparams, gen)
     module: Callable[..., Any] | None = field(default=None, repr=False)         # (cfg, hparams) -> x->x module
     root_seed: Callable[..., dict] | None = field(default=None, repr=False)     # (root_posemb, cfg, hparams)
@@ -275,9 +276,20 @@ def kind_of(component: str) -> ComponentKind:
     return found[0]
 
 
+MULTIPATH_HPARAM = "num_paths"  # only a multipath model's hparams carry it
+
+
+def model_kind(hparams: Mapping[str, Any]) -> str:
+    """``multipath`` for a multipath model's hparams (frozen whole paths + router + connectors),
+    ``single`` for a single-path ViT's: the two are made of different component kinds."""
+    return "multipath" if MULTIPATH_HPARAM in hparams else "single"
+
+
 def component_names(hparams: Mapping[str, Any]) -> list[str]:
     """Component names of the model ``hparams`` describes, in forward order."""
-    named = [(k.slot(i), instance_name(k.name, i)) for k in _KINDS.values() for i in k.indices(hparams)]
+    method = model_kind(hparams)
+    named = [(k.slot(i), instance_name(k.name, i)) for k in _KINDS.values() if k.method == method
+             for i in k.indices(hparams)]
     return [name for _, name in sorted(named)]
 
 
@@ -356,6 +368,8 @@ class MutationAction:
         if self.family == "hp":
             return [f"hp:{k}" for k in sorted(ranges) if hparam_action(k) is self]
         k = kind(self.target)
+        if k.method != model_kind(hparams):
+            return []
         if self.family == "add":
             present = set(k.indices(hparams))
             return [f"add:{instance_name(k.name, i)}" for i in range(num_layers(hparams)) if i not in present]
@@ -536,6 +550,46 @@ BUILTIN_KINDS = (
 for _kind in BUILTIN_KINDS:
     register_kind(_kind)
 
+
+# ---- the multipath kinds (µ4Net; torch parts in agents/multipath.py) ------------------------------
+# A multipath model runs 2-3 whole frozen published models ("paths"; the store keeps them as the
+# model's ``refs``) and trains only these: a router that reads the main path's logits and weighs the
+# paths per sample, and one connector per other path that maps its pooled features to the task's
+# classes. Their FLOPs are their own; the paths' FLOPs are counted by agents/multipath.py.
+# ``INHERIT_FRESH`` because the single-path Mutator never builds them: the multipath builder copies
+# them from the direct parent when the shapes match (µ4Net has no clone: action), else starts fresh
+# (logged as ``new:router`` / ``new:connector_<k>``: a connector starts fresh when its path is new).
+
+def _router_shapes(cfg: Any, h: Mapping[str, Any]) -> Shapes:
+    c, n = int(h["num_classes"]), int(h["num_paths"])
+    return {"norm.weight": (c,), "norm.bias": (c,), "weight": (n, c), "bias": (n,)}
+
+
+def _router_flops(cfg: Any, h: Mapping[str, Any]) -> int:
+    return 2 * int(h["num_classes"]) * int(h["num_paths"])
+
+
+def _connector_shapes(cfg: Any, h: Mapping[str, Any]) -> Shapes:
+    return {"weight": (int(h["num_classes"]), cfg.hidden), "bias": (int(h["num_classes"]),)}
+
+
+def _connector_flops(cfg: Any, h: Mapping[str, Any]) -> int:
+    return 2 * cfg.hidden * int(h["num_classes"])
+
+
+MULTIPATH_KINDS = (
+    ComponentKind("router", _router_shapes, _router_flops, stage=STAGE_HEAD, rank=1,
+                  inherit=INHERIT_FRESH, reshapes=True, in_root=False, method="multipath",
+                  description="multipath router (per-sample path weights)"),
+    ComponentKind("connector", _connector_shapes, _connector_flops, stage=STAGE_HEAD, rank=0,
+                  indexed=True, instances=lambda h: range(1, int(h["num_paths"])), reshapes=True,
+                  inherit=INHERIT_FRESH,
+                  in_root=False, method="multipath",
+                  description="multipath connector (a borrowed path's features -> classes)"),
+)
+for _kind in MULTIPATH_KINDS:
+    register_kind(_kind)
+
 BUILTIN_HPARAM_ACTIONS = (
     MutationAction("hp", "_mu_", SCOPE_CHILD, "global mutation probability µ"),
     MutationAction("hp", "num_layers", SCOPE_CHILD, "drop or re-add the top encoder block"),
@@ -543,6 +597,10 @@ BUILTIN_HPARAM_ACTIONS = (
     MutationAction("hp", "opt_*", SCOPE_CHILD, "optimizer hyperparameter"),
     MutationAction("hp", "ds_*", SCOPE_GENERATION, "data hyperparameter, shared by a generation"),
 )
-for _action in BUILTIN_HPARAM_ACTIONS:
+MULTIPATH_HPARAM_ACTIONS = (
+    MutationAction("hp", "num_paths", SCOPE_CHILD, "multipath: add or drop a borrowed path (2-3)"),
+    MutationAction("hp", "router_lr_mult", SCOPE_CHILD, "multipath: router gradient scale"),
+)
+for _action in BUILTIN_HPARAM_ACTIONS + MULTIPATH_HPARAM_ACTIONS:
     register_action(_action)
 del _kind, _action

@@ -60,7 +60,8 @@ def model_record(p: ModelPath) -> ModelRecord:
     return ModelRecord(id=p.id, task=p.task, agent=p.agent,
                        components=[c.key for c in p.ordered()], hparams=dict(p.hparams),
                        metrics=dict(p.metrics), parent=p.parent_id, preset=p.preset,
-                       preset_hash=p.preset_hash, created_at=p.created_at or time.time())
+                       preset_hash=p.preset_hash, created_at=p.created_at or time.time(),
+                       kind=p.kind, refs=list(p.refs))
 
 
 def publication(p: ModelPath) -> Publication:
@@ -103,8 +104,8 @@ class SystemView:
                 raise KeyError(f"model {model_id} is not in the store")
             comps = [self.component(k) for k in rec.components]
             p = ModelPath(rec.id, rec.agent, rec.task, dict(rec.hparams), {c.name: c for c in comps},
-                     dict(rec.metrics), rec.parent, rec.preset, rec.preset_hash, rec.created_at,
-                     stored=True)
+                          dict(rec.metrics), rec.parent, rec.preset, rec.preset_hash, rec.created_at,
+                          stored=True, kind=rec.kind, refs=list(rec.refs))
             self._paths[model_id] = p
         return p
 
@@ -134,7 +135,9 @@ class SystemView:
     def refresh(self) -> None:
         root_id = self.store.root_model_id()
         self.root = self.path(root_id) if root_id else None
-        self.published = {t: self.path(m.id) for t, m in self.store.published_models().items()}
+        # Single-path models only: multipath models are leaves (nobody's parent, path or locker).
+        self.published = {t: self.path(m.id)
+                          for t, m in self.store.published_models(kind="single").items()}
         lockers: dict[str, set[str]] = {}
         users = list(self.published.values()) + ([self.root] if self.root else [])
         for p in users:
@@ -161,6 +164,7 @@ class SystemView:
             self.published = {}
             self.refresh()
         live_paths = {p.id for p in keep} | {p.id for p in self.published.values()}
+        live_paths |= {r for p in keep for r in p.refs}  # a kept multipath model's paths
         if self.root is not None:
             live_paths.add(self.root.id)
         self._paths = {k: v for k, v in self._paths.items() if k in live_paths}

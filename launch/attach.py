@@ -8,6 +8,12 @@ starts from the system's knowledge. Re-attaching a task whose agent died resumes
   python launch/attach.py --store swarm-store --task glyphs_arabic
   python launch/attach.py --store swarm-store --task mnist5k --preset demo+penalty --cycles 6
   python launch/attach.py --store tcp://10.0.0.5:5710 --keys keys/ --task uci_digits --bind-host 10.0.0.7
+  python launch/attach.py --store swarm-store --task glyphs_greek --kind multipath --cycles 1
+
+--kind multipath starts the task's second agent (µ4Net) beside its single-path one: it joins the task's
+current single-path model with one or two other tasks' frozen models through a per-sample router and
+connectors, and trains only those. It needs the task's single-path model to exist. The task is then
+served by whichever of its two agents' models scores best (query.py leaderboard shows the kind).
 """
 from __future__ import annotations
 
@@ -29,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True,
                    help="task name: a built-in (mnist5k, uci_digits, fashion_mnist, animal_mnist, "
                         "glyphs_<script>) or folder:PATH or npz:PATH")
+    p.add_argument("--kind", default="single", choices=("single", "multipath"),
+                   help="agent kind: single (grows the task's ViT) or multipath (borrows other "
+                        "tasks' frozen models; needs the task's single-path model) (default single)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--preset", default="demo",
                    help="BUDGET[@base][+ext...], e.g. demo, demo+penalty, test (default demo)")
@@ -55,9 +64,12 @@ def main() -> int:
         from agents.config import resolve_preset
 
         target = args.cycles if args.cycles is not None else resolve_preset(args.preset).budget.cycles
-        aid = agent_id_for(args.task)
+        aid = agent_id_for(args.task, args.kind)
         state = store.get_agent_state(aid)
         held = any(a.agent_id == aid for a in store.live_agents())  # by the store's clock
+        if args.kind == "multipath" and args.task not in store.published_models(kind="single"):
+            raise UserError(f"task {args.task!r} has no single-path model in {args.store} yet: a "
+                            f"multipath agent builds on it (attach the task without --kind first)")
     finally:
         store.close()
     if state is not None and state.cycle >= target and not held:  # a held lease is refused below
@@ -69,7 +81,7 @@ def main() -> int:
     opts = AgentOptions(store=args.store, task=args.task, preset=args.preset, device=args.device,
                         cycles=args.cycles, seed=args.seed, threads=args.threads,
                         lease_ttl=args.lease_ttl, keys=args.keys, bind_host=args.bind_host,
-                        cache_mb=args.prefix_cache_mb)
+                        cache_mb=args.prefix_cache_mb, kind=args.kind)
     agent = run_agent(opts, verbose=True)
     if agent.lease_lost:
         return 1  # superseded by another agent for this task: it did not finish its cycles here

@@ -83,8 +83,12 @@ def test_one_parser_of_layer_lists_and_indexed_names():
 
 
 # ---- every kind -----------------------------------------------------------------------------------
+# The single-path ViT's kinds; the multipath kinds (router, connector) have their own checks in
+# tests/test_multipath.py.
+SINGLE_KINDS = [k for k in registry.kinds() if k.method == "single"]
 
-@pytest.mark.parametrize("kind", registry.kinds(), ids=kind_ids(registry.kinds()))
+
+@pytest.mark.parametrize("kind", SINGLE_KINDS, ids=kind_ids(SINGLE_KINDS))
 def test_every_kind_has_instances_shapes_matching_the_module_and_a_sane_init(kind):
     h = hparams()
     names = [n for n in component_names(h) if registry.kind_of(n) is kind]
@@ -240,7 +244,9 @@ def check_child(line: Lineage, parent: ModelPath, child: ModelPath, before: dict
 
 
 def _decided_actions():
-    return [a for a in registry.actions() if a.scope != registry.SCOPE_LOG]
+    """The single-path Mutator's decided actions (the multipath ones: tests/test_multipath.py)."""
+    return [a for a in registry.actions() if a.scope != registry.SCOPE_LOG
+            and a not in registry.MULTIPATH_HPARAM_ACTIONS]
 
 
 @pytest.mark.parametrize("action", _decided_actions(), ids=[a.name for a in _decided_actions()])
@@ -279,7 +285,7 @@ def test_every_action_fires_and_the_child_keeps_the_invariants(grown, action):
     quiet(parent.hparams)
 
 
-@pytest.mark.parametrize("kind", registry.kinds(), ids=kind_ids(registry.kinds()))
+@pytest.mark.parametrize("kind", SINGLE_KINDS, ids=kind_ids(SINGLE_KINDS))
 def test_every_kind_is_fresh_when_no_ancestor_has_it(grown, kind):
     preset, line, parent = grown
     names = [n for n in component_names(parent.hparams) if registry.kind_of(n) is kind]

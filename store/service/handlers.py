@@ -43,7 +43,7 @@ def _plain(value: Any) -> Any:
 def _publication(d: dict) -> Publication:
     try:
         return Publication(model_id=d["model_id"], num_classes=d["num_classes"],
-                           data_spec=d.get("data_spec") or {})
+                           data_spec=d.get("data_spec") or {}, score=d.get("score"))
     except (KeyError, TypeError):
         raise StoreError("publish must be a map of model_id, num_classes, data_spec") from None
 
