@@ -138,6 +138,17 @@ class MultipathModel(nn.Module):
         return self.combine(self.path_outputs(inputs))
 
 
+def frozen_path_module(vit: VitConfig, hparams: Mapping[str, object],
+                       params: Mapping[str, Mapping[str, Tensor]]) -> PathModel:
+    """A published single-path model (or the root, which has no head) as a frozen PathModel over the
+    given tensors (no copy)."""
+    h, params = dict(hparams), dict(params)
+    if "head" not in params:  # a headless path (the root): a placeholder head nothing runs
+        h["num_classes"] = 1
+        params["head"] = {"weight": torch.zeros(1, vit.hidden), "bias": torch.zeros(1)}
+    return PathModel(vit, h, params, trainable=()).eval()
+
+
 def path_flops(vit: VitConfig, hparams: Mapping[str, object], main: bool) -> int:
     """Forward FLOPs of one image through a path: the main path with its head, the others headless."""
     h = dict(hparams)

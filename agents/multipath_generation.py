@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from agents import compute, registry
 from agents.config import MU_RANGE
 from agents.generation import Context, Counters, Outcome, Proposal, Verdict, Writes
-from agents.multipath import (MAX_POPULATION, MULTIPATH_DEFAULTS, MULTIPATH_RANGES, MultipathModel,
+from agents.multipath import (MAX_POPULATION, frozen_path_module, MULTIPATH_DEFAULTS, MULTIPATH_RANGES, MultipathModel,
                               model_flops, path_flops, trainable_flops)
 from agents.mutation import hparams_diff, incremental_mutation
 from agents.paths import Component, ModelPath, copy_component
@@ -53,13 +53,8 @@ CHUNK = 512
 # ---- frozen paths and their outputs -----------------------------------------------------------------
 
 def frozen_path(vit: VitConfig, path: ModelPath) -> PathModel:
-    """A published single-path model (or the root, which has no head) as a frozen PathModel over the
-    view's tensors."""
-    h, params = dict(path.hparams), {n: c.params for n, c in path.components.items()}
-    if "head" not in params:  # the root: a placeholder head that no headless path ever runs
-        h["num_classes"] = 1
-        params["head"] = {"weight": torch.zeros(1, vit.hidden), "bias": torch.zeros(1)}
-    return PathModel(vit, h, params, trainable=()).eval()
+    """A published model as a frozen PathModel over the view's tensors (shared, not copied)."""
+    return frozen_path_module(vit, path.hparams, {n: c.params for n, c in path.components.items()})
 
 
 class PathOutputs:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from agents import registry
 from agents.vit import VitConfig, component_names, image_grid, init_component, param_shapes, resize_posemb
-from store.timm_names import component_key, timm_key
+from agents.timm_names import component_key, timm_key
 
 
 class CheckpointError(ValueError):

@@ -30,19 +30,20 @@ if __name__ == "__main__":  # one module identity, so launch.query_views shares 
 from launch.common import run, run_main  # noqa: E402
 from launch.query_views import cmd_agents, cmd_trials, register_agents, register_trials  # noqa: E402
 from launch.report_cmd import cmd_report, register_report  # noqa: E402
-from store import StoreAPI, StoreError, is_remote  # noqa: E402
+from store import MissingReference, StoreAPI, StoreError, is_remote  # noqa: E402
 from store import open_store as _open_store  # noqa: E402
 from store.codec import json_safe  # noqa: E402
 
 DEFAULT_STORE = "swarm-store"
 FOLLOW_POLL_SECONDS = 0.5
 
-LEADERBOARD_KEYS = ("task", "model_id", "agent_id", "score", "quality", "test_quality", "params",
+LEADERBOARD_KEYS = ("task", "model_id", "agent_id", "kind", "score", "quality", "test_quality", "params",
                     "accounted_params", "flops", "num_layers", "adapter_layers", "image_size",
                     "cycles", "parent_id", "updated_at")
 
 
-EXTRA_KEYS = ("shared_components", "foreign_components", "num_components", "model_cycle")
+EXTRA_KEYS = ("shared_components", "foreign_components", "num_components", "model_cycle",
+              "borrows", "activated_params", "kinds")
 
 
 class UsageError(Exception):
@@ -112,6 +113,7 @@ def _completed_cycles(st: StoreAPI, agent_id: str, fallback: Any) -> Any:
 def leaderboard_rows(st: StoreAPI) -> list[dict[str, Any]]:
     """One row per task with a published model, sorted by task (the `leaderboard --json` schema)."""
     pointers = {t.task: t for t in st.tasks()}
+    every = st.pointers()
     published = st.published_models()
     users: dict[str, set[str]] = {}  # component id -> tasks whose current model uses it
     for task, model in published.items():
@@ -124,6 +126,8 @@ def leaderboard_rows(st: StoreAPI) -> list[dict[str, Any]]:
             "task": task,
             "model_id": model.id,
             "agent_id": pointers[task].agent if task in pointers else model.agent,
+            # the task is served by the best-scoring model of its agents (single, multipath)
+            "kind": model.kind,
             "score": m.get("score"),
             "quality": m.get("quality"),
             "test_quality": m.get("test_quality"),
@@ -140,6 +144,11 @@ def leaderboard_rows(st: StoreAPI) -> list[dict[str, Any]]:
             "model_cycle": m.get("num_cycles"),
             "parent_id": model.parent,
             "updated_at": pointers[task].updated_at if task in pointers else model.created_at,
+            # a multipath model's borrowed paths: the tasks whose frozen models it runs
+            "borrows": [st.get_model(r).task for r in model.refs[1:]],
+            "activated_params": m.get("activated_params", m.get("params")),
+            "kinds": {p.kind: {"model_id": p.model_id, "score": p.score}
+                      for p in every if p.task == task},
         }
         creators = [st.get_component(cid).agent for cid in model.components]
         # sharing: components this model uses together with other tasks' current models, and
@@ -157,9 +166,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if args.json:
         print_json(rows)
         return 0
-    headers = ["task", "model", "score", "quality", "test_q", "params", "acc_params", "flops",
+    headers = ["task", "model", "kind", "score", "quality", "test_q", "params", "acc_params", "flops",
                "layers", "adapters", "img", "shared", "foreign", "cycles", "model_cycle", "updated"]
-    table = [[r["task"], r["model_id"], r["score"], r["quality"], r["test_quality"], r["params"],
+    table = [[r["task"], r["model_id"], r["kind"] if not r["borrows"] else
+              f"multipath({'+'.join(r['borrows'])})", r["score"], r["quality"], r["test_quality"],
+              r["params"],
               r["accounted_params"], r["flops"], r["num_layers"], r["adapter_layers"] or "-",
               r["image_size"], f"{r['shared_components']}/{r['num_components']}",
               r["foreign_components"], r["cycles"], r["model_cycle"], format_time(r["updated_at"])]
@@ -196,7 +207,23 @@ def describe_task(st: StoreAPI, task: str) -> dict[str, Any]:
             "has_momentum": bool(record.momentum), "cloned_from": record.cloned_from,
             "shared_with": sorted(t for t in users.get(cid, []) if t != task),
         })
+    paths = []
+    singles = st.published_models(kind="single") if model.refs else {}
+    for slot, ref in enumerate(model.refs):  # a multipath model's frozen paths, main path first
+        rec = st.get_model(ref)
+        if rec is None:
+            raise MissingReference(f"model {model.id} runs model {ref}, which is missing")
+        single = singles.get(rec.task)
+        standing = "root" if ref == st.root_model_id() else (
+            "current" if single is not None and single.id == ref else "older, pinned")
+        paths.append({"slot": slot, "model_id": ref, "task": rec.task, "owner": rec.agent,
+                      "params": sum(math.prod(shape) for cid in rec.components
+                                    for _, shape in st.tensor_shapes(cid).values()),
+                      "standing": standing})
+    kinds = [{"kind": p.kind, "model_id": p.model_id, "agent": p.agent, "score": p.score,
+              "serves": p.model_id == pointer.model_id} for p in st.pointers() if p.task == task]
     return {"task": pointer.to_dict(), "model": model.to_dict(), "components": components,
+            "paths": paths, "kinds": kinds,
             "cycles": _completed_cycles(st, pointer.agent, model.metrics.get("num_cycles")),
             "model_cycle": model.metrics.get("num_cycles")}
 
@@ -223,6 +250,18 @@ def cmd_show(args: argparse.Namespace) -> int:
             for c in info["components"]]
     table = format_table(["id", "name", "owner", "params", "also used by"], rows)
     print("\n".join("  " + line for line in table.splitlines()))
+    if info["paths"]:
+        print("paths (frozen whole models, pinned: they stay while this model lives):")
+        rows = [[f"path_{p['slot']}", p["model_id"], p["task"], p["owner"], p["params"],
+                 "main" if p["slot"] == 0 else "borrowed", p["standing"]]
+                for p in info["paths"]]
+        table = format_table(["slot", "model", "task", "owner", "params", "role", "standing"], rows)
+        print("\n".join("  " + line for line in table.splitlines()))
+    if len(info["kinds"]) > 1:
+        print("the task's agents (the best score serves):")
+        for k in info["kinds"]:
+            print(f"  {k['kind']:<10} {k['model_id']:<32} score {format_value(k['score'])}"
+                  f"{'  <- serves' if k['serves'] else ''}")
     return 0
 
 
@@ -300,7 +339,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """One .safetensors file with the architecture in its metadata (agents.api.load_exported)."""
-    from store.export import export_task
+    from agents.export import export_task
 
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):

@@ -22,11 +22,12 @@ def agent_state(rec, now: float) -> str:
 def agent_rows(st: StoreAPI, now: float | None = None) -> list[dict[str, Any]]:
     now = time.time() if now is None else now
     rows = []
-    for rec in sorted(st.agents(), key=lambda a: a.task):
+    for rec in sorted(st.agents(), key=lambda a: (a.task, a.kind)):
         pr = rec.progress or {}
         state = st.get_agent_state(rec.agent_id)
         rows.append({
-            "agent_id": rec.agent_id, "task": rec.task, "state": agent_state(rec, now),
+            "agent_id": rec.agent_id, "task": rec.task, "kind": rec.kind,
+            "state": agent_state(rec, now),
             "host": rec.host, "pid": rec.pid, "device": rec.device, "preset": rec.preset,
             "heartbeat_age_s": round(now - rec.heartbeat_at, 1) if rec.heartbeat_at else None,
             "lease_expires_in_s": round(rec.lease_expiry - now, 1) if rec.lease_token else None,
@@ -67,9 +68,9 @@ def cmd_agents(args: argparse.Namespace) -> int:
     if not rows:
         print("(no agent has registered with this store yet)")
         return 0
-    headers = ["task", "state", "host", "pid", "device", "heartbeat", "lease", "cycle", "gen", "children",
-               "accepted", "ch/min", "preset"]
-    table = [[r["task"], r["state"], r["host"], r["pid"], r["device"], _age(r["heartbeat_age_s"]),
+    headers = ["task", "kind", "state", "host", "pid", "device", "heartbeat", "lease", "cycle", "gen",
+               "children", "accepted", "ch/min", "preset"]
+    table = [[r["task"], r["kind"], r["state"], r["host"], r["pid"], r["device"], _age(r["heartbeat_age_s"]),
               _age(r["lease_expires_in_s"]) if r["state"] == "running" else "-",
               f"{r['cycle']}/{r['cycles'] if r['cycles'] is not None else '?'}",
               f"{r['generation']}/{r['generations'] if r['generations'] is not None else '?'}",

@@ -70,7 +70,8 @@ def test_leaderboard_json_and_table(two_tasks):
     assert alpha["flops"] is None and isinstance(alpha["updated_at"], float)
 
     lines = run_query(two_tasks, "leaderboard").stdout.splitlines()
-    assert lines[0].split()[:3] == ["task", "model", "score"]
+    assert lines[0].split()[:4] == ["task", "model", "kind", "score"]
+    assert alpha["kind"] == "single" and alpha["borrows"] == [] and set(alpha["kinds"]) == {"single"}
     assert [line.split()[0] for line in lines[2:]] == ["alpha", "beta"]
     assert lines[2].index(" agent_alpha:m1 ") == lines[0].index(" model ")  # aligned
     # sharing columns: both tasks use the root's first three components, nobody reuses a task's own

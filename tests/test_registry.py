@@ -1,5 +1,5 @@
 """The registry of component kinds and mutation actions: invariants over EVERY registered kind and
-action, and a new kind (a trainable connector, as a multipath agent would add) registered in-test
+action, and a new kind (a trainable x -> x bridge at a layer slot) registered in-test
 that the mutation, scoring, model and report code pick up with no change to the store."""
 from __future__ import annotations
 
@@ -313,8 +313,11 @@ def test_a_head_is_never_inherited_from_another_task(grown):
 def test_report_families_cover_every_action(grown):
     preset, line, parent = grown
     ranges = preset.ranges()
+    from agents.multipath import MULTIPATH_DEFAULTS, MULTIPATH_RANGES
+    multipath = {**MULTIPATH_DEFAULTS, "num_paths": 3, "num_classes": 10}
     for action in registry.actions():
-        instances = action.instances(parent.hparams, ranges) or action.instances(hparams(), ranges)
+        instances = action.instances(parent.hparams, ranges) or action.instances(hparams(), ranges) \
+            or action.instances(multipath, MULTIPATH_RANGES)
         assert instances, action.name
         for instance in instances:
             assert registry.action_for(instance) is action
@@ -327,7 +330,7 @@ def test_report_families_cover_every_action(grown):
 # ---- a new kind, registered here only -----------------------------------------------------------
 
 class Connector(nn.Module):
-    """x + W x + b: a trainable connector (identity while W and b are zero, its initial state)."""
+    """x + W x + b: a trainable bridge (identity while W and b are zero, its initial state)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -338,42 +341,42 @@ class Connector(nn.Module):
 
 
 @pytest.fixture
-def connector():
+def bridge():
     kind = registry.register_kind(registry.ComponentKind(
-        "connector", lambda cfg, h: {"proj.weight": (cfg.hidden, cfg.hidden), "proj.bias": (cfg.hidden,)},
+        "bridge", lambda cfg, h: {"proj.weight": (cfg.hidden, cfg.hidden), "proj.bias": (cfg.hidden,)},
         lambda cfg, h: 2 * registry.tokens(cfg, h) * cfg.hidden * cfg.hidden,
-        stage=registry.STAGE_LAYER, rank=2, indexed=True, layers_hparam="connector_layers",
-        in_root=False, addable=lambda preset: True, log_new=False, label="connector",
-        description="trainable connector"))
-    registry.register_init("connector")(
+        stage=registry.STAGE_LAYER, rank=2, indexed=True, layers_hparam="bridge_layers",
+        in_root=False, addable=lambda preset: True, log_new=False, label="bridge",
+        description="trainable bridge"))
+    registry.register_init("bridge")(
         lambda cfg, h, gen: {t: torch.zeros(s) for t, s in kind.shapes(cfg, h).items()})
-    registry.register_module("connector")(lambda cfg, h: Connector(cfg.hidden))
+    registry.register_module("bridge")(lambda cfg, h: Connector(cfg.hidden))
     yield kind
-    registry.unregister_kind("connector")
-    assert "connector_1" not in component_names(hparams(connector_layers="1"))
-    assert registry.action_for("add:connector_1") is None
+    registry.unregister_kind("bridge")
+    assert "bridge_1" not in component_names(hparams(bridge_layers="1"))
+    assert registry.action_for("add:bridge_1") is None
 
 
-def test_a_new_kind_is_built_scored_stored_and_reported_with_no_change_to_the_store(connector, tmp_path):
-    assert component_names(hparams(adapter_layers="", connector_layers="1_5"))[3:7] == [
-        "encoderblock_0", "encoderblock_1", "connector_1", "encoderblock_2"]
+def test_a_new_kind_is_built_scored_stored_and_reported_with_no_change_to_the_store(bridge, tmp_path):
+    assert component_names(hparams(adapter_layers="", bridge_layers="1_5"))[3:7] == [
+        "encoderblock_0", "encoderblock_1", "bridge_1", "encoderblock_2"]
     preset = resolve_preset("test@base")  # no auto-tune: the stored probabilities hold
     root = make_root(preset)
     line = Lineage(preset, root)
     quiet(root.hparams)
     parent = line.keep(line.build(root, seed=0, child_id=f"{AGENT}:m0"))
-    assert "connector_layers" in parent.hparams and "connector_1" not in parent.components
+    assert "bridge_layers" in parent.hparams and "bridge_1" not in parent.components
     quiet(parent.hparams)
-    parent.hparams["_mu_|add:connector_1"] = 1.0
+    parent.hparams["_mu_|add:bridge_1"] = 1.0
     child = line.build(parent, seed=1, child_id=f"{AGENT}:m1")
     # mutation: the add action fired, the hparam lists it, the fresh component is trainable
-    assert "add:connector_1" in child.mutations and child.hparams["connector_layers"] == "1"
-    assert child.components["connector_1"].owner == AGENT and not child.components["connector_1"].stored
+    assert "add:bridge_1" in child.mutations and child.hparams["bridge_layers"] == "1"
+    assert child.components["bridge_1"].owner == AGENT and not child.components["bridge_1"].stored
     check_child(line, parent, child, snapshot(line.paths.values()))
     # the model runs it at its slot (identity at insertion: same outputs as the parent)
     x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
     params = lambda p: {n: c.params for n, c in p.components.items()}  # noqa: E731
-    model = PathModel(VIT, child.hparams, params(child), trainable={"connector_1", "head"})
+    model = PathModel(VIT, child.hparams, params(child), trainable={"bridge_1", "head"})
     assert model.frozen_prefix == ("cls", "embedding", "posembed_input", "encoderblock_0", "encoderblock_1")
     with torch.no_grad():
         assert torch.equal(model(x), PathModel(VIT, parent.hparams, params(parent), ())(x))
@@ -407,11 +410,11 @@ def test_a_new_kind_is_built_scored_stored_and_reported_with_no_change_to_the_st
         view.refresh()
         back = view.published["t"]
         assert back.id == child.id and list(back.components) == component_names(back.hparams)
-        assert torch.equal(back.components["connector_1"].params["proj.weight"],
-                           child.components["connector_1"].params["proj.weight"])
+        assert torch.equal(back.components["bridge_1"].params["proj.weight"],
+                           child.components["bridge_1"].params["proj.weight"])
         report = build_report(st)
     names = [c["name"] for c in report["sharing"]["components"]]
-    assert names.index("encoderblock_1") < names.index("connector_1") < names.index("encoderblock_2")
+    assert names.index("encoderblock_1") < names.index("bridge_1") < names.index("encoderblock_2")
     rows = {a["action"]: a for a in report["actions"]}
-    assert rows["add:connector"]["children"] == 1 and rows["add:connector"]["label"] == "insert a trainable connector"
-    assert short_component_name("connector_1") == "connector 1"
+    assert rows["add:bridge"]["children"] == 1 and rows["add:bridge"]["label"] == "insert a trainable bridge"
+    assert short_component_name("bridge_1") == "bridge 1"

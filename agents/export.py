@@ -4,6 +4,10 @@ The file holds the model's parameters (momentum is training state and stays in t
 ``<component>.<tensor>`` and, in the safetensors metadata, everything needed to rebuild the module
 without the store: the architecture (ViT config and hparams), the task, the model and component ids
 with their owners, metrics and the preprocessing. ``agents.api.load_exported`` reads it back.
+A multipath model also carries its paths: path k's tensors are named ``path_<k>/<component>.<tensor>``
+(the main path with its head, the borrowed ones without), and ``paths`` in the metadata says whose
+models they are. This is method knowledge (hparams, timm names), so it lives with the agents, not in
+the store, which only keeps records and tensors.
 
 The safetensors layout is simple enough to write directly: an 8-byte little-endian header length, a
 JSON header (name -> dtype, shape, byte offsets; plus ``__metadata__``), then the raw bytes.
@@ -15,9 +19,9 @@ import os
 import struct
 import tempfile
 
+from agents.timm_names import TIMM_MODELS, timm_key
+from store import StoreAPI
 from store.errors import StoreError
-from store.store import Store
-from store.timm_names import TIMM_MODELS, timm_key
 
 FORMAT = "munet-swarm/1"
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
@@ -41,7 +45,29 @@ def timm_create_args(vit: dict, hparams: dict, num_classes: int) -> dict:
             "drop_rate": 0.0}
 
 
-def export_task(store: Store, task: str, out_path: str, fmt: str = "munet") -> dict:
+def _add_tensors(store: StoreAPI, model_id: str, prefix: str, header: dict, chunks: list,
+                 components: list, offset: int, rename, skip: tuple[str, ...] = ()) -> int:
+    """Append one model's component tensors to the file being built; return the next offset."""
+    model = store.get_model(model_id)
+    tensors = store.load_model_tensors(model_id)
+    for cid in model.components:
+        comp = store.get_component(cid)
+        if comp.name in skip:
+            continue
+        params, _momentum = tensors[cid]
+        components.append({"name": prefix + comp.name, "id": cid, "owner": comp.agent})
+        for tname in sorted(params):
+            t = params[tname]
+            n = len(t.data)
+            name = rename(comp.name, tname) if rename else f"{prefix}{comp.name}.{tname}"
+            header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [offset, offset + n]}
+            chunks.append(t.data)
+            offset += n
+    return offset
+
+
+def export_task(store: StoreAPI, task: str, out_path: str, fmt: str = "munet") -> dict:
     """Write the task's current model to ``out_path`` atomically; return a summary.
 
     ``fmt="timm"`` names tensors as timm's VisionTransformer does and puts the ``timm.create_model``
@@ -55,6 +81,12 @@ def export_task(store: Store, task: str, out_path: str, fmt: str = "munet") -> d
     root_id = store.root_model_id()
     root = store.get_model(root_id) if root_id else None
     vit = {k: root.metrics[k] for k in ("vit", "hidden", "depth", "patch")} if root else {}
+    if fmt == "timm" and model.kind == "multipath":
+        borrowed = ", ".join(store.get_model(r).task for r in model.refs[1:])
+        raise NotTimmCompatible(
+            f"model {model.id} of {task} is a multipath model (its task's model joined with frozen "
+            f"models of {borrowed} by a router), which timm has no architecture for; export it in "
+            "the default format and load it with agents.api.load_exported")
     timm_args = None
     if fmt == "timm":
         adapters = model.hparams.get("adapter_layers") or ""
@@ -66,30 +98,27 @@ def export_task(store: Store, task: str, out_path: str, fmt: str = "munet") -> d
         if vit.get("vit") not in TIMM_MODELS:
             raise NotTimmCompatible(f"the store's root ViT config {vit.get('vit')!r} has no timm model name")
         timm_args = timm_create_args(vit, model.hparams, rec.num_classes)
-    tensors = store.load_model_tensors(model.id)
     header: dict = {}
     chunks: list[bytes | memoryview] = []
-    offset = 0
-    components = []
-    for cid in model.components:
-        comp = store.get_component(cid)
-        params, _momentum = tensors[cid]
-        components.append({"name": comp.name, "id": cid, "owner": comp.agent})
-        for tname in sorted(params):
-            t = params[tname]
-            n = len(t.data)
-            name = timm_key(comp.name, tname) if fmt == "timm" else f"{comp.name}.{tname}"
-            header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                                              "data_offsets": [offset, offset + n]}
-            chunks.append(t.data)
-            offset += n
+    components: list[dict] = []
+    offset = _add_tensors(store, model.id, "", header, chunks, components, 0,
+                          (lambda c, t: timm_key(c, t)) if fmt == "timm" else None)
+    paths = []
+    for k, ref in enumerate(model.refs):
+        path = store.get_model(ref)
+        paths.append({"slot": k, "model_id": ref, "task": path.task, "agent": path.agent,
+                      "hparams": path.hparams})
+        offset = _add_tensors(store, ref, f"path_{k}/", header, chunks, components, offset, None,
+                              skip=() if k == 0 else ("head",))
     header["__metadata__"] = {
         "format": FORMAT, "task": task, "model_id": model.id, "agent": model.agent,
         "num_classes": str(rec.num_classes), "hparams": json.dumps(model.hparams, sort_keys=True),
         "metrics": json.dumps(model.metrics, sort_keys=True), "vit": json.dumps(vit),
-        "components": json.dumps(components), "preset": model.preset,
+        "components": json.dumps(components), "preset": model.preset, "kind": model.kind,
         "preprocessing": "grey->3 channels, bilinear resize to ds_image_size square, x/127.5-1",
     }
+    if paths:
+        header["__metadata__"]["paths"] = json.dumps(paths, sort_keys=True)
     if timm_args is not None:
         header["__metadata__"]["format"] = FORMAT + "+timm"
         header["__metadata__"]["timm_create_model"] = json.dumps(timm_args, sort_keys=True)
