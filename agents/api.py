@@ -91,8 +91,9 @@ def _vit_of(meta: dict) -> VitConfig:
     return vit_config(meta["vit"], depth=int(meta["depth"]))
 
 
-def load_model(store_path: str, task: str, device: str = "cpu", keys: str | None = None) -> TaskModel:
-    """The task's current published model, loaded from the store in one read transaction.
+def load_model(store_path: str, task: str, device: str = "cpu", keys: str | None = None,
+               model_id: str | None = None) -> TaskModel:
+    """The task's current published model (or the model ``model_id``), loaded from the store.
 
     ``store_path`` is a store directory or a store service (``tcp://HOST:PORT``, with ``keys`` the
     CURVE key folder when the service is beyond loopback)."""
@@ -101,7 +102,9 @@ def load_model(store_path: str, task: str, device: str = "cpu", keys: str | None
         rec = store.get_task(task)
         if rec is None:
             raise UnknownTask(f"no published model for task {task!r}")
-        model = store.get_model(rec.model_id)
+        model = store.get_model(model_id or rec.model_id)
+        if model is None or model.task != task:
+            raise UnknownTask(f"no model {model_id!r} of task {task!r} in the store")
         vit = _vit_of(store.get_model(store.root_model_id()).metrics)
         params = _params(store, model.id, dev)
         paths = [(store.get_model(r).hparams, _params(store, r, dev)) for r in model.refs]

@@ -22,8 +22,11 @@ def _fmt(v, digits: int = 4) -> str:
 
 
 class ProgressView:
-    def __init__(self, store_path: str, tasks: list[str], out: TextIO, keys: str | None = None):
-        self.store_path, self.tasks, self.out, self.keys = store_path, tasks, out, keys
+    def __init__(self, store_path: str, agents: list[tuple[str, str]], out: TextIO,
+                 keys: str | None = None):
+        """``agents``: (task, kind) pairs; a bare task name means its single-path agent."""
+        self.agents = [(a, "single") if isinstance(a, str) else tuple(a) for a in agents]
+        self.store_path, self.out, self.keys = store_path, out, keys
         self.tty = hasattr(out, "isatty") and out.isatty()
         self._last_lines: dict[str, str] = {}
         self._drawn = 0
@@ -42,14 +45,16 @@ class ProgressView:
             self._store = open_store(self.store_path, readonly=True, keys=self.keys)
         records = {a.agent_id: a for a in self._store.agents()}
         rows = []
-        for task in self.tasks:
-            rec = records.get(agent_id_for(task))
+        for task, kind in self.agents:
+            rec = records.get(agent_id_for(task, kind))
             pr = rec.progress if rec else {}
-            proc = procs.get(task)
+            proc = procs.get((task, kind), procs.get(task) if kind == "single" else None)
             state = rec.state if rec else "starting"
             if proc is not None and not proc.is_alive() and proc.exitcode not in (0, None):
                 state = f"exit {proc.exitcode}"
-            rows.append((task, state,
+            if rec is None and kind == "multipath":
+                state = "waiting"  # for the task's single-path model
+            rows.append((task if kind == "single" else f"{task} [{kind}]", state,
                          f"{pr.get('cycle', 0)}/{pr.get('cycles', '?')}",
                          f"{pr.get('generation', 0)}/{pr.get('generations', '?')}",
                          _fmt(pr.get("best_score")), _fmt(pr.get("best_quality")),

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BUDGET[@base][+ext...]: budgets vit-t3, vit-b, vit-l, cpu, demo, test; extensions "
                         "autotune, adapters, layers, imagesize, continue (these five are the default "
                         "method), penalty, clock, probe, guard, hurdle, fullval (default demo)")
+    p.add_argument("--kinds", default="single",
+                   help="agent kinds per task, comma-separated: single (grows the task's ViT), "
+                        "multipath (joins the task's model with other tasks' frozen models; starts "
+                        "once the task's single-path model exists) (default single)")
     p.add_argument("--devices", default="cpu",
                    help="cpu or cuda:0,cuda:1,...; assigned to agents round-robin (default cpu)")
     p.add_argument("--cycles", type=int, default=None, help="cycles per agent (default: the preset's)")
@@ -77,23 +81,35 @@ def resolve_tasks(args) -> list[str]:
     return list(benchmark_tasks(args.benchmark or "mccb-offline"))
 
 
-def spawn_agents(args, tasks: list[str], devices: list[str]) -> dict[str, mp.Process]:
+def resolve_kinds(args) -> list[str]:
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ("single", "multipath")]
+    if bad or not kinds or len(set(kinds)) != len(kinds):
+        raise UserError(f"--kinds {args.kinds!r}: give single, multipath or single,multipath")
+    return kinds
+
+
+def spawn_agents(args, agents: list[tuple[str, str]], devices: list[str]
+                 ) -> dict[tuple[str, str], mp.Process]:
+    """One process per (task, kind); a multipath agent started with its single-path sibling waits
+    for that agent's first model."""
     from agents.agent import AgentOptions, agent_id_for
 
     ctx = mp.get_context("spawn")  # never fork with an open LMDB env or zmq context
-    n_cpu = sum(1 for i in range(len(tasks)) if devices[i % len(devices)] == "cpu")
+    n_cpu = sum(1 for i in range(len(agents)) if devices[i % len(devices)] == "cpu")
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, n_cpu))
     procs = {}
-    for i, task in enumerate(tasks):
+    for i, (task, kind) in enumerate(agents):
         dev = devices[i % len(devices)]
         opts = AgentOptions(store=args.store, task=task, preset=args.preset, device=dev,
                             cycles=args.cycles, seed=args.seed, root=args.root,
                             threads=threads if dev == "cpu" else None, keys=args.keys,
-                            bind_host=args.bind_host, cache_mb=args.prefix_cache_mb)
-        log = os.path.join(args.logs, agent_id_for(task) + ".log")
-        proc = ctx.Process(target=agent_process_main, args=(opts, log), name=f"agent-{task}")
+                            bind_host=args.bind_host, cache_mb=args.prefix_cache_mb, kind=kind,
+                            wait_for_model=kind == "multipath")
+        log = os.path.join(args.logs, agent_id_for(task, kind) + ".log")
+        proc = ctx.Process(target=agent_process_main, args=(opts, log), name=f"{kind}-{task}")
         proc.start()
-        procs[task] = proc
+        procs[(task, kind)] = proc
     return procs
 
 
@@ -130,6 +146,8 @@ def main() -> int:
         return 0
     check_devices(devices)
     tasks = resolve_tasks(args)
+    kinds = resolve_kinds(args)
+    agents = [(t, k) for t in tasks for k in kinds]
     from agents.agent import agent_id_for
     from agents.bootstrap import ensure_root
     from taskdata import fetch_all
@@ -157,17 +175,23 @@ def main() -> int:
     try:
         ensure_root(store, preset, vit, seed=args.seed, source=source)
         live = {a.agent_id: a for a in store.live_agents()}
-        for t in tasks:
-            if agent_id_for(t) in live:
-                a = live[agent_id_for(t)]
-                raise UserError(f"task {t} already has a live agent (pid {a.pid} on {a.host}); "
+        for t, k in agents:
+            if agent_id_for(t, k) in live:
+                a = live[agent_id_for(t, k)]
+                raise UserError(f"task {t} already has a live {k} agent (pid {a.pid} on {a.host}); "
                                 f"stop it or leave {t} out")
+        if "single" not in kinds:  # multipath agents alone build on models that must exist
+            singles = store.published_models(kind="single")
+            missing = [t for t in tasks if t not in singles]
+            if missing:
+                raise UserError(f"--kinds multipath: {', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} "
+                                f"no single-path model yet; use --kinds single,multipath")
     finally:
         store.close()
-    print(f"swarm: {len(tasks)} agents, preset {preset.name} [{preset.hash}], store {args.store}, "
+    print(f"swarm: {len(agents)} agents, preset {preset.name} [{preset.hash}], store {args.store}, "
           f"devices {','.join(devices)}; logs in {args.logs}", flush=True)
-    procs = spawn_agents(args, tasks, devices)
-    view = ProgressView(args.store, tasks, sys.stdout, keys=args.keys)
+    procs = spawn_agents(args, agents, devices)
+    view = ProgressView(args.store, agents, sys.stdout, keys=args.keys)
     interrupted = False
     try:
         while any(p.is_alive() for p in procs.values()):
@@ -190,11 +214,11 @@ def main() -> int:
 
     print()
     query_main(["--store", args.store, *(["--keys", args.keys] if args.keys else []), "leaderboard"])
-    failed = {t: p.exitcode for t, p in procs.items() if p.exitcode not in (0, None)}
+    failed = {a: p.exitcode for a, p in procs.items() if p.exitcode not in (0, None)}
     if failed and not interrupted:
-        for t, code in failed.items():
-            print(f"swarm: agent for {t} exited with code {code}: see "
-                  f"{os.path.join(args.logs, agent_id_for(t) + '.log')}", file=sys.stderr)
+        for (t, k), code in failed.items():
+            print(f"swarm: {k} agent for {t} exited with code {code}: see "
+                  f"{os.path.join(args.logs, agent_id_for(t, k) + '.log')}", file=sys.stderr)
         return 2 if all(c == 2 for c in failed.values()) else 1
     if interrupted:
         print("swarm: stopped; run the same command again to resume", file=sys.stderr)
