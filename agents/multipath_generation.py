@@ -41,7 +41,7 @@ from agents.mutation import hparams_diff, incremental_mutation
 from agents.paths import Component, ModelPath, copy_component
 from agents.progress import ChildMetrics
 from agents.selection import best_path, retain
-from agents.training import TaskTensors, TrainResult, lr_at
+from agents.training import TrainResult, lr_at
 from agents.vit import PathModel, VitConfig, init_component
 from store import TrialRecord
 from taskdata.augment import preprocess_eval
