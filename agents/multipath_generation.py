@@ -13,6 +13,7 @@ Where this kind follows the reference and where it differs from our single-path 
   for a connector, its path is the same), else start fresh; no clone: action, no adapters.
 * Improvement: strict ``>`` against the parent's score (our single-path rule is ``>=``). A tie here
   would publish a model identical in accuracy but trained on a newer path 0, churn with no gain.
+* Steps: ``STEPS_SCALE`` (16) times the single-path child's, as cheap as they are (agents/multipath.py).
 * Optimiser: a fresh SGD state per child (no momentum inheritance: the reference stores none, and the
   few thousand parameters re-warm in a handful of steps); the schedule restarts for every child.
 * Score: validation accuracy, no size or FLOPs term (the reference's; the paths are reused, not owned).
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from agents import compute, registry
 from agents.config import MU_RANGE
 from agents.generation import Context, Counters, Outcome, Proposal, Verdict, Writes
-from agents.multipath import (MAX_POPULATION, frozen_path_module, MULTIPATH_DEFAULTS, MULTIPATH_RANGES, MultipathModel,
+from agents.multipath import (MAX_POPULATION, STEPS_SCALE, frozen_path_module, MULTIPATH_DEFAULTS, MULTIPATH_RANGES, MultipathModel,
                               model_flops, path_flops, trainable_flops)
 from agents.mutation import hparams_diff, incremental_mutation
 from agents.paths import Component, ModelPath, copy_component
@@ -60,19 +61,21 @@ def frozen_path(vit: VitConfig, path: ModelPath) -> PathModel:
 class PathOutputs:
     """Each frozen path's output for every image of a split, computed once: the main path's logits,
     another path's pooled features. Exact, because a path is immutable and sees no augmentation.
-    Keyed by (model id, role, split); least recently used entries go beyond ``max_bytes``."""
+    Keyed by (model id, role, split); an entry remembers the image tensor it was computed from and is
+    recomputed for another one (a cache serves one task's data). Least recently used entries go
+    beyond ``max_bytes``."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self.filled_images = max_bytes, 0
-        self._entries: OrderedDict[tuple[str, bool, str], torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, bool, str], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def get(self, model_id: str, main: bool, split: str, module: PathModel, images: torch.Tensor,
             image_size: int) -> torch.Tensor:
         key = (model_id, main, split)
-        out = self._entries.get(key)
-        if out is not None:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is images:
             self._entries.move_to_end(key)
-            return out
+            return entry[1]
         with torch.no_grad():
             parts = []
             for i in range(0, len(images), CHUNK):
@@ -81,8 +84,8 @@ class PathOutputs:
         out = torch.cat(parts) if parts else torch.empty(0)
         self.filled_images += len(images)
         if out.numel() * out.element_size() <= self.max_bytes:
-            self._entries[key] = out
-            while sum(t.numel() * t.element_size() for t in self._entries.values()) > self.max_bytes:
+            self._entries[key] = (images, out)
+            while sum(t.numel() * t.element_size() for _, t in self._entries.values()) > self.max_bytes:
                 self._entries.popitem(last=False)
         return out
 
@@ -215,7 +218,7 @@ def train(ctx: Context, p: Proposal, gen: torch.Generator,
     train_out = _outputs(ctx, model, paths, "train", data.train_x, result.flops)
     val_out = _outputs(ctx, model, paths, "val", data.val_x, result.flops)
     step_flops = 2 * trainable_flops(ctx.vit, h)  # forward + weight gradients: nothing below trains
-    every = ctx.preset.steps_between_validations(data.n_train)
+    every = STEPS_SCALE * ctx.preset.steps_between_validations(data.n_train)
     total = every * b.validations_per_child
     batches = data.batch_indices(b.batch_size, gen)
     best, snapshot = p.threshold, None

@@ -164,11 +164,12 @@ def measure_speed(store_path: str, task: str, preset_name: str, seed: int = 0) -
     return out
 
 
-def _spent(store_path: str, agent_prefix: str, after: float) -> dict:
+def _spent(store_path: str, agent_prefix: str, from_cycle: int) -> dict:
+    """What the added cycle cost: the trials of ``agent_prefix`` agents from cycle ``from_cycle`` on."""
     from store import Store
 
     with Store.open(store_path, readonly=True) as st:
-        trials = [t for t in st.trials() if t.agent.startswith(agent_prefix) and t.created_at >= after]
+        trials = [t for t in st.trials() if t.agent.startswith(agent_prefix) and t.cycle >= from_cycle]
     flops = common.add_flops([t.flops for t in trials])
     return {"children": len(trials), "train_images": sum(t.train_images for t in trials),
             "flops": flops, "seconds": round(sum(t.seconds for t in trials), 1)}
@@ -237,8 +238,8 @@ def run(args) -> dict:
         "gain_best_vs_control": mean["best"] - mean["control"],
         "router_weights": {t: w["borrowed"] for t, w in weights.items()},
         "router_detail": weights, "sizes": sizes,
-        "spent": {"control": _spent(control, "agent~", started if not args.control_store else 0.0),
-                  "multipath": _spent(mp_store, "multipath~", 0.0)},
+        "spent": {"control": _spent(control, "agent~", cycles),
+                  "multipath": _spent(mp_store, "multipath~", 0)},
         "multipath_wall_seconds": mp_wall,
         "speed": speed, "machine": common.machine_info(), "harness_seconds": time.time() - started,
     }

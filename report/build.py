@@ -164,7 +164,7 @@ class _Snapshot:
         self.components: dict[str, ComponentRecord] = {}
         self.params: dict[str, int] = {}
         for model in self.published.values():
-            for cid in model.components:
+            for cid in self.runs(model):
                 if cid not in self.components:
                     record = st.get_component(cid)
                     if record is None:
@@ -176,6 +176,21 @@ class _Snapshot:
         self.trial_by_id = {t.id: t for t in self.trials}
         times = [e.time for e in self.events] + [t.created_at for t in self.trials]
         self.t0 = min(times) if times else time.time()
+
+    def runs(self, model: ModelRecord) -> list[str]:
+        """Every component a forward of ``model`` runs: its own, then its paths' (a multipath model
+        runs whole frozen models of its own and other tasks, the ones it borrows from)."""
+        out = list(model.components)
+        for ref in model.refs:
+            path = self.models.get(ref)
+            if path is None:
+                raise MissingReference(f"model {model.id} runs model {ref}, which is missing")
+            out += [c for c in path.components if c not in out]
+        return out
+
+    def borrows(self, model: ModelRecord) -> list[str]:
+        """The tasks whose frozen models a multipath model borrows (its paths beyond the main one)."""
+        return [self.models[r].task for r in model.refs[1:] if r in self.models]
 
     def agent_task(self, agent: str) -> str:
         """Which task an agent works for (the root agent's 'task' is ``root``)."""
@@ -284,7 +299,7 @@ def _sharing(snap: _Snapshot) -> dict[str, Any]:
     """Tasks against the components their current models use (the layer-sharing map)."""
     used_by: dict[str, list[str]] = {}
     for task, model in snap.published.items():
-        for cid in model.components:
+        for cid in snap.runs(model):  # a multipath model's row also shows the paths it runs
             used_by.setdefault(cid, []).append(task)
     components = []
     for cid, tasks in used_by.items():
@@ -298,7 +313,8 @@ def _sharing(snap: _Snapshot) -> dict[str, Any]:
                                    c["id"]))
     task_names = list(snap.published)
     matrix = [[task in c["used_by"] for c in components] for task in task_names]
-    return {"tasks": task_names, "components": components, "matrix": matrix}
+    borrows = {t: snap.borrows(m) for t, m in snap.published.items() if m.refs}
+    return {"tasks": task_names, "components": components, "matrix": matrix, "borrows": borrows}
 
 
 def _slot(name: str) -> tuple[int, int, int]:

@@ -249,6 +249,8 @@ def _sharing(report: dict, colours: _Colours) -> str:
         return "<p class='note'>No task has a published model yet.</p>"
     notes = {t["task"]: f"{_count(t['params'])} params · {_pct(t['own_params'] / t['params'])}"
              f" own" for t in report["tasks"] if t["params"]}
+    for task, borrowed in sharing.get("borrows", {}).items():  # multipath: whole frozen models
+        notes[task] = f"multipath: its own model + {', '.join(borrowed)} (frozen), router"
     grid = svg.sharing_grid(sharing, colours.of_agent, colours.agent_label, row_notes=notes)
     comps = sharing["components"]
     shared = [c for c in comps if len(c["used_by"]) > 1]
