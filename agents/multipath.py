@@ -35,9 +35,9 @@ MAX_POPULATION = 5              # the reference's population bound for this kind
 # A multipath child trains this many times the steps of the preset's single-path child (same number
 # of validations). Its steps cost almost nothing (router and connectors on the paths' outputs, which
 # are computed once per image), and the linear connectors need them: on the benchmark's 8 tasks, with
-# one borrowed path, 16x (1,536 steps of 32 images) reached 0.9296 mean test accuracy against 0.9112 at
-# 1x and 0.9083 for the single-path models (mean over every borrowed task; the reference trains 4
-# epochs per child, 16x is 5-40 epochs here). See benchmarks/results/multipath.md.
+# one borrowed path (mean over every borrowed task), 1x reached 0.9112 mean test accuracy, 4x 0.9147
+# and 16x (1,536 steps of 32 images) 0.9171, against 0.9083 for the single-path models alone (the
+# reference trains 4 epochs per child; 16x is 5-40 epochs here). See benchmarks/results/multipath.md.
 STEPS_SCALE = 16
 MULTIPATH_DEFAULTS = {          # the reference's multipath hparams (no adapters, no layer or size hparams)
     "_mu_": 0.2, "opt_lr": 0.02, "opt_lr_warmup_ratio": 0.02, "opt_momentum": 0.8,

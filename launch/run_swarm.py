@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated tasks: built-ins, glyphs_<script>, folder:PATH, npz:PATH")
     p.add_argument("--preset", default="demo",
                    help="BUDGET[@base][+ext...]: budgets vit-t3, vit-b, vit-l, cpu, demo, test; extensions "
-                        "autotune, adapters, layers, imagesize, continue (these five are the default "
-                        "method), penalty, clock, probe, guard, hurdle, fullval (default demo)")
+                        "autotune, adapters, layers, imagesize, continue, hurdle (these six are the default "
+                        "method), penalty, clock, probe, guard, anneal, fullval (default demo)")
     p.add_argument("--kinds", default="single",
                    help="agent kinds per task, comma-separated: single (grows the task's ViT), "
                         "multipath (joins the task's model with other tasks' frozen models; starts "
