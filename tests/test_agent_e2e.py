@@ -29,7 +29,7 @@ def test_agent_publishes_survives_kill9_and_resumes(tmp_path):
     make_store(store)
     cycles, gens = 3, resolve_preset("test").budget.children_per_cycle
     args = ["--store", store, "--task", TASK, "--preset", "test", "--cycles", str(cycles),
-            "--lease-ttl", "10", "--threads", "1"]
+            "--lease-ttl", "30", "--threads", "1"]  # 30 s: a loaded machine starts the refused agent in time
     first = start("attach.py", *args, log=str(tmp_path / "first.log"))
     try:
         # wait until the agent committed at least one generation after its first publish
@@ -64,7 +64,7 @@ def test_agent_publishes_survives_kill9_and_resumes(tmp_path):
 
     # after the lease expires, a new agent takes over and resumes where the store says
     wait_for(lambda: not read(store, lambda s: [a for a in s.live_agents() if a.agent_id == AID]),
-             30, "the killed agent's lease to expire")
+             60, "the killed agent's lease to expire")
     second = start("attach.py", *args, log=str(tmp_path / "second.log"))
     assert second.wait(240) == 0, open(tmp_path / "second.log").read()[-3000:]
     st = read(store, lambda s: s.get_agent_state(AID))

@@ -346,6 +346,16 @@ def test_multipath_agent_through_the_store_service_and_everything_a_user_reads(s
     assert f"path_0  {mp.refs[0]}" in show and "<- serves" in show
     agents = run_cli("launch/query.py", "--store", store_path, "agents").stdout
     assert "multipath" in agents
+    html = str(tmp_path / "report.html")
+    assert run_cli("launch/query.py", "--store", store_path, "report", "--out", html).returncode == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    borrowed = [read(store_path, lambda s: s.get_model(r).task) for r in mp.refs[1:]]
+    assert report["sharing"]["borrows"] == {TASK: borrowed}
+    row = report["sharing"]["matrix"][report["sharing"]["tasks"].index(TASK)]
+    runs = {c["id"] for c, used in zip(report["sharing"]["components"], row) if used}
+    assert set(read(store_path, lambda s: s.get_model(mp.refs[1]).components)) <= runs  # borrowed path drawn
+    actions = {a["action"] for a in report["actions"]}
+    assert {"new:router", "new:connector"} <= actions
     # predict / export / load_exported / the timm refusal, on the multipath model itself
     data = load_task(TASK)
     m = load_model(store_path, TASK, model_id=mp.id)
