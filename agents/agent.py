@@ -109,7 +109,8 @@ class Agent:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         data = load_task(o.task, o.data_dir)
-        tensors = TaskTensors(data, self.device, self.preset.validation_examples)
+        tensors = TaskTensors(data, self.device, 1 << 30 if self.method.full_validation
+                              else self.preset.validation_examples)
         self.store = self._given_store or open_store(o.store, create=True, keys=o.keys)
         ensure_root(self.store, self.preset, self.vit, seed=o.seed)
         if self.method.needs_single_path:

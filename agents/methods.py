@@ -47,6 +47,7 @@ class Method:
     cycle_by_images: bool          # +hurdle turns a cycle into an image budget
     needs_single_path: bool        # needs its task's single-path model before it can start
     description: str
+    full_validation: bool = False  # judge children on the whole validation split (preset: a subset)
 
 
 _METHODS: dict[str, Method] = {}
@@ -83,4 +84,7 @@ register_method(Method(
     # every path for every child, which no one wants).
     cache=lambda mb: multipath_generation.PathOutputs(max(mb, 64) << 20),
     cycle_by_images=False, needs_single_path=True,
-    description="multipath agent: joins its task's model with other tasks' frozen models (µ4Net)"))
+    description="multipath agent: joins its task's model with other tasks' frozen models (µ4Net)",
+    # Its validations cost a router and connectors per image on cached path outputs: the whole split
+    # is as cheap as a subset, and it makes the strict-improvement rule choose on less noise.
+    full_validation=True))
