@@ -174,6 +174,15 @@ def test_frozen_paths_are_bit_identical_after_training(store_path):
             assert child.kind == "multipath" and child.refs[0] == main.id
             in_memory = {c.key: {k: v.detach().numpy().tobytes() for k, v in c.params.items()}
                          for c in agent.view.path(main.id).components.values()}
+            # the model runs the view's tensors (shared memory, no copy) and none of them trains
+            model = mg.build_model(agent.vit, child, [agent.view.path(r) for r in child.refs], True)
+            for c in agent.view.path(main.id).components.values():
+                for t, v in c.params.items():
+                    mod = model.paths[0].component_module(c.name)
+                    owner, _, leaf = t.rpartition(".")
+                    used = getattr(mod.get_submodule(owner) if owner else mod, leaf)
+                    assert used.data_ptr() == v.data_ptr() and not used.requires_grad, (c.name, t)
+            assert not any(t.requires_grad for pm in model.paths for t in pm.parameters())
         finally:
             agent._close()
         after = {cid: {k: bytes(v.data) for k, v in p.items()}
