@@ -66,7 +66,9 @@ class AgentOptions:
     cycles: int | None = None        # override the preset's cycle budget
     seed: int = 0
     threads: int | None = None       # torch intra-op threads (the launcher divides the cores)
-    root: str = "random"             # or a local timm checkpoint file to import the root from
+    # --root spec for a store that has no root yet; None = the preset's budget default, which is what
+    # run_swarm.py resolves too, so every agent of a preset records the same preset hash
+    root: str | None = None
     lease_ttl: float = 15.0
     heartbeat_every: float = 2.0
     bind_host: str = "127.0.0.1"

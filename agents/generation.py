@@ -226,11 +226,16 @@ def judge(ctx: Context, p: Proposal, o: Outcome, population: list[ModelPath]) ->
     trained, which changes every path's accounted parameters.
     """
     r, child = o.result, p.child
+    lockers = ctx.view.lockers  # one sharing snapshot for the population and the child
     for path in population:
-        path.current_score = ctx.scorer.rescore(path, ctx.view.lockers)
+        path.current_score = ctx.scorer.rescore(path, lockers)
     new_population, kept, published, components, metrics = list(population), None, None, [], None
     if r.accepted:
-        terms = ctx.scorer.size_terms(child, ctx.view.lockers)
+        terms = ctx.scorer.size_terms(child, lockers)
+        # Training scored the child under the sharing of its proposal; peers may have published
+        # since (the view refreshes while a child trains), so it is re-scored under the snapshot its
+        # population was just re-scored with: the comparison below is like for like.
+        r = dataclasses.replace(r, score=ctx.scorer.score_fn(child, lockers)(r.snapshot_quality))
         metrics = ChildMetrics(quality=r.quality, score=r.score, **terms,
                                num_cycles=p.counters.cycle + 1, steps=r.steps,
                                lineage_steps=p.lineage_start + r.snapshot_step)

@@ -116,6 +116,7 @@ class TrainResult:
     accepted: bool                 # a snapshot reached the threshold (method.md 3.5)
     quality: float | None          # best validation accuracy seen
     score: float | None            # score at the kept snapshot (None if not accepted)
+    snapshot_quality: float | None = None  # validation accuracy at the kept snapshot
     evals: list[float] = field(default_factory=list)
     steps: int = 0
     snapshot_step: int = 0          # steps trained when the kept snapshot was taken
@@ -247,7 +248,7 @@ def train_child(
                 snapshot = {k: p.detach().clone() for k, p in tensors.items()}
                 moms = {k: opt.state[p].get("momentum_buffer") for k, p in tensors.items()}
                 snapshot_mom = {k: (m.detach().clone() if m is not None else None) for k, m in moms.items()}
-                result.score = s
+                result.score, result.snapshot_quality = s, q
                 result.snapshot_step = step + 1
             if stop_early is not None and step + 1 < total and stop_early(len(result.evals), s):
                 result.stopped = "hurdle"

@@ -134,3 +134,32 @@ def test_the_same_seed_gives_the_same_trials(tmp_path):
             outcomes.append([(t.parent, t.mutations, t.hparams_diff, t.quality, t.accepted)
                              for t in st.trials(agent=AID)])
     assert outcomes[0] == outcomes[1]
+
+
+def test_a_child_is_scored_under_the_sharing_snapshot_its_population_is_rescored_under(store):
+    """The view refreshes while a child trains (a peer published and now shares components): the
+    judge compares the child with its population under one snapshot, the one it re-scored them with."""
+    agent = Agent(AgentOptions(store=store.path, task=TASK, preset="test+penalty", seed=0, threads=1,
+                               lease_ttl=30.0, heartbeat_every=30.0), store=store)
+    agent._open()
+    try:
+        agent.view.refresh()
+        s = agent.state
+        counters = step.Counters(s.cycle, s.generation, s.next_model_id, s.next_component_id, {}, 0)
+        rng, gen = generation_rng(0, AID, 0, 0)
+        proposal = step.propose(agent.ctx, counters, [], rng, gen)
+        outcome = step.train(agent.ctx, proposal, gen)
+        q = outcome.result.snapshot_quality
+        assert outcome.result.accepted and q is not None
+        # meanwhile another agent published a model sharing every root component this child shares
+        shared = [c.key for c in proposal.child.components.values() if c.stored]
+        assert shared
+        agent.view.lockers = {k: set(v) | ({"agent~peer"} if k in shared else set())
+                              for k, v in agent.view.lockers.items()}
+        verdict = step.judge(agent.ctx, proposal, outcome, [])
+        now = agent.ctx.scorer.score_fn(proposal.child, agent.view.lockers)(q)
+        assert now != proposal.score_of(q)  # the snapshot matters under +penalty
+        assert verdict.metrics.score == pytest.approx(now)
+        assert verdict.writes.trials[0].score == pytest.approx(now)
+    finally:
+        agent._close()

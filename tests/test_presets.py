@@ -73,3 +73,13 @@ def test_reattached_with_an_extended_preset_resumes_from_the_published_model(tmp
     assert {models[t.model_id].preset for t in new if t.model_id} <= {"test+penalty"}
     assert read(store, lambda s: s.get_agent_state(aid)).cycle == 3
     assert read(store, lambda s: s.verify()) == []
+
+
+def test_an_attached_agent_records_the_preset_hash_the_launcher_records():
+    """attach.py builds AgentOptions without --root; run_swarm.py resolves the preset with root=None:
+    both must be the same preset (one entry per preset in the report, not two)."""
+    from agents.agent import Agent, AgentOptions
+
+    for name in ("demo", "cpu", "test", "demo+penalty"):
+        attached = Agent(AgentOptions(store="unused", task="uci_digits", preset=name))
+        assert attached.preset.hash == resolve_preset(name, root=None).hash, name

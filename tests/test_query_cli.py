@@ -254,3 +254,19 @@ def test_agents_and_trials_views(two_tasks):
     bad = run_query(two_tasks, "trials", "nope")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert run_query(two_tasks, "trials", "alpha", "--last", "0").stdout.startswith("(no trials yet)")
+
+
+def test_show_on_a_store_missing_a_component_says_so_in_one_line(two_tasks, tmp_path):
+    """A damaged store (a component deleted under a published model): one line and exit 1."""
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(two_tasks, damaged)
+    with Store.open(damaged) as st:
+        cid = st.get_model(st.get_task("beta").model_id).components[-1]
+        with st._write() as txn:  # the damage a disk fault or a foreign writer could do
+            txn.delete(cid.encode(), db=st._dbs.components)
+    result = run_query(damaged, "show", "beta")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and cid in lines[0] and "verify" in lines[0] and "Traceback" not in result.stderr
