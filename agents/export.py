@@ -9,24 +9,22 @@ A multipath model also carries its paths: path k's tensors are named ``path_<k>/
 models they are. This is method knowledge (hparams, timm names), so it lives with the agents, not in
 the store, which only keeps records and tensors.
 
-The safetensors layout is simple enough to write directly: an 8-byte little-endian header length, a
-JSON header (name -> dtype, shape, byte offsets; plus ``__metadata__``), then the raw bytes.
+The file is written with the ``safetensors`` package's numpy API (no torch), from numpy arrays that
+wrap the store's bytes.
 """
 from __future__ import annotations
 
 import json
 import os
-import struct
 import tempfile
+
+from safetensors.numpy import save_file
 
 from agents.timm_names import TIMM_MODELS, timm_key
 from store import StoreAPI
 from store.errors import StoreError
 
 FORMAT = "munet-swarm/1"
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
-              "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
-              "bool": "BOOL"}
 
 
 class UnknownTask(StoreError):
@@ -45,26 +43,20 @@ def timm_create_args(vit: dict, hparams: dict, num_classes: int) -> dict:
             "drop_rate": 0.0}
 
 
-def _add_tensors(store: StoreAPI, model_id: str, prefix: str, header: dict, chunks: list,
-                 components: list, offset: int, rename, skip: tuple[str, ...] = ()) -> int:
-    """Append one model's component tensors to the file being built; return the next offset."""
+def _add_tensors(store: StoreAPI, model_id: str, prefix: str, tensors: dict, components: list,
+                 rename, skip: tuple[str, ...] = ()) -> None:
+    """Add one model's component tensors (as numpy arrays over the store's bytes) to ``tensors``."""
     model = store.get_model(model_id)
-    tensors = store.load_model_tensors(model_id)
+    loaded = store.load_model_tensors(model_id)
     for cid in model.components:
         comp = store.get_component(cid)
         if comp.name in skip:
             continue
-        params, _momentum = tensors[cid]
+        params, _momentum = loaded[cid]
         components.append({"name": prefix + comp.name, "id": cid, "owner": comp.agent})
         for tname in sorted(params):
-            t = params[tname]
-            n = len(t.data)
             name = rename(comp.name, tname) if rename else f"{prefix}{comp.name}.{tname}"
-            header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                            "data_offsets": [offset, offset + n]}
-            chunks.append(t.data)
-            offset += n
-    return offset
+            tensors[name] = params[tname].to_numpy()
 
 
 def export_task(store: StoreAPI, task: str, out_path: str, fmt: str = "munet") -> dict:
@@ -98,19 +90,18 @@ def export_task(store: StoreAPI, task: str, out_path: str, fmt: str = "munet") -
         if vit.get("vit") not in TIMM_MODELS:
             raise NotTimmCompatible(f"the store's root ViT config {vit.get('vit')!r} has no timm model name")
         timm_args = timm_create_args(vit, model.hparams, rec.num_classes)
-    header: dict = {}
-    chunks: list[bytes | memoryview] = []
+    tensors: dict = {}
     components: list[dict] = []
-    offset = _add_tensors(store, model.id, "", header, chunks, components, 0,
-                          (lambda c, t: timm_key(c, t)) if fmt == "timm" else None)
+    _add_tensors(store, model.id, "", tensors, components,
+                 (lambda c, t: timm_key(c, t)) if fmt == "timm" else None)
     paths = []
     for k, ref in enumerate(model.refs):
         path = store.get_model(ref)
         paths.append({"slot": k, "model_id": ref, "task": path.task, "agent": path.agent,
                       "hparams": path.hparams})
-        offset = _add_tensors(store, ref, f"path_{k}/", header, chunks, components, offset, None,
-                              skip=() if k == 0 else ("head",))
-    header["__metadata__"] = {
+        _add_tensors(store, ref, f"path_{k}/", tensors, components, None,
+                     skip=() if k == 0 else ("head",))
+    metadata = {
         "format": FORMAT, "task": task, "model_id": model.id, "agent": model.agent,
         "num_classes": str(rec.num_classes), "hparams": json.dumps(model.hparams, sort_keys=True),
         "metrics": json.dumps(model.metrics, sort_keys=True), "vit": json.dumps(vit),
@@ -118,21 +109,16 @@ def export_task(store: StoreAPI, task: str, out_path: str, fmt: str = "munet") -
         "preprocessing": "grey->3 channels, bilinear resize to ds_image_size square, x/127.5-1",
     }
     if paths:
-        header["__metadata__"]["paths"] = json.dumps(paths, sort_keys=True)
+        metadata["paths"] = json.dumps(paths, sort_keys=True)
     if timm_args is not None:
-        header["__metadata__"]["format"] = FORMAT + "+timm"
-        header["__metadata__"]["timm_create_model"] = json.dumps(timm_args, sort_keys=True)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+        metadata["format"] = FORMAT + "+timm"
+        metadata["timm_create_model"] = json.dumps(timm_args, sort_keys=True)
     folder = os.path.dirname(os.path.abspath(out_path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".export-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for c in chunks:
-                f.write(c)
-            f.flush()
+    os.close(fd)
+    try:  # written beside the target, then renamed over it: a reader never sees half a file
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out_path)
     except BaseException:
@@ -140,5 +126,5 @@ def export_task(store: StoreAPI, task: str, out_path: str, fmt: str = "munet") -
             os.unlink(tmp)
         raise
     return {"task": task, "model_id": model.id, "path": out_path, "bytes": os.path.getsize(out_path),
-            "tensors": len(header) - 1, "components": len(components), "format": fmt,
+            "tensors": len(tensors), "components": len(components), "format": fmt,
             "timm_create_model": timm_args}
