@@ -10,7 +10,9 @@ export PYTHONDONTWRITEBYTECODE := 1
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	@# setuptools' editable install prints an informational notice about folders named like the
+	@# packages (this flat layout); only that notice is silenced, real warnings still show
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	$(PY) scripts/install_torchvision_hook.py
 	@touch $@
 
@@ -26,7 +28,7 @@ apt-lists:
 demo: install apt-lists
 	$(PY) launch/run_swarm.py $(DEMO_ARGS)
 
-test: install
+test: install apt-lists
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-slow: install apt-lists
