@@ -1,4 +1,4 @@
-"""One agent: a process that grows the system for one task (method.md sections 3 and 4).
+"""One agent: a process that grows the system for one task (docs/method.md sections 3 and 4).
 
     lease -> announce -> for each cycle: refresh view -> generations -> publish the best -> release
     one generation (agents/generation.py): propose -> train -> judge -> commit

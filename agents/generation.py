@@ -1,4 +1,4 @@
-"""One generation of an agent: the path of one child, as four steps (method.md 3.1-3.8).
+"""One generation of an agent: the path of one child, as four steps (docs/method.md 3.1-3.8).
 
     propose(ctx, counters, population, rng, gen) -> Proposal   parent, data hparams, child, threshold
     train(ctx, proposal, gen, should_stop)       -> Outcome    the trained child, or aborted
@@ -162,7 +162,7 @@ def _schedule(ctx: Context, parent: ModelPath, c: Counters) -> tuple[tuple[int, 
 
 def propose(ctx: Context, c: Counters, population: list[ModelPath], rng: random.Random,
             gen: torch.Generator) -> Proposal:
-    """Sample data hparams, pick a parent, build the child (method.md 3.1-3.2)."""
+    """Sample data hparams, pick a parent, build the child (docs/method.md 2.5, 3.2, 2.3)."""
     view = ctx.view
     mut = Mutator(ctx.preset, ctx.vit, rng, gen)
     best = best_path(population)
@@ -220,7 +220,7 @@ def augment_flags(hparams: dict) -> list[str]:
 
 
 def judge(ctx: Context, p: Proposal, o: Outcome, population: list[ModelPath]) -> Verdict:
-    """Decide the child's fate (method.md 3.5-3.6) and say what to write.
+    """Decide the child's fate (docs/method.md 3.3, 3.6) and say what to write.
 
     Population scores are recomputed first: other agents may have published while the child
     trained, which changes every path's accounted parameters.

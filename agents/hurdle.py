@@ -2,7 +2,7 @@
 below the score it must reach, and spend the images it would have used on more children.
 
 Why at the first validation, relative to the parent: a child of its own task's model must reach that
-parent's score to be kept (method.md 3.5), and with ``+continue`` it starts from the parent's function,
+parent's score to be kept (docs/method.md 3.3), and with ``+continue`` it starts from the parent's function,
 so ``score(first validation) - threshold`` is a paired, low-noise signal of whether it will get there.
 A child that is far behind after a quarter of its steps rarely catches up (calibrated by replaying
 recorded learning curves: benchmarks/replay_rules.py, results in benchmarks/results/replay.json).

@@ -1,4 +1,4 @@
-"""Mutations: how a child is built from a parent (method.md section 2).
+"""Mutations: how a child is built from a parent (docs/method.md section 2).
 
 Every action has its own mutation probability, stored in the child's hparams under ``_mu_|<action>``,
 initialised from the global µ and random-walked over MU_RANGE with probability µ each time the action
@@ -59,7 +59,7 @@ class Mutator:
             h["_mu_|" + action] = p
         return p > self.rng.random()
 
-    # ---- generation-shared data hparams (method.md 2.5) ------------------------------------
+    # ---- generation-shared data hparams (docs/method.md 2.5) ------------------------------------
     def sample_ds_hparams(self, best: ModelPath | None, num_classes: int) -> tuple[dict[str, Any], list[str]]:
         defaults = self.preset.default_hparams(num_classes)
         ds = {k: v for k, v in defaults.items() if k.startswith("ds_")}
@@ -77,7 +77,7 @@ class Mutator:
         ds["num_classes"] = num_classes
         return ds, fired
 
-    # ---- building a child (method.md 2.3) -------------------------------------------------
+    # ---- building a child (docs/method.md 2.3) -------------------------------------------------
     def build_child(
         self,
         parent: ModelPath,

@@ -7,7 +7,7 @@
 ``key`` hashes the recipe and the corpus identity (the built-in corpus's key, or a user corpus's data
 fingerprint), so a recipe is trained once per machine and reused; a changed recipe gets a new directory.
 The optimiser is AdamW with warm-up and cosine decay and label smoothing: this is how ViTs are
-pretrained; the agents' own method (SGD, method.md) starts from the result.
+pretrained; the agents' own method (SGD, docs/method.md) starts from the result.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``+probe``: choose a fallback parent by how well its frozen features fit this task, not by chance.
 
-The reference draws the fallback parent uniformly from every published model (method.md 3.2); with
+The reference draws the fallback parent uniformly from every published model (docs/method.md 3.2); with
 many tasks most draws are models of unrelated tasks. This extension replaces that draw: each candidate's
 features (the class token after ``encoder_norm``, the candidate's own image size) are computed for a
 few hundred training and validation images, a ridge-regression linear probe is solved in closed form,

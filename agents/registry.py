@@ -1,6 +1,6 @@
 """The registry of component kinds and mutation actions: one place that says what a model is made of.
 
-A path's parameters are a flat dict of named components (method.md 1.1). Each name is an instance of
+A path's parameters are a flat dict of named components (docs/method.md 1.1). Each name is an instance of
 one registered **kind**: ``encoderblock_2`` is instance 2 of the indexed kind ``encoderblock``, ``head``
 the one instance of the kind ``head``. A ``ComponentKind`` knows its tensor shapes, its forward FLOPs,
 where it sits in the forward order, where it is present (every layer, only at the layer ids an hparam
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# How a child gets a component (method.md 2.3 step 5-6).
+# How a child gets a component (docs/method.md 2.3 step 5-6).
 INHERIT_SHARED = "shared"   # nearest ancestor's: trainable ones copied, frozen ones shared unless cloned
 INHERIT_TASK = "task"       # as shared, but only from ancestors of the child's own task (heads)
 INHERIT_FRESH = "fresh"     # never inherited: always freshly initialised
@@ -463,7 +463,7 @@ def action_label(action_or_family: str) -> str:
     return registered.label
 
 
-# ---- the built-in ViT kinds (method.md 1.1) -----------------------------------------------------
+# ---- the built-in ViT kinds (docs/method.md 1.1) -----------------------------------------------------
 
 def _cls_shapes(cfg: Any, h: Mapping[str, Any]) -> Shapes:
     return {"token": (1, 1, cfg.hidden)}

@@ -3,7 +3,7 @@
 A root is a component dict without a head (heads are per task): cls, embedding, posembed_input at the
 requested image size, `cfg.depth` encoder blocks and encoder_norm. It is either freshly initialised
 (`root_random`) or read from a local timm ViT state-dict file (`root_from_timm_checkpoint`), e.g. the
-AugReg Ti/16 weights the VitT3 root uses (method.md 1.3).
+AugReg Ti/16 weights the VitT3 root uses (docs/method.md 1.3).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Score = quality x s^(accounted_params / P_ref) x s^(flops / F_ref)  (method.md 3.7).
+"""Score = quality x s^(accounted_params / P_ref) x s^(flops / F_ref)  (docs/method.md 3.7).
 
 Accounted params split every shared component among the agents that use it, so reusing what others
 built is cheap and a private copy pays in full. FLOPs are counted analytically from the component

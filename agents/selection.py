@@ -1,4 +1,4 @@
-"""Parent selection and retention (method.md 3.2, 3.6).
+"""Parent selection and retention (docs/method.md 3.2, 3.6).
 
 Own paths are tried best-first, each accepted with probability 0.5^offsprings (a path that already
 had many children steps aside); when none is accepted the parent is drawn uniformly from everything

@@ -1,4 +1,4 @@
-"""Training and evaluating one child (method.md 3.3-3.4).
+"""Training and evaluating one child (docs/method.md 3.3-3.4).
 
 SGD with momentum (optionally Nesterov), gradients clipped to global norm 1.0, a warm-up/cosine
 learning-rate schedule that starts at lr/1000, validation every B steps on a fixed validation subset,
@@ -96,7 +96,7 @@ def make_model_and_optimizer(child: ModelPath, vit: VitConfig):
     """The child's module and an SGD over its trainable (not yet stored) components only.
 
     Frozen components get neither gradients nor optimizer state. Clones start from their parent's
-    momentum buffer (method.md 6.4); the learning-rate schedule always restarts.
+    momentum buffer (docs/method.md 6.4); the learning-rate schedule always restarts.
     """
     h = child.hparams
     trainable = {n for n, c in child.components.items() if not c.stored}
@@ -113,7 +113,7 @@ def make_model_and_optimizer(child: ModelPath, vit: VitConfig):
 
 @dataclass
 class TrainResult:
-    accepted: bool                 # a snapshot reached the threshold (method.md 3.5)
+    accepted: bool                 # a snapshot reached the threshold (docs/method.md 3.3)
     quality: float | None          # best validation accuracy seen
     score: float | None            # score at the kept snapshot (None if not accepted)
     snapshot_quality: float | None = None  # validation accuracy at the kept snapshot

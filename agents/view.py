@@ -3,7 +3,7 @@
 The store is the truth; this view is a cache of it on the agent's device. Loaded components are
 immutable and cached by key, so a frozen component used by many paths is one set of tensors in memory.
 ``lockers[key]`` is the set of agents whose published model (or the root) uses a component: a
-component is frozen for this agent iff some *other* agent locks it (method.md 1.5).
+component is frozen for this agent iff some *other* agent locks it (docs/method.md 1.5).
 """
 from __future__ import annotations
 

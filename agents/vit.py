@@ -1,6 +1,6 @@
 """The ViT every path is assembled from: component layout, fresh initialisation, and `PathModel`.
 
-A path (one task's model) is a flat set of named components (method.md 1.1) plus architecture hparams.
+A path (one task's model) is a flat set of named components (docs/method.md 1.1) plus architecture hparams.
 `PathModel` binds those components' tensors into a module WITHOUT copying them: trainable components
 become `nn.Parameter`s over the caller's storage (optimizer steps write straight into the caller's
 tensors), frozen components are used as plain tensors that autograd, `parameters()`, `state_dict()` and
@@ -107,7 +107,7 @@ def param_shapes(name: str, cfg: VitConfig, hparams: Mapping[str, object]) -> di
 
 
 # ----------------------------------------------------------------------------------------------------
-# Fresh initialisation (method.md 1.4 and 6.1-6.2, i.e. the flax/vit_jax defaults)
+# Fresh initialisation (docs/method.md 1.4 and 6.1-6.2, i.e. the flax/vit_jax defaults)
 # ----------------------------------------------------------------------------------------------------
 
 def _uniform(shape: tuple[int, ...], bound: float, gen: torch.Generator) -> Tensor:
@@ -246,7 +246,7 @@ def resize_posemb(posemb: Tensor, new_grid: int) -> Tensor:
 
 @registry.register_root_seed("posembed_input")
 def _posemb_from_root(root_posemb: Tensor, cfg: VitConfig, hparams: Mapping[str, object]) -> dict[str, Tensor]:
-    """No ancestor at this image size: the root's posemb resized (method.md 2.3 step 6)."""
+    """No ancestor at this image size: the root's posemb resized (docs/method.md 2.3 step 6)."""
     return {"pos_embedding": resize_posemb(root_posemb, image_grid(cfg, hparams))}
 
 

@@ -1,6 +1,6 @@
 """Shared bits of the entry points: the store flags, user-error handling, exit codes.
 
-Exit codes (DESIGN.md section 6): 0 success; 2 user error (one line on stderr, no traceback);
+Exit codes (docs/design.md section 6): 0 success; 2 user error (one line on stderr, no traceback);
 1 internal failure or an inconsistent store. ``run_main`` is the one place that decides them, for
 every script in launch/ and benchmarks/ and for spawned agent processes. Keep torch out of this
 module: query.py imports it too. The scripts import the installed packages (``make install`` or

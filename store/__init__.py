@@ -1,4 +1,4 @@
-"""The LMDB parameter store (DESIGN.md section 4). Imports stdlib, lmdb, msgpack, numpy and
+"""The LMDB parameter store (docs/design.md section 4). Imports stdlib, lmdb, msgpack, numpy and
 ``protocol`` only: never torch."""
 from store.errors import (Conflict, LeaseHeld, LeaseLost, MissingReference, NotAStore,
                           StoreCorrupt, StoreError, StoreFull)

@@ -73,7 +73,7 @@ def _verify_blobs(txn: lmdb.Transaction, dbs: Databases, problems: list[str]) ->
 
 
 def verify(txn: lmdb.Transaction, dbs: Databases) -> VerifyResult:
-    """Check every invariant of DESIGN.md section 4 that can be checked from the stored data."""
+    """Check every invariant of docs/design.md section 4 that can be checked from the stored data."""
     result = VerifyResult()
     problems = result.problems
     try:

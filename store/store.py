@@ -177,7 +177,7 @@ class Store:
                state: AgentState | None = None, publish: Publication | None = None,
                trials: Sequence[TrialRecord] = (), event_kind: str = "published",
                event_data: dict | None = None, request_id: str | None = None) -> int | None:
-        """Write everything an agent produced in ONE transaction; see DESIGN.md section 4.
+        """Write everything an agent produced in ONE transaction; see docs/design.md section 4.
 
         Returns the sequence number of the event appended when ``publish`` moves the task pointer,
         else None. On any error nothing at all is written. ``request_id`` (the store service's):

@@ -6,7 +6,7 @@ float32 B x 3 x S x S in [-1, 1], the input convention of the method's ViT (x / 
 replicated to three channels, plain bilinear resize to a square with ``align_corners=False`` and no
 antialiasing).
 
-``augment_train`` follows method.md 3.5, in this order, each step only when its hparam enables it:
+``augment_train`` follows docs/method.md 3.5, in this order, each step only when its hparam enables it:
 
 1. JPEG quality jitter (``ds_quality_delta`` = d): per image an integer quality q in [100(1-d), 100];
    approximated by what JPEG actually loses: 8x8 block DCT of the level-shifted image (YCbCr for
@@ -139,7 +139,7 @@ def augment_train(
     image_size: int,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Training augmentation of one batch per method.md 3.5 (see the module docstring)."""
+    """Training augmentation of one batch per docs/method.md 3.5 (see the module docstring)."""
     _check_images(x_uint8_nchw)
     p = AugmentParams.from_hparams(ds)
     b, c, h, w = x_uint8_nchw.shape

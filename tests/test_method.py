@@ -1,4 +1,4 @@
-"""The method's properties (method.md section 8) on a tiny real ViT and real data."""
+"""The method's properties (docs/method.md section 8) on a tiny real ViT and real data."""
 from __future__ import annotations
 
 import copy

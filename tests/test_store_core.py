@@ -1,4 +1,4 @@
-"""Store invariants (DESIGN.md section 4) on a real LMDB store in tmp_path, one process."""
+"""Store invariants (docs/design.md section 4) on a real LMDB store in tmp_path, one process."""
 from __future__ import annotations
 
 import os

@@ -139,7 +139,7 @@ def test_a_new_task_starts_from_another_tasks_model_and_shares_its_components(tm
     donor = read(base, lambda s: s.get_task("uci_digits").model_id)
     task = digits_copy(str(tmp_path / "copy.npz"))
     aid = agent_id_for(task)
-    # A new agent's first parent is drawn uniformly from the system's published models (method.md
+    # A new agent's first parent is drawn uniformly from the system's published models (docs/method.md
     # 3.2): here the donor or the root. Find a seed whose first child the donor parents by running
     # the agent on copies of the same store and reading its first trial (the outcome), not by
     # re-deriving the agent's random draws.

@@ -66,7 +66,7 @@ def test_component_names_follow_forward_order_and_skip_unreachable_adapters():
 
 
 def test_param_counts_match_the_method_reference_sizes():
-    # method.md 3.7: P_ref of T3 (Ti/16, 3 layers, 32 px, 2 classes) and of B (B/16, 2x2 grid, 2 classes).
+    # docs/method.md 3.7: P_ref of T3 (Ti/16, 3 layers, 32 px, 2 classes) and of B (B/16, 2x2 grid, 2 classes).
     assert sum(count_params(TI3, hparams()).values()) == 1_484_162
     b = VIT_CONFIGS["b"]
     assert sum(count_params(b, hparams(layers=12)).values()) == 85_652_738
@@ -306,7 +306,7 @@ def test_count_flops_matches_torch_flop_counter(hp):
 
 
 def test_ti3_root_flops_are_close_to_the_method_reference():
-    assert count_flops(TI3, hparams()) == 14_509_056  # method.md F_ref ~ 15,000,000 (XLA also counts norms)
+    assert count_flops(TI3, hparams()) == 14_509_056  # docs/method.md 3.7 F_ref ~ 15,000,000 (XLA also counts norms)
 
 
 # ---------------------------------------------------------------------------------------------- roots
