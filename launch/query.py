@@ -30,6 +30,7 @@ if __name__ == "__main__":  # one module identity, so launch.query_views shares 
 from launch.common import run, run_main  # noqa: E402
 from launch.query_views import cmd_agents, cmd_trials, register_agents, register_trials  # noqa: E402
 from launch.report_cmd import cmd_report, register_report  # noqa: E402
+from report.leaderboard import completed_cycles, leaderboard_rows  # noqa: E402
 from store import MissingReference, StoreAPI, StoreError, is_remote  # noqa: E402
 from store import open_store as _open_store  # noqa: E402
 from store.codec import json_safe  # noqa: E402
@@ -37,13 +38,6 @@ from store.codec import json_safe  # noqa: E402
 DEFAULT_STORE = "swarm-store"
 FOLLOW_POLL_SECONDS = 0.5
 
-LEADERBOARD_KEYS = ("task", "model_id", "agent_id", "kind", "score", "quality", "test_quality", "params",
-                    "accounted_params", "flops", "num_layers", "adapter_layers", "image_size",
-                    "cycles", "parent_id", "updated_at")
-
-
-EXTRA_KEYS = ("shared_components", "foreign_components", "num_components", "model_cycle",
-              "borrows", "activated_params", "kinds")
 
 
 class UsageError(Exception):
@@ -104,61 +98,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 # ---- leaderboard --------------------------------------------------------------------------------------
-
-def _completed_cycles(st: StoreAPI, agent_id: str, fallback: Any) -> Any:
-    state = st.get_agent_state(agent_id)
-    return state.cycle if state is not None else fallback
-
-
-def leaderboard_rows(st: StoreAPI) -> list[dict[str, Any]]:
-    """One row per task with a published model, sorted by task (the `leaderboard --json` schema)."""
-    pointers = {t.task: t for t in st.tasks()}
-    every = st.pointers()
-    published = st.published_models()
-    users: dict[str, set[str]] = {}  # component id -> tasks whose current model uses it
-    for task, model in published.items():
-        for cid in model.components:
-            users.setdefault(cid, set()).add(task)
-    rows = []
-    for task, model in sorted(published.items()):
-        m, h = model.metrics, model.hparams
-        row = {
-            "task": task,
-            "model_id": model.id,
-            "agent_id": pointers[task].agent if task in pointers else model.agent,
-            # the task is served by the best-scoring model of its agents (single, multipath)
-            "kind": model.kind,
-            "score": m.get("score"),
-            "quality": m.get("quality"),
-            "test_quality": m.get("test_quality"),
-            "params": m.get("params"),
-            "accounted_params": m.get("accounted_params"),
-            "flops": m.get("flops"),
-            "num_layers": h.get("num_layers", m.get("num_layers")),
-            "adapter_layers": h.get("adapter_layers", m.get("adapter_layers")),
-            "image_size": h.get("ds_image_size"),
-            # cycles: how far the task has come (its agent's completed cycles); model_cycle: the
-            # cycle that produced the current model (it stays put while no child beats it)
-            "cycles": _completed_cycles(st, pointers[task].agent if task in pointers else model.agent,
-                                        m.get("num_cycles")),
-            "model_cycle": m.get("num_cycles"),
-            "parent_id": model.parent,
-            "updated_at": pointers[task].updated_at if task in pointers else model.created_at,
-            # a multipath model's borrowed paths: the tasks whose frozen models it runs
-            "borrows": [st.get_model(r).task for r in model.refs[1:]],
-            "activated_params": m.get("activated_params", m.get("params")),
-            "kinds": {p.kind: {"model_id": p.model_id, "score": p.score}
-                      for p in every if p.task == task},
-        }
-        creators = [st.get_component(cid).agent for cid in model.components]
-        # sharing: components this model uses together with other tasks' current models, and
-        # components that another task's agent created (reuse beyond the common root)
-        row["shared_components"] = sum(1 for cid in model.components if len(users[cid]) > 1)
-        row["foreign_components"] = sum(1 for a in creators if a not in (model.agent, "root"))
-        row["num_components"] = len(model.components)
-        rows.append({key: row[key] for key in (*LEADERBOARD_KEYS, *EXTRA_KEYS)})
-    return rows
-
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     with open_store(args) as st:
@@ -224,7 +163,7 @@ def describe_task(st: StoreAPI, task: str) -> dict[str, Any]:
               "serves": p.model_id == pointer.model_id} for p in st.pointers() if p.task == task]
     return {"task": pointer.to_dict(), "model": model.to_dict(), "components": components,
             "paths": paths, "kinds": kinds,
-            "cycles": _completed_cycles(st, pointer.agent, model.metrics.get("num_cycles")),
+            "cycles": completed_cycles(st, pointer.agent, model.metrics.get("num_cycles")),
             "model_cycle": model.metrics.get("num_cycles")}
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from agents import registry
 from store.errors import MissingReference
+from report.leaderboard import leaderboard_rows
 from store.records import ComponentRecord, Event, ModelRecord, TrialRecord
 from store.api import StoreAPI
 
@@ -159,6 +160,7 @@ class _Snapshot:
         self.events = st.events()
         self.pointers = {t.task: t for t in st.tasks()}
         self.agents = st.agents()
+        self.leaderboard = {row["task"]: row for row in leaderboard_rows(st)}
         published = st.published_models()
         self.published = {task: published[task] for task in sorted(published)}
         self.components: dict[str, ComponentRecord] = {}
@@ -242,29 +244,25 @@ def _lineage(snap: _Snapshot, model: ModelRecord) -> list[dict[str, Any]]:
 
 
 def _task_rows(snap: _Snapshot) -> list[dict[str, Any]]:
-    """One row per published task; its compute (``children`` ... ``flops_per_accepted_child``) is
-    every child trained for the task, by whichever agent, accepted or not."""
+    """One row per published task: the leaderboard's row (report.leaderboard: the same names and
+    numbers as ``query.py leaderboard``) plus what only the report shows. Its compute (``children`` ...
+    ``flops_per_accepted_child``) is every child trained for the task, by whichever agent, accepted
+    or not."""
     rows = []
     by_task: dict[str, list[TrialRecord]] = {}
     for trial in snap.trials:
         by_task.setdefault(trial.task, []).append(trial)
     for task, model in snap.published.items():
-        m, h = model.metrics, model.hparams
         own = sum(snap.params[c] for c in model.components
                   if snap.components[c].agent == model.agent)
         total = sum(snap.params[c] for c in model.components)
         pointer = snap.pointers.get(task)
+        row = {key: (_finite(v) if key in ("score", "quality", "test_quality") else v)
+               for key, v in snap.leaderboard[task].items()}
         rows.append({
-            "task": task, "model_id": model.id, "agent": model.agent, "preset": model.preset,
-            "preset_hash": model.preset_hash, "score": _finite(m.get("score")),
-            "quality": _finite(m.get("quality")), "test_quality": _finite(m.get("test_quality")),
-            "params": m.get("params"), "accounted_params": m.get("accounted_params"),
-            "flops": m.get("flops"), "num_layers": h.get("num_layers"),
-            "adapters": registry.parse_layer_ids(h.get("adapter_layers"), strict=False),
-            "image_size": h.get("ds_image_size"), "cycles": m.get("num_cycles"),
-            "num_classes": pointer.num_classes if pointer else h.get("num_classes"),
-            "updated_at": pointer.updated_at if pointer else model.created_at,
-            "components": len(model.components), "own_params": own, "reused_params": total - own,
+            **row, "preset": model.preset, "preset_hash": model.preset_hash,
+            "num_classes": pointer.num_classes if pointer else model.hparams.get("num_classes"),
+            "own_params": own, "reused_params": total - own,
             **_compute(by_task.get(task, [])),
             "lineage": _lineage(snap, model)})
     return rows

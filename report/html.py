@@ -10,6 +10,7 @@ import datetime as _dt
 from html import escape
 from typing import Any, Callable, Sequence
 
+from agents import registry
 from report import svg
 from report.build import NO_ACTION
 
@@ -159,22 +160,24 @@ def _summary(report: dict) -> str:
 
 
 def _leaderboard(report: dict, colours: _Colours) -> str:
-    headers = ["task", "model", "preset", "score", "quality", "test q.", "params",
-               "accounted", "own", "GFLOPs", "layers", "adapters", "image", "cycles",
+    headers = ["task", "model", "kind", "preset", "score", "quality", "test q.", "params",
+               "accounted", "own", "GFLOPs", "layers", "adapters", "image", "cycles", "model cycle",
                "children", "train images", "train FLOPs", "FLOPs / accepted", "published at"]
-    numeric = [False, False, False] + [True] * 16
+    numeric = [False, False, False, False] + [True] * 17
     rows = []
     for t in report["tasks"]:
         flops = t["flops"] / 1e9 if isinstance(t["flops"], (int, float)) else None
         rows.append([f"{_swatch(colours.of_task(t['task']))}<b>{escape(t['task'])}</b>",
                      _model_cell(t["model_id"], t["task"]),
+                     escape(t["kind"] + (f" ({', '.join(t['borrows'])})" if t["borrows"] else "")),
                      f"{_swatch(colours.of_preset(t['preset']))}{escape(t['preset'])}",
-                     _num(t["score"]), _num(t["quality"]), _num(t["test_quality"]),
+                     _num(t["score"], 4), _num(t["quality"], 4), _num(t["test_quality"], 4),
                      _count(t["params"]), _count(t["accounted_params"]), _count(t["own_params"]),
                      _num(flops, 4), _num(t["num_layers"]),
-                     escape(f"{len(t['adapters'])} at {','.join(map(str, t['adapters']))}"
-                            if t["adapters"] else "–"), _num(t["image_size"]),
-                     _num(t["cycles"]), _num(t.get("children")), _count(t.get("train_images")),
+                     escape(f"{len(ids)} at {','.join(map(str, ids))}" if (ids := registry.parse_layer_ids(
+                         t["adapter_layers"], strict=False)) else "–"), _num(t["image_size"]),
+                     _num(t["cycles"]), _num(t["model_cycle"]), _num(t.get("children")),
+                     _count(t.get("train_images")),
                      _flops(t.get("train_flops")), _flops(t.get("flops_per_accepted_child")),
                      f"<span title='{escape(_when(t['updated_at']))}'>"
                      f"{escape(_when(t['updated_at'])[11:])}</span>"])
