@@ -254,6 +254,13 @@ def resolve_preset(name: str, root: str | None = None) -> Preset:
                               f"choose from {', '.join(EXTENSIONS)}")
         if ext not in exts:
             exts.append(ext)
+    if "clock" in adds and "continue" in exts:
+        # Both set the learning-rate schedule and continue would win: an explicit +clock replaces the
+        # default method's continue (asking for both is a contradiction, said in one line).
+        if "continue" in adds:
+            raise PresetError(f"preset {name!r}: +clock and +continue both set the learning-rate "
+                              f"schedule; choose one (+anneal is continue that follows the clock)")
+        exts.remove("continue")
     ordered = tuple(e for e in EXTENSIONS if e in exts)
     budget = BUDGETS[budget_name]
     root = budget.root if root is None else root

@@ -66,5 +66,6 @@ def test_extension_names_resolve_and_change_the_hash():
     assert len({p.hash for p in presets}) == len(names)
     assert resolve_preset("cpu+guard").guard_foreign and not resolve_preset("cpu").guard_foreign
     assert resolve_preset("cpu+probe").probe_parents
-    assert resolve_preset("cpu+clock").clock_schedule is False  # +continue (default) takes precedence
+    # an explicit +clock replaces the default method's +continue (else it would be a silent no-op)
+    assert resolve_preset("cpu+clock").clock_schedule and not resolve_preset("cpu+clock").continue_schedule
     assert resolve_preset("cpu@base+clock").clock_schedule
