@@ -62,11 +62,20 @@ CRASH_TASK = "crash_task"
 CRASH_TTL = 0.2
 
 
-def crash_publisher_main(path: str, side_file: str, seed: int) -> None:
-    """Resume from the store and publish forever; after each commit returns, record its number.
+def _record(path: str, n: int) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(n))
+    os.replace(tmp, path)
 
-    The side file is replaced atomically, so after a SIGKILL it names the last publish that the
-    store promised to keep.
+
+def crash_publisher_main(path: str, side_file: str, seed: int) -> None:
+    """Resume from the store and publish forever; right before each commit call, record its number in
+    ``<side_file>.inflight``; after the commit returns, in the side file.
+
+    Both files are replaced atomically, so after a SIGKILL the side file names the last publish the
+    store promised to keep, and an in-flight number one above it says the kill landed while that
+    commit ran (or in the microseconds between its return and the record).
     """
     rng = np.random.default_rng(seed)
     with Store.open(path) as st:
@@ -76,11 +85,9 @@ def crash_publisher_main(path: str, side_file: str, seed: int) -> None:
         n = state.next_model_id if state else 0
         parent = state.best_model_id if state else None
         while True:
-            publish_next(st, CRASH_AGENT, token, CRASH_TASK, n, root, rng, parent, elems=2048)
-            tmp = f"{side_file}.tmp"
-            with open(tmp, "w") as f:
-                f.write(str(n))
-            os.replace(tmp, side_file)
+            publish_next(st, CRASH_AGENT, token, CRASH_TASK, n, root, rng, parent, elems=2048,
+                         before_commit=lambda: _record(f"{side_file}.inflight", n))
+            _record(side_file, n)
             parent = f"{CRASH_AGENT}:m{n}"
             n += 1
 

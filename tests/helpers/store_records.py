@@ -83,9 +83,10 @@ def child_model(agent: str, task: str, n: int, writes: list[ComponentWrite], roo
 
 def publish_next(st: Store, agent: str, token: str, task: str, n: int, root: ModelRecord,
                  rng: np.random.Generator, parent: str | None = None, elems: int = 64,
-                 flops: dict[str, int] | None = None) -> int:
+                 flops: dict[str, int] | None = None, before_commit=None) -> int:
     """Commit model n with its components, state and trial, and publish it; returns the seq.
-    ``flops``: the trial's recorded FLOPs tally (default none, as a store written before trials had it)."""
+    ``flops``: the trial's recorded FLOPs tally (default none, as a store written before trials had it).
+    ``before_commit()`` runs right before the commit call (the crash test marks the commit in flight)."""
     writes = child_writes(agent, n, rng, elems)
     model = child_model(agent, task, n, writes, root, parent)
     state = AgentState(agent_id=agent, task=task, cycle=n, generation=0, population=[model.id],
@@ -96,6 +97,8 @@ def publish_next(st: Store, agent: str, token: str, task: str, n: int, root: Mod
                         hparams_diff={}, quality=0.5, score=0.5, accepted=True, seconds=0.1,
                         train_images=64, preset="test", preset_hash="h0", created_at=time.time(),
                         **({"flops": flops} if flops is not None else {}))
+    if before_commit is not None:
+        before_commit()
     seq = st.commit(agent, token, components=writes, models=[model], state=state,
                     publish=pub(model), trials=[trial], event_data={"score": model.metrics["score"]})
     assert seq is not None
