@@ -11,7 +11,7 @@ import torch
 
 import agents  # noqa: F401  (torchvision fix before timm)
 from agents import generation as step
-from agents.agent import Agent, AgentOptions, agent_id_for, generation_rng
+from agents.agent import Agent, AgentOptions, generation_rng
 from agents.config import resolve_preset
 from agents.paths import copy_component
 from agents.training import make_model_and_optimizer, train_child

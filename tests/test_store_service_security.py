@@ -20,7 +20,7 @@ import time
 import pytest
 import zmq
 
-from helpers.swarm import run_cli
+from helpers.swarm import run_cli, wait_for
 from helpers.service_procs import start_service
 from store import Store
 from store.service import keys as keymod
@@ -118,12 +118,17 @@ def test_add_client_then_revoke_it_while_the_service_runs(secured, tmp_path):
     assert made.returncode == 0, made.stderr
     folder = os.path.join(keydir, "clients", "gpu-box-2")
     assert sorted(os.listdir(folder)) == ["client.key", "client.key_secret", "server.key"]
-    time.sleep(1.5)  # the service reloads authorized/ within a second
-    with RemoteStore.connect(svc.endpoint, keys=folder, cache_dir=str(tmp_path / "c"),
-                             connect_timeout=5) as st:
-        assert st.meta()["schema_version"] >= 1
+    def admitted() -> bool:  # the service reloads authorized/ by itself (about once a second)
+        try:
+            with RemoteStore.connect(svc.endpoint, keys=folder, cache_dir=str(tmp_path / "c"),
+                                     connect_timeout=1) as st:
+                return st.meta()["schema_version"] >= 1
+        except keymod.ServiceUserError:
+            return False
+
+    wait_for(admitted, 20, "the service to admit the new client")
     os.remove(os.path.join(keydir, "authorized", "gpu-box-2.key"))
-    time.sleep(1.5)
+    wait_for(lambda: not admitted(), 20, "the service to refuse the revoked client")
     with pytest.raises(keymod.ServiceUserError):
         RemoteStore.connect(svc.endpoint, keys=folder, cache_dir=str(tmp_path / "c"),
                             connect_timeout=3)

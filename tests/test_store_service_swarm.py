@@ -21,6 +21,8 @@ import pytest
 
 from helpers.service_procs import ENV, free_port, start_service
 from helpers.swarm import make_store, run_cli, wait_for
+
+from agents.agent import agent_id_for
 from store import Store
 from taskdata import load_task
 
@@ -90,7 +92,7 @@ def multihost(tmp_path_factory):
         wait_for(lambda: read(store, lambda s: len(s.trials(task=fourth)) >= 1), 180,
                  "the attached remote agent's first child")
         svc.kill()  # SIGKILL the service while remote agents train and commit
-        time.sleep(2.0)
+        time.sleep(2.0)  # an outage of 2 s (not a wait for something): the agents must ride it out
         svc = start_service(store, host=SERVICE_HOST, port=port, keys=keydir)
         codes = {name: p.wait(400) for name, p in procs.items()}
     finally:
@@ -150,7 +152,9 @@ def test_kill9_a_remote_agent_then_reattach_resumes_it(multihost):
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         before = read(m["store"], lambda s: [t.id for t in s.trials(task=task)])
-        time.sleep(3.5)  # its lease runs out (the service's clock decides)
+        aid = agent_id_for(task)
+        wait_for(lambda: not read(m["store"], lambda s: [a for a in s.live_agents() if a.agent_id == aid]),
+                 30, "the killed agent's lease to run out")
         second = launch("attach.py", *args, log=str(tmp / "greek2.log"),
                         env=remote_env(tmp, "127.0.0.3"))
         assert second.wait(300) == 0, open(tmp / "greek2.log").read()[-3000:]
