@@ -50,11 +50,19 @@ def test_agents_finish_and_publish_after_the_launcher_is_killed(tmp_path):
     assert read(store, lambda s: s.verify()) == []
 
 
+def _early(store: str) -> bool:
+    states = [read(store, lambda s: s.get_agent_state(agent_id_for(t))) for t in TASKS]
+    return all(st is not None and (st.cycle, st.generation) >= (0, 1) and st.cycle <= 1 for st in states)
+
+
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
     store = str(tmp_path / "store")
     launcher = _launch(store, str(tmp_path / "1.log"), cycles=3, new_session=True)
     try:
-        wait_for(lambda: os.path.exists(store) and _running(store), 120, "agents running")
+        # interrupt mid-run: every agent has trained a child and none is past its second cycle (of
+        # 3), so the swarm cannot finish before the signal lands
+        wait_for(lambda: os.path.exists(store) and _running(store) and _early(store), 120,
+                 "agents training in their first cycle")
         os.killpg(launcher.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the foreground group
         assert launcher.wait(120) == 130
     finally:
