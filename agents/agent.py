@@ -35,7 +35,7 @@ from agents.vit import VitConfig, preset_vit
 from protocol.bus import PeerBus
 from protocol.messages import Bye, Hello, Published
 from store import AgentState, LeaseLost, MissingReference, StoreAPI, StoreError, open_store
-from taskdata import load_task
+from taskdata import TaskDataError, check_source, load_task, parse_task_spec
 
 
 def agent_id_for(task: str, kind: str = "single") -> str:
@@ -90,7 +90,9 @@ class Agent:
         self.preset: Preset = resolve_preset(opts.preset, root=opts.root)
         self.vit: VitConfig = preset_vit(self.preset)
         self.method = agent_method(opts.kind)
-        self.agent_id = agent_id_for(opts.task, opts.kind)
+        # the task's name is its identity (store, views); the spec may say where its data is now
+        self.task, self.source = parse_task_spec(opts.task)
+        self.agent_id = agent_id_for(self.task, opts.kind)
         self.device = torch.device(opts.device)
         self.cycles = opts.cycles if opts.cycles is not None else self.preset.budget.cycles
         self.stop_requested = False
@@ -114,6 +116,14 @@ class Agent:
         tensors = TaskTensors(data, self.device, 1 << 30 if self.method.full_validation
                               else self.preset.validation_examples)
         self.store = self._given_store or open_store(o.store, create=True, keys=o.keys)
+        source = {"spec": self.source, "fingerprint": data.fingerprint()}
+        try:  # other data under this task's name: refused before anything is taken or written
+            prior = self.store.get_agent_state(self.agent_id)
+            check_source(prior.source if prior else None, o.task, source["fingerprint"])
+        except TaskDataError:
+            if self._given_store is None:
+                self.store.close()
+            raise
         ensure_root(self.store, self.preset, self.vit, seed=o.seed)
         if self.method.needs_single_path:
             try:
@@ -124,21 +134,22 @@ class Agent:
                 raise
         self.bus = PeerBus(self.agent_id, host=o.bind_host)
         self.token = self.store.acquire_lease(
-            self.agent_id, o.task, ttl=o.lease_ttl, host=socket.gethostname(), pid=os.getpid(),
+            self.agent_id, self.task, ttl=o.lease_ttl, host=socket.gethostname(), pid=os.getpid(),
             device=str(self.device), endpoint=self.bus.endpoint, preset=self.preset.name,
             kind=self.method.kind)
         self.view = SystemView(self.store, self.agent_id, self.device)
-        self.ctx = step.Context(self.agent_id, o.task, self.preset, self.vit, self.cycles, tensors,
+        self.ctx = step.Context(self.agent_id, self.task, self.preset, self.vit, self.cycles, tensors,
                                 self.view, self.method.scorer(self.preset, self.vit), probe_cache={},
                                 prefix_cache=self.method.cache(o.cache_mb))
         self.state = self.store.get_agent_state(self.agent_id) or AgentState(
-            agent_id=self.agent_id, task=o.task, cycle=0, generation=0, population=[],
+            agent_id=self.agent_id, task=self.task, cycle=0, generation=0, population=[],
             best_model_id=None, next_component_id=0, next_model_id=0, offsprings={},
             updated_at=time.time())
+        self.state = dataclasses.replace(self.state, source=source)  # committed with the next generation
         self.store.heartbeat(self.agent_id, self.token, ttl=o.lease_ttl, state="running",
                              progress=self.progress.to_dict())
         self._peers()
-        self.bus.send(Hello(agent_id=self.agent_id, task=o.task, endpoint=self.bus.endpoint,
+        self.bus.send(Hello(agent_id=self.agent_id, task=self.task, endpoint=self.bus.endpoint,
                             pid=os.getpid(), host=socket.gethostname()))
         self._hb_stop = threading.Event()
         self._hb = threading.Thread(target=self._heartbeat_loop, daemon=True)
@@ -146,13 +157,13 @@ class Agent:
 
     def _wait_for_single_path(self) -> None:
         """A multipath agent builds on its task's single-path model: fail at once, or wait for it."""
-        while self.opts.task not in self.store.published_models(kind="single"):
+        while self.task not in self.store.published_models(kind="single"):
             if not self.opts.wait_for_model:
                 raise NoSinglePathModel(
-                    f"task {self.opts.task!r} has no single-path model yet: start its single-path agent "
-                    f"first (attach.py --task {self.opts.task}) and let it publish")
+                    f"task {self.task!r} has no single-path model yet: start its single-path agent "
+                    f"first (attach.py --task {self.task}) and let it publish")
             if self.stop_requested:
-                raise NoSinglePathModel(f"stopped while waiting for {self.opts.task!r}'s single-path model")
+                raise NoSinglePathModel(f"stopped while waiting for {self.task!r}'s single-path model")
             time.sleep(1.0)
 
     def _peers(self) -> None:
@@ -166,7 +177,7 @@ class Agent:
                 self.store.heartbeat(self.agent_id, self.token, ttl=self.opts.lease_ttl,
                                      progress=self.progress.to_dict())
             except LeaseLost as exc:
-                print(f"[{self.opts.task}] stopping: {exc}", flush=True)
+                print(f"[{self.task}] stopping: {exc}", flush=True)
                 self.lease_lost = self.stop_requested = True
                 return
             except Exception:  # a transient store error must not kill the lease thread
@@ -217,7 +228,7 @@ class Agent:
             # Another agent took this task over (our heartbeats were late): it owns the task now,
             # and nothing of ours was written after the takeover (the store refused it).
             self.lease_lost = True
-            print(f"[{self.opts.task}] stopping: {exc}", flush=True)
+            print(f"[{self.task}] stopping: {exc}", flush=True)
         finally:
             self._close()
 
@@ -233,8 +244,8 @@ class Agent:
             except LeaseLost:
                 pass
             except StoreError as exc:  # e.g. the store service is gone: the lease just expires
-                print(f"[{self.opts.task}] could not release the lease: {exc}", flush=True)
-        self.bus.send(Bye(agent_id=self.agent_id, task=self.opts.task, reason=state))
+                print(f"[{self.task}] could not release the lease: {exc}", flush=True)
+        self.bus.send(Bye(agent_id=self.agent_id, task=self.task, reason=state))
         time.sleep(0.05)  # let the bye leave before LINGER cuts it
         self.bus.close()
         if self._given_store is None:
@@ -246,7 +257,7 @@ class Agent:
         self.population = [self.view.path(m) for m in self.state.population]
         self._rescore()
         if self.verbose:
-            print(f"[{self.opts.task}] cycle {self.state.cycle + 1}/{self.cycles} from generation "
+            print(f"[{self.task}] cycle {self.state.cycle + 1}/{self.cycles} from generation "
                   f"{self.state.generation + 1} with preset {self.preset.name}; population: "
                   f"{', '.join(p.id for p in self.population) or 'empty (parents come from the system)'}",
                   flush=True)
@@ -297,7 +308,7 @@ class Agent:
         except MissingReference as exc:
             # `gc` removed something this child shares (an old model another agent replaced):
             # drop the child, forget cached paths, keep the trial and the counters.
-            print(f"[{self.opts.task}] child {proposal.child.id} dropped: {exc}", flush=True)
+            print(f"[{self.task}] child {proposal.child.id} dropped: {exc}", flush=True)
             verdict = step.dropped(verdict)
             self.view.prune(verdict.population, forget_cached=True)
             self._apply(verdict)
@@ -324,7 +335,7 @@ class Agent:
     def _print_generation(self, p: step.Proposal, v: step.Verdict) -> None:
         verdict = "PUBLISHED" if v.published else ("kept" if v.kept else "dropped")
         q = "-" if v.quality is None else f"{v.quality:.4f}"
-        print(f"[{self.opts.task}] cycle {self.state.cycle + 1}/{self.cycles} "
+        print(f"[{self.task}] cycle {self.state.cycle + 1}/{self.cycles} "
               f"gen {self.state.generation}/{self.preset.budget.children_per_cycle}: {p.child.id} "
               f"from {p.parent.id} q={q} {verdict} {v.seconds:.1f}s "
               f"{' '.join(p.child.mutations) or '-'}", flush=True)
@@ -345,7 +356,7 @@ class Agent:
             self.view.remember(m)
         if w.publish and seq is not None:
             m = w.publish.metrics
-            self.bus.send(Published(agent_id=self.agent_id, task=self.opts.task,
+            self.bus.send(Published(agent_id=self.agent_id, task=self.task,
                                     model_id=w.publish.id, seq=seq, score=m.get("score"),
                                     quality=m.get("quality")))
             self.progress.last_event = f"{event_kind} #{seq}"

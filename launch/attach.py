@@ -6,6 +6,7 @@ to the running agents, and draws its first parents from what the others have pub
 starts from the system's knowledge. Re-attaching a task whose agent died resumes it from the store.
 
   python launch/attach.py --store swarm-store --task glyphs_arabic
+  python launch/attach.py --store swarm-store --task mydigits=npz:/data/mydigits.npz
   python launch/attach.py --store swarm-store --task mnist5k --preset demo+penalty --cycles 6
   python launch/attach.py --store tcp://10.0.0.5:5710 --keys keys/ --task uci_digits --bind-host 10.0.0.7
   python launch/attach.py --store swarm-store --task glyphs_greek --kind multipath --cycles 1
@@ -33,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interface the agent's announcement socket binds (default 127.0.0.1; give "
                         "this host's address when the other agents run elsewhere)")
     p.add_argument("--task", required=True,
-                   help="task name: a built-in (mnist5k, uci_digits, fashion_mnist, animal_mnist, "
-                        "glyphs_<script>) or folder:PATH or npz:PATH")
+                   help="task: a built-in (mnist5k, uci_digits, fashion_mnist, animal_mnist, "
+                        "glyphs_<script>), NAME=npz:PATH or NAME=folder:PATH (your data under a name "
+                        "of yours: move the file and it resumes), or unnamed npz:PATH / folder:PATH")
     p.add_argument("--kind", default="single", choices=("single", "multipath"),
                    help="agent kind: single (grows the task's ViT) or multipath (borrows other "
                         "tasks' frozen models; needs the task's single-path model) (default single)")
@@ -62,19 +64,21 @@ def main() -> int:
     try:
         from agents.agent import AgentOptions, agent_id_for, run_agent
         from agents.config import resolve_preset
+        from taskdata import parse_task_spec
 
         target = args.cycles if args.cycles is not None else resolve_preset(args.preset).budget.cycles
-        aid = agent_id_for(args.task, args.kind)
+        task = parse_task_spec(args.task)[0]  # NAME=npz:PATH: the name is the task (bad name: exit 2)
+        aid = agent_id_for(task, args.kind)
         state = store.get_agent_state(aid)
         held = any(a.agent_id == aid for a in store.live_agents())  # by the store's clock
-        if args.kind == "multipath" and args.task not in store.published_models(kind="single"):
-            raise UserError(f"task {args.task!r} has no single-path model in {args.store} yet: a "
+        if args.kind == "multipath" and task not in store.published_models(kind="single"):
+            raise UserError(f"task {task!r} has no single-path model in {args.store} yet: a "
                             f"multipath agent builds on it (attach the task without --kind first)")
     finally:
         store.close()
     if state is not None and state.cycle >= target and not held:  # a held lease is refused below
         # Nothing to do is still an answer: say it, and how to get more.
-        print(f"attach.py: task {args.task} is already at cycle {state.cycle} of {target}; nothing "
+        print(f"attach.py: task {task} is already at cycle {state.cycle} of {target}; nothing "
               f"to do (raise --cycles above {state.cycle} to continue it)", file=sys.stderr)
         return 0
 

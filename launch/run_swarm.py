@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--benchmark", default=None, help="built-in task set (default mccb-offline)")
     g.add_argument("--tasks", default=None,
-                   help="comma-separated tasks: built-ins, glyphs_<script>, folder:PATH, npz:PATH")
+                   help="comma-separated tasks: built-ins, glyphs_<script>, NAME=npz:PATH or "
+                        "NAME=folder:PATH (your data under your name), npz:PATH, folder:PATH")
     p.add_argument("--preset", default="demo",
                    help="BUDGET[@base][+ext...]: budgets vit-t3, vit-b, vit-l, cpu, demo, test; extensions "
                         "autotune, adapters, layers, imagesize, continue, hurdle (these six are the default "
@@ -69,13 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_tasks(args) -> list[str]:
-    from taskdata import benchmark_tasks
+    """Task specs (a built-in, NAME=npz:PATH, NAME=folder:PATH, npz:PATH, folder:PATH)."""
+    from taskdata import benchmark_tasks, parse_task_spec
 
     if args.tasks:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         if not tasks:
             raise UserError("--tasks is empty")
-        if len(set(tasks)) != len(tasks):
+        names = [parse_task_spec(t)[0] for t in tasks]  # a bad name: one line, exit 2
+        if len(set(names)) != len(names):
             raise UserError("--tasks names a task twice (one agent per task)")
         return tasks
     return list(benchmark_tasks(args.benchmark or "mccb-offline"))
@@ -99,9 +102,12 @@ def spawn_agents(args, agents: list[tuple[str, str]], devices: list[str]
     n_cpu = sum(1 for i in range(len(agents)) if devices[i % len(devices)] == "cpu")
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, n_cpu))
     procs = {}
-    for i, (task, kind) in enumerate(agents):
+    from taskdata import parse_task_spec
+
+    for i, (spec, kind) in enumerate(agents):
+        task = parse_task_spec(spec)[0]
         dev = devices[i % len(devices)]
-        opts = AgentOptions(store=args.store, task=task, preset=args.preset, device=dev,
+        opts = AgentOptions(store=args.store, task=spec, preset=args.preset, device=dev,
                             cycles=args.cycles, seed=args.seed, root=args.root,
                             threads=threads if dev == "cpu" else None, keys=args.keys,
                             bind_host=args.bind_host, cache_mb=args.prefix_cache_mb, kind=kind,
@@ -111,6 +117,27 @@ def spawn_agents(args, agents: list[tuple[str, str]], devices: list[str]
         proc.start()
         procs[(task, kind)] = proc
     return procs
+
+
+def _check_sources(args, agents: list[tuple[str, str]]) -> None:
+    """A task (NAME=npz:PATH) already grown on other data is refused (TaskDataError: exit 2)."""
+    from agents.agent import agent_id_for
+    from store import NotAStore, is_remote, open_store
+    from taskdata import check_source, load_task, parse_task_spec
+
+    if not is_remote(args.store) and not os.path.isdir(args.store):
+        return
+    try:
+        store = open_store(args.store, readonly=True, keys=args.keys)
+    except NotAStore:
+        return
+    try:
+        for spec, kind in agents:
+            state = store.get_agent_state(agent_id_for(parse_task_spec(spec)[0], kind))
+            if state is not None and state.source.get("fingerprint"):
+                check_source(state.source, spec, load_task(spec).fingerprint())
+    finally:
+        store.close()
 
 
 def _has_root(spec: str, keys: str | None) -> bool:
@@ -147,7 +174,10 @@ def main() -> int:
     check_devices(devices)
     tasks = resolve_tasks(args)
     kinds = resolve_kinds(args)
-    agents = [(t, k) for t in tasks for k in kinds]
+    agents = [(t, k) for t in tasks for k in kinds]  # (spec, kind)
+    from taskdata import parse_task_spec
+
+    names = [parse_task_spec(t)[0] for t in tasks]
     from agents.agent import agent_id_for
     from agents.bootstrap import ensure_root
     from taskdata import fetch_all
@@ -165,6 +195,7 @@ def main() -> int:
         source = resolve_root(preset.root, vit, preset.budget.image_size, build=False)
         if source.path is not None:
             root_from_timm_checkpoint(source.path, vit, preset.default_hparams(None))
+    _check_sources(args, agents)  # other data under a task's name: one line, before anything else
     fetch_all(tasks)  # every task's data is there (or one clear line says what is missing)
     if needs_root and source is None:  # the built-in pretrained root: built here once, then cached
         source = resolve_root(preset.root, vit, preset.budget.image_size,
@@ -175,14 +206,15 @@ def main() -> int:
     try:
         ensure_root(store, preset, vit, seed=args.seed, source=source)
         live = {a.agent_id: a for a in store.live_agents()}
-        for t, k in agents:
+        for spec, k in agents:
+            t = parse_task_spec(spec)[0]
             if agent_id_for(t, k) in live:
                 a = live[agent_id_for(t, k)]
                 raise UserError(f"task {t} already has a live {k} agent (pid {a.pid} on {a.host}); "
                                 f"stop it or leave {t} out")
         if "single" not in kinds:  # multipath agents alone build on models that must exist
             singles = store.published_models(kind="single")
-            missing = [t for t in tasks if t not in singles]
+            missing = [t for t in names if t not in singles]
             if missing:
                 raise UserError(f"--kinds multipath: {', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} "
                                 f"no single-path model yet; use --kinds single,multipath")
@@ -191,7 +223,8 @@ def main() -> int:
     print(f"swarm: {len(agents)} agents, preset {preset.name} [{preset.hash}], store {args.store}, "
           f"devices {','.join(devices)}; logs in {args.logs}", flush=True)
     procs = spawn_agents(args, agents, devices)
-    view = ProgressView(args.store, agents, sys.stdout, keys=args.keys)
+    view = ProgressView(args.store, [(parse_task_spec(t)[0], k) for t, k in agents], sys.stdout,
+                        keys=args.keys)
     interrupted = False
     try:
         while any(p.is_alive() for p in procs.values()):

@@ -335,13 +335,16 @@ class AgentState(_Record):
     offsprings: dict[str, int]
     updated_at: float
     cycle_images: int = 0   # training images the current cycle has spent (a cycle's budget, +hurdle)
+    # where the task's data came from and its content fingerprint ({"spec", "fingerprint"}): a task
+    # named NAME=npz:PATH resumes from a moved file, and refuses other data under its name
+    source: dict[str, Any] = field(default_factory=dict)
 
     _SPEC: ClassVar = {"agent_id": _id, "task": _id, "cycle": _int, "generation": _int,
                        "population": _list_of(_id), "best_model_id": _optional(_id),
                        "next_component_id": _int, "next_model_id": _int, "offsprings": _INT_MAP,
-                       "updated_at": _float, "cycle_images": _int}
+                       "updated_at": _float, "cycle_images": _int, "source": _PLAIN_MAP}
     _RETIRED: ClassVar = frozenset({"extra"})  # a free-form map nothing read; old states still load
-    _ADDED: ClassVar = {"cycle_images": 0}
+    _ADDED: ClassVar = {"cycle_images": 0, "source": {}}
 
 
 @_record

@@ -20,6 +20,8 @@ from taskdata.registry import (
     BENCHMARKS,
     BUILTIN_TASKS,
     TaskData,
+    check_source,
+    parse_task_spec,
     benchmark_tasks,
     describe_tasks,
     fetch_all,
@@ -29,6 +31,7 @@ from taskdata.registry import (
 
 __all__ = [
     "BENCHMARKS", "BUILTIN_TASKS", "TaskData", "TaskDataError", "augment_train", "benchmark_tasks",
+    "check_source", "parse_task_spec",
     "default_cache_dir", "describe_tasks", "fetch_all", "known_task_names", "load_task",
     "preprocess_eval", "to_tensor",
 ]

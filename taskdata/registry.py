@@ -8,6 +8,7 @@ each time. Split rules are in ``splits.py``; per-source details in ``sources.py`
 from __future__ import annotations
 
 import hashlib
+import re
 import os
 import time
 from dataclasses import dataclass, field
@@ -199,11 +200,45 @@ def _load_glyphs(name: str, script: str, cache: Path) -> TaskData:
     )
 
 
-def load_task(name: str, cache_dir: str | os.PathLike | None = None) -> TaskData:
-    """Load a task by name (see ``known_task_names()``, ``folder:PATH``, ``npz:PATH``)."""
-    if not isinstance(name, str) or not name:
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def parse_task_spec(spec: str) -> tuple[str, str]:
+    """``NAME=npz:PATH`` or ``NAME=folder:PATH`` -> (NAME, source): the name is the task's identity in
+    the store, the source only says where its data is now (so the file may move). Any other task ->
+    (task, task): a built-in, or an unnamed ``npz:``/``folder:`` task named by its path."""
+    if not isinstance(spec, str) or not spec:
         raise TaskDataError("task name must be a non-empty string, e.g. mnist5k or folder:/data/birds")
-    generic = parse_generic(name)
+    if parse_generic(spec) is not None or "=" not in spec:
+        return spec, spec
+    name, source = spec.split("=", 1)
+    if not TASK_NAME.match(name):
+        raise TaskDataError(f"bad task name {name!r} in {spec!r}: use 1-63 letters, digits, '_', '-' or "
+                            f"'.', starting with a letter or digit")
+    if name in BUILTIN_TASKS or name.startswith(GLYPH_PREFIX) or name == "root":
+        raise TaskDataError(f"task name {name!r} is a built-in task's (or reserved): choose another name")
+    if parse_generic(source) is None:
+        raise TaskDataError(f"{spec!r}: a named task takes npz:PATH or folder:PATH after '=', "
+                            f"got {source!r}")
+    return name, source
+
+
+def check_source(recorded: dict | None, spec: str, fingerprint: str) -> None:
+    """Refuse to grow a task on other data than it was grown on (``recorded``: what its agent's state
+    says, ``{"spec", "fingerprint"}``); the same data from another place (a moved file) is fine."""
+    if recorded and recorded.get("fingerprint") not in (None, fingerprint):
+        name = parse_task_spec(spec)[0]
+        raise TaskDataError(
+            f"task {name!r} was grown on other data ({recorded.get('spec')}, fingerprint "
+            f"{recorded['fingerprint']}) than {parse_task_spec(spec)[1]} (fingerprint {fingerprint}): "
+            f"give these data another name")
+
+
+def load_task(name: str, cache_dir: str | os.PathLike | None = None) -> TaskData:
+    """Load a task by name (see ``known_task_names()``, ``folder:PATH``, ``npz:PATH``,
+    ``NAME=npz:PATH``, ``NAME=folder:PATH``)."""
+    name, source = parse_task_spec(name)
+    generic = parse_generic(source)
     if generic is not None:
         kind, path = generic
         data = load_folder(path) if kind == "folder" else load_npz(path)
@@ -254,7 +289,7 @@ def fetch_all(names: list[str], cache_dir: str | os.PathLike | None = None) -> l
         spec = data.spec()
         h, w, c = spec["image_shape"]
         s = spec["sizes"]
-        progress(f"{name} ready: {spec['num_classes']} classes, {s['train']}/{s['val']}/{s['test']} "
+        progress(f"{data.name} ready: {spec['num_classes']} classes, {s['train']}/{s['val']}/{s['test']} "
                  f"train/val/test images of {h}x{w}x{c} ({time.perf_counter() - start:.1f} s)")
         specs.append(spec)
         del data
