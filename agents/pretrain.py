@@ -238,6 +238,18 @@ def _train(recipe: RootRecipe, data: TaskData, log) -> tuple[dict, dict]:
                  "torch_threads": torch.get_num_threads()}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _card(recipe: RootRecipe, key: str, corpus_info: dict, data: TaskData, stats: dict) -> dict:
     import numpy
     import timm
@@ -252,6 +264,9 @@ def _card(recipe: RootRecipe, key: str, corpus_info: dict, data: TaskData, stats
             "corpus_sizes": data.sizes(), **stats,
             "versions": {"torch": torch.__version__, "timm": timm.__version__, "numpy": numpy.__version__,
                          "pillow": pil, "python": platform.python_version()},
+            # the build is bit-for-bit repeatable only on the same kind of CPU (and versions, threads):
+            # float reductions are ordered by the kernels the CPU's instruction set selects
+            "machine": {"cpu": cpu_model(), "machine": platform.machine()},
             "timm_model": {"name": recipe.vit_config().timm_name, "depth": recipe.depth,
                            "img_size": recipe.image_size, "act_layer": "gelu_tanh",
                            "note": "blocks, cls token, pos embed, patch embed, final norm; head is the "

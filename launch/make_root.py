@@ -103,6 +103,9 @@ def main() -> int:
         print(f"root {c['name']}: {built.path}")
         print(f"  corpus {c['corpus'].get('name')}: {c['num_classes']} classes, {c['images_seen']:,} images "
               f"seen; held-out accuracy {c['heldout_test_accuracy']:.4f}; built in {c['wall_seconds']:.0f} s")
+        print(f"  file sha256 {c.get('file_sha256', '?')}; built on {c.get('machine', {}).get('cpu', '?')} "
+              f"(repeatable bit for bit on the same CPU kind; compare with "
+              f"benchmarks/results/root-card.json)")
         print(f"  use it: python launch/run_swarm.py --root {c['name']}")
     return 0
 
