@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 
@@ -156,6 +157,9 @@ def _has_root(spec: str, keys: str | None) -> bool:
 
 
 def main() -> int:
+    # Ctrl-C stops the swarm cleanly even when this process inherited SIGINT as ignored (a shell starts
+    # background jobs that way): the agents install their own handler, the launcher needs Python's.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = build_parser().parse_args()
     from store import is_remote, open_store
 
