@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from agents.timm_names import TIMM_MODELS, timm_key
 from store import StoreAPI
@@ -57,6 +57,18 @@ def _add_tensors(store: StoreAPI, model_id: str, prefix: str, tensors: dict, com
         for tname in sorted(params):
             name = rename(comp.name, tname) if rename else f"{prefix}{comp.name}.{tname}"
             tensors[name] = params[tname].to_numpy()
+
+
+def _canonical(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted (the writer orders metadata as a hash map
+    does, differently in each process): equal models export to equal bytes. The header keeps its
+    length, so every offset stays valid."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    if len(raw) > n:  # cannot happen for a reordering; keep the writer's bytes rather than break them
+        return data
+    return data[:8] + raw + b" " * (n - len(raw)) + data[8 + n:]
 
 
 def export_task(store: StoreAPI, task: str, out_path: str, fmt: str = "munet") -> dict:
@@ -117,8 +129,9 @@ def export_task(store: StoreAPI, task: str, out_path: str, fmt: str = "munet") -
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".export-", suffix=".tmp")
     os.close(fd)
     try:  # written beside the target, then renamed over it: a reader never sees half a file
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
+        with open(tmp, "wb") as f:
+            f.write(_canonical(save(tensors, metadata=metadata)))
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out_path)
     except BaseException:

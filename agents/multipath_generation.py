@@ -159,9 +159,8 @@ def propose(ctx: Context, c: Counters, population: list[ModelPath], rng: random.
     comps: dict[str, Component] = {}
     for name in registry.component_names(h):
         old = parent.components.get(name) if own is not None else None
-        same_path = not name.startswith("connector_") or (
-            int(name.rsplit("_", 1)[1]) < len(inherited) and inherited[int(name.rsplit("_", 1)[1])]
-            == refs[int(name.rsplit("_", 1)[1])])
+        slot = registry.split_component_name(name)[1]  # connector_k serves path k; the router: None
+        same_path = slot is None or (slot < len(inherited) and inherited[slot] == refs[slot])
         fresh = init_component(name, ctx.vit, h, gen)
         if old is not None and same_path and old.shapes() == {k: tuple(v.shape) for k, v in fresh.items()}:
             comps[name] = copy_component(old, ctx.agent_id, next(ids))

@@ -188,8 +188,8 @@ def test_concurrent_first_loads_do_not_corrupt_the_cache(tmp_path):
                 p.kill()
             p.join()
     assert results[0] == results[1]
-    files = os.listdir(tmp_path)
-    assert len(files) == 1 and files[0].endswith(".npz"), files
+    files = sorted(os.listdir(tmp_path))  # the entry and its checksum sidecar, no temp files
+    assert len(files) == 2 and files[0].endswith(".npz") and files[1] == files[0] + ".sha256", files
     assert load_task("glyphs_hebrew", cache_dir=tmp_path).fingerprint() == results[0]
 
 
