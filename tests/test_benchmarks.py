@@ -203,3 +203,29 @@ def test_baselines_count_flops_like_the_swarm_and_spend_a_flops_budget(small_set
     assert 0 <= sum(both.values()) - joint.train_flops < step + val + everything * len(tasks)
     assert sum(o.train_images for o in joint.per_task.values()) == steps * bs
     assert all(o.train_images > 0 and o.flops_budget == budget // 2 for o in joint.per_task.values())
+
+
+@pytest.mark.slow
+def test_multipath_benchmark_smoke_writes_every_result_key(tmp_path):
+    """benchmarks/multipath.py on a tiny grown store: the control run, the multipath run, the result
+    keys the issue names, and the speed measurement."""
+    base = str(tmp_path / "base")
+    r = run_cli("launch/run_swarm.py", "--store", base, "--tasks", "uci_digits,glyphs_greek", "--preset",
+                "test", "--cycles", "1", "--refresh", "0.5", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "out"
+    r = run_cli("benchmarks/multipath.py", "--base", base, "--work", str(tmp_path / "work"), "--preset",
+                "test", "--speed-task", "uci_digits", "--out", str(out), timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((out / "multipath.json").read_text())
+    for task in ("uci_digits", "glyphs_greek"):
+        row = res["tasks"][task]
+        for key in ("single_path", "control", "multipath", "best"):
+            assert 0.0 <= row[key] <= 1.0, (task, key)
+        # the served model is the better validation score of the two kinds
+        assert row["best"] in (row["single_path"], row["multipath"])
+        assert set(res["router_weights"][task]) and all(0 < w < 1 for w in res["router_weights"][task].values())
+    assert set(res["mean"]) >= {"single_path", "control", "best"}
+    assert _finite_positive(res["speed"]["multipath_vs_top_block_per_image"])
+    assert res["spent"]["multipath"]["children"] > 0 and res["spent"]["control"]["children"] > 0
+    assert "router weight per borrowed task" in (out / "multipath.md").read_text()
