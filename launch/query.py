@@ -20,6 +20,7 @@ import datetime as _dt
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -232,6 +233,8 @@ def cmd_events(args: argparse.Namespace) -> int:
                 else format_event(event)
             print(line, flush=True)
 
+    if args.follow:  # Ctrl-C ends the follow even if this process inherited SIGINT as ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     with open_store(args) as st:
         after = args.after
         try:
