@@ -220,7 +220,13 @@ class Agent:
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
-        self._open()
+        try:
+            self._open()
+        except NoSinglePathModel:
+            if self.stop_requested:  # stopped while a multipath agent waited for its task's model
+                print(f"[{self.task}] stopped before the task's single-path model existed", flush=True)
+                return
+            raise
         try:
             while self.state.cycle < self.cycles and not self.stop_requested:
                 self._run_cycle()

@@ -23,7 +23,8 @@ class UserError(ValueError):
 # Errors of the agent stack that mean "the user asked for something impossible", looked up only in
 # modules already loaded: an error path must never import torch (query.py runs without it).
 _AGENT_USER_ERRORS = (("agents.config", "PresetError"), ("agents.bootstrap", "RootMismatch"),
-                      ("agents.roots", "CheckpointError"), ("taskdata.cache", "TaskDataError"))
+                      ("agents.roots", "CheckpointError"), ("taskdata.cache", "TaskDataError"),
+                      ("agents.agent", "NoSinglePathModel"))
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

@@ -118,15 +118,20 @@ def test_add_client_then_revoke_it_while_the_service_runs(secured, tmp_path):
     assert made.returncode == 0, made.stderr
     folder = os.path.join(keydir, "clients", "gpu-box-2")
     assert sorted(os.listdir(folder)) == ["client.key", "client.key_secret", "server.key"]
-    def admitted() -> bool:  # the service reloads authorized/ by itself (about once a second)
+
+    def admitted() -> bool:
+        """The service answers this client's hello (it reloads authorized/ about once a second)."""
         try:
-            with RemoteStore.connect(svc.endpoint, keys=folder, cache_dir=str(tmp_path / "c"),
-                                     connect_timeout=1) as st:
-                return st.meta()["schema_version"] >= 1
+            RemoteStore.connect(svc.endpoint, keys=folder, cache_dir=str(tmp_path / "c"),
+                                connect_timeout=1).close()
+            return True
         except keymod.ServiceUserError:
             return False
 
     wait_for(admitted, 20, "the service to admit the new client")
+    with RemoteStore.connect(svc.endpoint, keys=folder, cache_dir=str(tmp_path / "c"),
+                             connect_timeout=5) as st:
+        assert st.meta()["schema_version"] >= 1
     os.remove(os.path.join(keydir, "authorized", "gpu-box-2.key"))
     wait_for(lambda: not admitted(), 20, "the service to refuse the revoked client")
     with pytest.raises(keymod.ServiceUserError):
