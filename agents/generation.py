@@ -250,9 +250,20 @@ def judge(ctx: Context, p: Proposal, o: Outcome, population: list[ModelPath]) ->
         if child in new_population:
             kept = child
             components = [comp for comp in child.ordered() if not comp.stored]
+    score = r.score if r.accepted else (None if r.quality is None else p.score_of(r.quality))
+    counters, trial = finish(ctx, p, r, kept, score, image_size=int(child.hparams["ds_image_size"]),
+                             augment=augment_flags(child.hparams))
+    writes = Writes(components, [kept] if kept else [], [trial], published)
+    return Verdict(r.accepted, kept, published, metrics, new_population, list(population),
+                   counters, writes, r.quality, r.seconds)
+
+
+def finish(ctx: Context, p: Proposal, r: TrainResult, kept: ModelPath | None, score: float | None, *,
+           image_size: int | None, augment: list[str]) -> tuple[Counters, TrialRecord]:
+    """The counters after a child and its trial record (every agent kind judges with these)."""
+    child = p.child
     counters = dataclasses.replace(p.counters, generation=p.counters.generation + 1,
                                    cycle_images=p.counters.cycle_images + r.train_images)
-    score = r.score if r.accepted else (None if r.quality is None else p.score_of(r.quality))
     trial = TrialRecord(
         id=child.id, agent=ctx.agent_id, task=ctx.task, cycle=counters.cycle,
         generation=counters.generation - 1, parent=p.parent.id,
@@ -262,11 +273,9 @@ def judge(ctx: Context, p: Proposal, o: Outcome, population: list[ModelPath]) ->
         train_images=r.train_images, preset=ctx.preset.name, preset_hash=ctx.preset.hash,
         created_at=time.time(), evals=list(r.evals),
         threshold=None if math.isinf(p.threshold) else p.threshold,
-        lowest_trainable=r.lowest_trainable, image_size=int(child.hparams["ds_image_size"]),
-        augment=augment_flags(child.hparams), flops=r.flops.to_dict(), stopped=r.stopped)
-    writes = Writes(components, [kept] if kept else [], [trial], published)
-    return Verdict(r.accepted, kept, published, metrics, new_population, list(population),
-                   counters, writes, r.quality, r.seconds)
+        lowest_trainable=r.lowest_trainable, image_size=image_size, augment=augment,
+        flops=r.flops.to_dict(), stopped=r.stopped)
+    return counters, trial
 
 
 def dropped(v: Verdict) -> Verdict:

@@ -35,16 +35,15 @@ import torch.nn.functional as F
 
 from agents import compute, registry
 from agents.config import MU_RANGE
-from agents.generation import Context, Counters, Outcome, Proposal, Verdict, Writes
+from agents.generation import Context, Counters, Outcome, Proposal, Verdict, Writes, finish
 from agents.multipath import (MAX_POPULATION, STEPS_SCALE, frozen_path_module, MULTIPATH_DEFAULTS, MULTIPATH_RANGES, MultipathModel,
                               model_flops, path_flops, trainable_flops)
-from agents.mutation import hparams_diff, incremental_mutation
+from agents.mutation import incremental_mutation
 from agents.paths import Component, ModelPath, copy_component
 from agents.progress import ChildMetrics
 from agents.selection import best_path, retain
-from agents.training import TrainResult, lr_at
+from agents.training import TrainResult, lr_at, sgd_step
 from agents.vit import PathModel, VitConfig, init_component
-from store import TrialRecord
 from taskdata.augment import preprocess_eval
 
 KIND = "multipath"
@@ -226,14 +225,8 @@ def train(ctx: Context, p: Proposal, gen: torch.Generator,
             result.aborted = True
             break
         idx = next(batches)
-        lr = lr_at(step, total, h["opt_lr"], h["opt_lr_warmup_ratio"])
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss = F.cross_entropy(model.combine([o[idx] for o in train_out]), data.train_y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        sgd_step(opt, params, F.cross_entropy(model.combine([o[idx] for o in train_out]), data.train_y[idx]),
+                 lr_at(step, total, h["opt_lr"], h["opt_lr_warmup_ratio"]))
         result.steps += 1
         result.train_images += int(idx.shape[0])
         result.flops.train += int(idx.shape[0]) * step_flops
@@ -294,19 +287,8 @@ def judge(ctx: Context, p: Proposal, o: Outcome, population: list[ModelPath]) ->
         if child in new_population:
             kept = child
             components = [cp for cp in child.ordered() if not cp.stored]
-    counters = dataclasses.replace(p.counters, generation=p.counters.generation + 1,
-                                   cycle_images=p.counters.cycle_images + r.train_images)
-    trial = TrialRecord(
-        id=child.id, agent=ctx.agent_id, task=ctx.task, cycle=counters.cycle,
-        generation=counters.generation - 1, parent=p.parent.id,
-        model_id=kept.id if kept else None, mutations=list(child.mutations),
-        hparams_diff=hparams_diff(p.parent.hparams, child.hparams), quality=r.quality,
-        score=r.score if r.accepted else r.quality, accepted=r.accepted,
-        seconds=round(r.seconds, 4), train_images=r.train_images, preset=ctx.preset.name,
-        preset_hash=ctx.preset.hash, created_at=time.time(), evals=list(r.evals),
-        threshold=None if math.isinf(p.threshold) else p.threshold,
-        lowest_trainable=r.lowest_trainable, image_size=None, augment=[],
-        flops=r.flops.to_dict(), stopped=r.stopped)
+    counters, trial = finish(ctx, p, r, kept, r.score if r.accepted else r.quality,
+                             image_size=None, augment=[])
     writes = Writes(components, [kept] if kept else [], [trial], published)
     return Verdict(r.accepted, kept, published, metrics, new_population, list(population),
                    counters, writes, r.quality, r.seconds)

@@ -111,6 +111,16 @@ def make_model_and_optimizer(child: ModelPath, vit: VitConfig):
     return model, opt, tensors
 
 
+def sgd_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor, lr: float) -> None:
+    """One step of the method's optimiser: gradients clipped to global norm 1.0, at learning rate lr."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 @dataclass
 class TrainResult:
     accepted: bool                 # a snapshot reached the threshold (docs/method.md 3.3)
@@ -228,13 +238,7 @@ def train_child(
             lr = lr_at(step, total, h["opt_lr"], h["opt_lr_warmup_ratio"])
         else:
             lr = lr_at((schedule[0] + step) % schedule[1], schedule[1], h["opt_lr"], h["opt_lr_warmup_ratio"])
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss = F.cross_entropy(inputs.train_logits(idx, gen), data.train_y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        sgd_step(opt, params, F.cross_entropy(inputs.train_logits(idx, gen), data.train_y[idx]), lr)
         result.steps += 1
         result.train_images += int(idx.shape[0])
         if (step + 1) % steps_between_validations == 0 or step + 1 == total:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from store import StoreAPI
+from store.records import served
 
 LEADERBOARD_KEYS = ("task", "model_id", "agent_id", "kind", "score", "quality", "test_quality",
                     "params", "accounted_params", "flops", "num_layers", "adapter_layers",
@@ -25,8 +26,8 @@ def completed_cycles(st: StoreAPI, agent_id: str, fallback: Any) -> Any:
 
 def leaderboard_rows(st: StoreAPI) -> list[dict[str, Any]]:
     """One row per task with a published model, sorted by task (the `leaderboard --json` schema)."""
-    pointers = {t.task: t for t in st.tasks()}
     every = st.pointers()
+    pointers = served(every)  # the pointer that serves each task (what st.tasks() returns)
     published = st.published_models()
     users: dict[str, set[str]] = {}  # component id -> tasks whose current model uses it
     for task, model in published.items():
