@@ -27,6 +27,7 @@ from agents.methods import method as agent_method
 from agents.bootstrap import ensure_root
 from agents.config import DEFAULT_PREFIX_CACHE_MB, Preset, resolve_preset
 from agents.paths import ModelPath
+from agents.placement import resolve_bind_host, resolve_device
 from agents.progress import Progress
 from agents.selection import best_path
 from agents.training import TaskTensors
@@ -34,7 +35,8 @@ from agents.view import SystemView, component_write, model_record, publication
 from agents.vit import VitConfig, preset_vit
 from protocol.bus import PeerBus
 from protocol.messages import Bye, Hello, Published
-from store import AgentState, LeaseLost, MissingReference, StoreAPI, StoreError, open_store
+from store import (AgentState, LeaseHeld, LeaseLost, MissingReference, StoreAPI, StoreError,
+                   open_store)
 from taskdata import TaskDataError, check_source, load_task, parse_task_spec
 
 
@@ -62,7 +64,7 @@ class AgentOptions:
     store: str
     task: str
     preset: str = "demo"
-    device: str = "cpu"
+    device: str = "cpu"              # cpu, cuda, cuda:N, or auto (the GPU an engine left visible, else cpu)
     cycles: int | None = None        # override the preset's cycle budget
     seed: int = 0
     threads: int | None = None       # torch intra-op threads (the launcher divides the cores)
@@ -71,12 +73,15 @@ class AgentOptions:
     root: str | None = None
     lease_ttl: float = 15.0
     heartbeat_every: float = 2.0
-    bind_host: str = "127.0.0.1"
+    bind_host: str = "127.0.0.1"     # or auto: the local address that routes to the store's host
     data_dir: str | None = None
     keys: str | None = None          # CURVE key folder, for a store service beyond loopback
     cache_mb: int = DEFAULT_PREFIX_CACHE_MB  # frozen-prefix activation cache cap; 0 turns the cache off
     kind: str = "single"             # agent kind (agents/methods.py): single or multipath
     wait_for_model: bool = False     # multipath: wait for the task's single-path model instead of failing
+    # seconds to wait for a previous holder's lease to run out (a restarted agent whose old process
+    # died without releasing it); 0 refuses at once. A holder that keeps heartbeating is still refused.
+    wait_lease: float = 0.0
 
 
 LOG_POLL_SECONDS = 0.5  # how often a training agent looks at the store's event log
@@ -93,9 +98,10 @@ class Agent:
         # the task's name is its identity (store, views); the spec may say where its data is now
         self.task, self.source = parse_task_spec(opts.task)
         self.agent_id = agent_id_for(self.task, opts.kind)
-        self.device = torch.device(opts.device)
+        self.device = torch.device(resolve_device(opts.device))
         self.cycles = opts.cycles if opts.cycles is not None else self.preset.budget.cycles
         self.stop_requested = False
+        self.stop_signal: int | None = None  # the signal that asked it to stop, if one did
         self.lease_lost = False
         self.progress = Progress(cycles=self.cycles, preset=self.preset.name,
                                  generations=self.preset.budget.children_per_cycle)
@@ -132,11 +138,14 @@ class Agent:
                 if self._given_store is None:
                     self.store.close()
                 raise
-        self.bus = PeerBus(self.agent_id, host=o.bind_host)
-        self.token = self.store.acquire_lease(
-            self.agent_id, self.task, ttl=o.lease_ttl, host=socket.gethostname(), pid=os.getpid(),
-            device=str(self.device), endpoint=self.bus.endpoint, preset=self.preset.name,
-            kind=self.method.kind)
+        self.bus = PeerBus(self.agent_id, host=resolve_bind_host(o.bind_host, o.store))
+        try:
+            self.token = self._acquire_lease()
+        except BaseException:
+            self.bus.close()
+            if self._given_store is None:
+                self.store.close()
+            raise
         self.view = SystemView(self.store, self.agent_id, self.device)
         self.ctx = step.Context(self.agent_id, self.task, self.preset, self.vit, self.cycles, tensors,
                                 self.view, self.method.scorer(self.preset, self.vit), probe_cache={},
@@ -155,6 +164,16 @@ class Agent:
         self._hb = threading.Thread(target=self._heartbeat_loop, daemon=True)
         self._hb.start()
 
+    @property
+    def outcome(self) -> str:
+        """How ``run`` ended: finished (its cycles are done), superseded (another process took
+        its lease), terminated (SIGTERM before the end: a supervisor may restart it) or stopped."""
+        if self.lease_lost:
+            return "superseded"
+        if getattr(self, "state", None) is not None and self.state.cycle >= self.cycles:
+            return "finished"
+        return "terminated" if self.stop_signal == signal.SIGTERM else "stopped"
+
     def _wait_for_single_path(self) -> None:
         """A multipath agent builds on its task's single-path model: fail at once, or wait for it."""
         while self.task not in self.store.published_models(kind="single"):
@@ -165,6 +184,27 @@ class Agent:
             if self.stop_requested:
                 raise NoSinglePathModel(f"stopped while waiting for {self.task!r}'s single-path model")
             time.sleep(1.0)
+
+    def _acquire_lease(self) -> str:
+        """The task's lease; with ``wait_lease``, a previous holder that stopped heartbeating (a
+        process an engine is restarting) is waited out instead of refused. The wait is bounded: a
+        holder still heartbeating after it is a live duplicate, refused (LeaseHeld, exit 2)."""
+        o = self.opts
+        give_up = time.monotonic() + o.wait_lease
+        while True:
+            try:
+                return self.store.acquire_lease(
+                    self.agent_id, self.task, ttl=o.lease_ttl, host=socket.gethostname(),
+                    pid=os.getpid(), device=str(self.device), endpoint=self.bus.endpoint,
+                    preset=self.preset.name, kind=self.method.kind)
+            except LeaseHeld as exc:
+                left = give_up - time.monotonic()
+                if left <= 0 or self.stop_requested:
+                    raise
+                if self.verbose:
+                    print(f"[{self.task}] waiting up to {exc.expires_in:.1f} s for the previous "
+                          f"holder's lease ({exc.holder}) to run out", flush=True)
+                time.sleep(max(0.2, min(exc.expires_in + 0.2, left)))
 
     def _peers(self) -> None:
         self.bus.set_peers({a.agent_id: a.endpoint for a in self.store.live_agents()
@@ -368,15 +408,20 @@ class Agent:
             self.progress.last_event = f"{event_kind} #{seq}"
 
 
-def run_agent(opts: AgentOptions, verbose: bool = True, store: StoreAPI | None = None) -> Agent:
-    """Run one agent in this process until its cycles are done; SIGINT/SIGTERM finish cleanly."""
+def run_agent(opts: AgentOptions, verbose: bool = True, store: StoreAPI | None = None,
+              handle_signals: bool = True) -> Agent:
+    """Run one agent in this process until its cycles are done; SIGINT/SIGTERM finish cleanly.
+
+    ``handle_signals=False`` leaves signals to whoever owns them (an engine that requeues a
+    preempted job on SIGTERM/SIGUSR2, like submitit): stop the agent with ``stop_requested``."""
     agent = Agent(opts, store=store)
     agent.verbose = verbose
 
     def _stop(signum, frame):
         agent.stop_requested = True
+        agent.stop_signal = signum
 
-    if threading.current_thread() is threading.main_thread():
+    if handle_signals and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _stop)
         signal.signal(signal.SIGTERM, _stop)
     agent.run()

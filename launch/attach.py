@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch.common import (UserError, add_prefix_cache_flag, add_store_flags, check_devices,
-                           check_prefix_cache_flag, parse_devices, run_main)
+from launch.common import (UserError, add_prefix_cache_flag, add_restart_flags, add_store_flags,
+                           agent_exit_code, check_devices, check_prefix_cache_flag, parse_devices,
+                           run_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,9 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_store_flags(p, required=True, help="existing store directory (made by run_swarm.py), or a "
                                            "store service at tcp://HOST:PORT")
-    p.add_argument("--bind-host", default="127.0.0.1", metavar="HOST",
+    p.add_argument("--bind-host", default="127.0.0.1", metavar="HOST|auto",
                    help="interface the agent's announcement socket binds (default 127.0.0.1; give "
-                        "this host's address when the other agents run elsewhere)")
+                        "this host's address when the other agents run elsewhere, or auto: the "
+                        "address that routes to the store's host)")
     p.add_argument("--task", required=True,
                    help="task: a built-in (mnist5k, uci_digits, fashion_mnist, animal_mnist, "
                         "glyphs_<script>), NAME=npz:PATH or NAME=folder:PATH (your data under a name "
@@ -40,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="single", choices=("single", "multipath"),
                    help="agent kind: single (grows the task's ViT) or multipath (borrows other "
                         "tasks' frozen models; needs the task's single-path model) (default single)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N, or auto: the GPU a scheduler left visible, else cpu "
+                        "(default cpu)")
     p.add_argument("--preset", default="demo",
                    help="BUDGET[@base][+ext...], e.g. demo, demo+penalty, test (default demo)")
     p.add_argument("--cycles", type=int, default=None, help="cycles to reach (default: the preset's)")
@@ -49,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prefix_cache_flag(p)
     p.add_argument("--lease-ttl", type=float, default=15.0,
                    help="seconds without heartbeat after which another agent may take over")
+    add_restart_flags(p)
     return p
 
 
@@ -57,7 +62,10 @@ def main() -> int:
     if args.cycles is not None and args.cycles < 0:
         raise UserError("--cycles must be >= 0")
     check_prefix_cache_flag(args)
-    check_devices(parse_devices(args.device))
+    if args.device != "auto":
+        check_devices(parse_devices(args.device))
+    if args.wait_lease < 0:
+        raise UserError("--wait-lease must be >= 0")
     from store import open_store
 
     store = open_store(args.store, readonly=True, keys=args.keys)  # NotAStore -> exit 2
@@ -85,11 +93,8 @@ def main() -> int:
     opts = AgentOptions(store=args.store, task=args.task, preset=args.preset, device=args.device,
                         cycles=args.cycles, seed=args.seed, threads=args.threads,
                         lease_ttl=args.lease_ttl, keys=args.keys, bind_host=args.bind_host,
-                        cache_mb=args.prefix_cache_mb, kind=args.kind)
-    agent = run_agent(opts, verbose=True)
-    if agent.lease_lost:
-        return 1  # superseded by another agent for this task: it did not finish its cycles here
-    return 0 if agent.state.cycle >= agent.cycles or agent.stop_requested else 1
+                        cache_mb=args.prefix_cache_mb, kind=args.kind, wait_lease=args.wait_lease)
+    return agent_exit_code(run_agent(opts, verbose=True))
 
 
 if __name__ == "__main__":

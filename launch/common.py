@@ -1,7 +1,12 @@
 """Shared bits of the entry points: the store flags, user-error handling, exit codes.
 
-Exit codes (docs/design.md section 6): 0 success; 2 user error (one line on stderr, no traceback);
-1 internal failure or an inconsistent store. ``run_main`` is the one place that decides them, for
+Exit codes (docs/design.md section 6), also what a supervisor (Ray, Slurm, a shell loop) acts on:
+0 success (an agent: finished, or stopped as asked with Ctrl-C): do not restart;
+1 internal failure or an inconsistent store: restart;
+2 user error (one line on stderr, no traceback): do not restart;
+3 superseded (an agent whose lease another process took over): do not restart;
+75 the store service stayed unreachable past its give-up bound: restart after a pause;
+143 an agent stopped by SIGTERM before its cycles were done (preemption): restart. ``run_main`` is the one place that decides them, for
 every script in launch/ and benchmarks/ and for spawned agent processes. Keep torch out of this
 module: query.py imports it too. The scripts import the installed packages (``make install`` or
 ``pip install -e .``), so none of them edits ``sys.path``.
@@ -16,6 +21,12 @@ from collections.abc import Callable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub for weights
 
 
+EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_SUPERSEDED = 0, 1, 2, 3
+EXIT_STORE_UNAVAILABLE = 75   # EX_TEMPFAIL
+EXIT_TERMINATED = 143         # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
+FINAL_EXIT_CODES = frozenset({EXIT_OK, EXIT_USER_ERROR, EXIT_SUPERSEDED})  # never restart these
+
+
 class UserError(ValueError):
     """A bad flag or argument combination found by an entry point itself."""
 
@@ -24,7 +35,7 @@ class UserError(ValueError):
 # modules already loaded: an error path must never import torch (query.py runs without it).
 _AGENT_USER_ERRORS = (("agents.config", "PresetError"), ("agents.bootstrap", "RootMismatch"),
                       ("agents.roots", "CheckpointError"), ("taskdata.cache", "TaskDataError"),
-                      ("agents.agent", "NoSinglePathModel"))
+                      ("agents.agent", "NoSinglePathModel"), ("agents.placement", "PlacementError"))
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -46,7 +57,13 @@ def exit_code(exc: BaseException, prog: str,
     """Report ``exc`` the way every entry point does, and return its exit code."""
     from store import MissingReference, StoreCorrupt
 
+    import store as store_pkg
+
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    unavailable = getattr(store_pkg, "StoreUnavailable", None)
+    if unavailable is not None and isinstance(exc, unavailable):
+        print(f"{prog}: error: {first}", file=sys.stderr)
+        return EXIT_STORE_UNAVAILABLE
     if isinstance(exc, (StoreCorrupt, MissingReference)):
         print(f"{prog}: error: store is inconsistent: {first} (run `query.py verify`)",
               file=sys.stderr)
@@ -99,12 +116,23 @@ def check_prefix_cache_flag(args: argparse.Namespace) -> None:
         raise UserError("--prefix-cache-mb must be >= 0 (0 turns the cache off)")
 
 
+def add_restart_flags(p: argparse.ArgumentParser) -> None:
+    """``--wait-lease``: what an agent a supervisor restarts needs (its old lease may still run)."""
+    p.add_argument("--wait-lease", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to SECONDS for a previous holder's lease to run out (a restarted "
+                        "agent whose old process died holding it) instead of exiting 2; a holder "
+                        "still heartbeating is refused all the same (default 0: refuse at once)")
+
+
 def add_store_flags(p: argparse.ArgumentParser, *, required: bool = False,
                     default: str | None = None, help: str | None = None) -> None:
-    """``--store DIR|tcp://HOST:PORT`` and ``--keys KEYDIR``, the same on every entry point."""
-    p.add_argument("--store", required=required, default=default, metavar="DIR|tcp://HOST:PORT",
-                   help=help or "store directory on this host, or a store service "
-                                "(launch/serve_store.py) at tcp://HOST:PORT")
+    """``--store DIR|tcp://HOST:PORT`` and ``--keys KEYDIR``, the same on every entry point;
+    ``$MUNET_STORE`` stands in for ``--store`` (a job spec sets it once for every agent)."""
+    env = os.environ.get("MUNET_STORE")
+    p.add_argument("--store", required=required and not env, default=env or default,
+                   metavar="DIR|tcp://HOST:PORT",
+                   help=(help or "store directory on this host, or a store service "
+                                 "(launch/serve_store.py) at tcp://HOST:PORT") + " ($MUNET_STORE)")
     p.add_argument("--keys", default=os.environ.get("MUNET_STORE_KEYS"), metavar="KEYDIR",
                    help="CURVE key folder for a store service beyond loopback (server.key plus "
                         "this host's client pair; default $MUNET_STORE_KEYS)")
@@ -121,10 +149,15 @@ def agent_process_main(opts, log_path: str) -> None:
     def main() -> int:
         from agents.agent import run_agent
 
-        agent = run_agent(opts)
-        return 1 if agent.lease_lost else 0  # 1: superseded by another agent for this task
+        return agent_exit_code(run_agent(opts))
 
     run_main(main, f"agent[{opts.task}]")
+
+
+def agent_exit_code(agent) -> int:
+    """The exit code of an agent whose ``run`` returned (see the module docstring)."""
+    return {"finished": EXIT_OK, "stopped": EXIT_OK, "superseded": EXIT_SUPERSEDED,
+            "terminated": EXIT_TERMINATED}[agent.outcome]
 
 
 def parse_devices(text: str) -> list[str]:

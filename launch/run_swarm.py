@@ -13,6 +13,15 @@ launch/make_root.py builds it ahead); --root random for a random initialisation.
   python launch/run_swarm.py --store runs/s1 --tasks mnist5k,uci_digits --preset test --cycles 2
   python launch/run_swarm.py --devices cuda:0,cuda:1 --preset vit-t3
   python launch/run_swarm.py --store tcp://10.0.0.5:5710 --keys keys/ --tasks mnist5k --bind-host 10.0.0.7
+
+On a cluster (docs/cluster.md): --launcher ray places one Ray actor per agent (run it on a node of the
+Ray cluster, or through `ray job submit`); --launcher slurm submits a Slurm job array through submitit.
+Both restart agents that crash or lose their node, and each agent fetches its data on its node:
+
+  python launch/run_swarm.py --launcher ray --store tcp://storehost:5710 --keys /shared/keys \
+      --gpus-per-agent 1 --cpus-per-agent 2 --logs /shared/munet-logs
+  python launch/run_swarm.py --launcher slurm --slurm-partition gpu --store tcp://storehost:5710 \
+      --keys ~/keys --gpus-per-agent 1 --cpus-per-agent 2 --logs ~/munet-logs
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ import time
 
 from launch.common import (UserError, add_prefix_cache_flag, add_store_flags, agent_process_main,
                            check_devices, check_prefix_cache_flag, parse_devices, run_main)
+from launch.engines import LAUNCHERS
 
 DEFAULT_STORE = "swarm-store"
 
@@ -37,9 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                          f"tcp://HOST:PORT (launch/serve_store.py)")
     p.add_argument("--logs", default=None, metavar="DIR",
                    help="agent log folder (default STORE/logs, or swarm-logs for a store service)")
-    p.add_argument("--bind-host", default="127.0.0.1", metavar="HOST",
-                   help="interface the agents' announcement sockets bind (default 127.0.0.1; give "
-                        "this host's address when agents on other hosts share the store)")
+    p.add_argument("--bind-host", default=None, metavar="HOST|auto",
+                   help="interface the agents' announcement sockets bind (default 127.0.0.1 with "
+                        "--launcher local; give this host's address when agents on other hosts share "
+                        "the store. auto: the address that routes to the store's host, the default "
+                        "with ray (the node's Ray address) and slurm)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--benchmark", default=None, help="built-in task set (default mccb-offline)")
     g.add_argument("--tasks", default=None,
@@ -53,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="agent kinds per task, comma-separated: single (grows the task's ViT), "
                         "multipath (joins the task's model with other tasks' frozen models; starts "
                         "once the task's single-path model exists) (default single)")
-    p.add_argument("--devices", default="cpu",
-                   help="cpu or cuda:0,cuda:1,...; assigned to agents round-robin (default cpu)")
+    p.add_argument("--devices", default=None,
+                   help="--launcher local: cpu or cuda:0,cuda:1,...; assigned to agents round-robin "
+                        "(default cpu). Cluster launchers place GPUs themselves: --gpus-per-agent")
     p.add_argument("--cycles", type=int, default=None, help="cycles per agent (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", default=None,
@@ -67,6 +80,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_prefix_cache_flag(p)
     p.add_argument("--refresh", type=float, default=1.0, help="progress refresh period in seconds")
     p.add_argument("--print-config", action="store_true", help="print the resolved preset and exit")
+    c = p.add_argument_group("cluster launchers (docs/cluster.md)")
+    c.add_argument("--launcher", default="local", choices=LAUNCHERS,
+                   help="local: processes on this host (default); ray: one Ray actor per agent; "
+                        "slurm: a Slurm job array through submitit")
+    c.add_argument("--gpus-per-agent", type=float, default=0.0, metavar="N",
+                   help="GPUs per agent (ray: may be fractional; slurm: whole). 0 runs agents on CPUs "
+                        "(default 0)")
+    c.add_argument("--cpus-per-agent", type=float, default=1.0, metavar="N",
+                   help="CPU cores per agent; also its torch threads (default 1)")
+    c.add_argument("--max-restarts", type=int, default=20, metavar="N",
+                   help="restarts per agent after a crash, a lost node or an unreachable store "
+                        "before the launcher gives it up (default 20)")
+    c.add_argument("--ray-address", default="auto", metavar="ADDR",
+                   help="Ray cluster to join: auto (the one this node belongs to), HOST:PORT, or "
+                        "local (start a private Ray on this machine) (default auto)")
+    c.add_argument("--slurm-partition", default=None, metavar="NAME", help="Slurm partition")
+    c.add_argument("--slurm-time", type=int, default=1440, metavar="MIN",
+                   help="time limit per job in minutes; a job that reaches it is requeued and "
+                        "resumes (default 1440)")
+    c.add_argument("--slurm-signal-delay", type=int, default=90, metavar="S",
+                   help="seconds before the time limit at which Slurm warns the job (default 90)")
+    c.add_argument("--slurm-mem-gb", type=float, default=None, metavar="GB", help="memory per job")
+    c.add_argument("--slurm-folder", default=None, metavar="DIR",
+                   help="submitit's folder of job pickles and logs, on storage every node sees "
+                        "(default LOGS/submitit)")
+    c.add_argument("--slurm-executor", default="slurm", choices=("slurm", "local"),
+                   help="slurm (sbatch), or local: the same jobs as processes of this host, with "
+                        "timeouts and requeue, to try a set-up (default slurm)")
     return p
 
 
@@ -156,6 +197,67 @@ def _has_root(spec: str, keys: str | None) -> bool:
         store.close()
 
 
+def check_launcher(args) -> None:
+    """Flags that belong to one launcher are refused with another (one line, exit 2)."""
+    cluster = args.launcher != "local"
+    if cluster and args.devices is not None:
+        raise UserError(f"--devices is the local launcher's flag; with --launcher {args.launcher} "
+                        f"the engine places GPUs: use --gpus-per-agent")
+    if args.gpus_per_agent < 0 or args.cpus_per_agent <= 0 or args.max_restarts < 0:
+        raise UserError("--gpus-per-agent must be >= 0, --cpus-per-agent > 0, --max-restarts >= 0")
+    if args.launcher == "slurm" and args.gpus_per_agent != int(args.gpus_per_agent):
+        raise UserError("--launcher slurm takes whole --gpus-per-agent (Slurm binds whole GPUs)")
+    if args.slurm_time < 1 or args.slurm_signal_delay < 0:
+        raise UserError("--slurm-time must be >= 1 minute and --slurm-signal-delay >= 0")
+    args.bind_host = args.bind_host or ("auto" if cluster else "127.0.0.1")
+    if cluster:
+        import importlib.util
+
+        module = {"ray": "ray", "slurm": "submitit"}[args.launcher]
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"--launcher {args.launcher} needs {module}: pip install "
+                            f"'munet-swarm[{args.launcher}]' (pinned in constraints.txt)")
+
+
+def start_agents(args, agents: list[tuple[str, str]], devices: list[str]) -> dict:
+    """One running agent per (spec, kind), by the chosen launcher; returns handles keyed by
+    (task, kind) that the progress loop polls (``launch.engines``)."""
+    if args.launcher == "local":
+        return spawn_agents(args, agents, devices)
+    from agents.agent import AgentOptions, agent_id_for
+    from taskdata import parse_task_spec
+
+    placed = []
+    for spec, kind in agents:
+        task = parse_task_spec(spec)[0]
+        opts = AgentOptions(store=args.store, task=spec, preset=args.preset, cycles=args.cycles,
+                            seed=args.seed, root=args.root, keys=args.keys,
+                            bind_host=None if args.bind_host == "auto" and args.launcher == "ray"
+                            else args.bind_host,
+                            cache_mb=args.prefix_cache_mb, kind=kind,
+                            wait_for_model=kind == "multipath")
+        placed.append((task, kind, opts, os.path.abspath(os.path.join(args.logs, agent_id_for(task, kind) + ".log"))))
+    common = dict(gpus_per_agent=args.gpus_per_agent, cpus_per_agent=args.cpus_per_agent,
+                  max_restarts=args.max_restarts)
+    if args.launcher == "ray":
+        from launch.engines import ray_engine
+
+        return ray_engine.start(placed, address=args.ray_address, store=args.store, **common)
+    from launch.engines import slurm_engine
+
+    return slurm_engine.start(placed, folder=args.slurm_folder or os.path.join(args.logs, "submitit"),
+                              executor=args.slurm_executor, partition=args.slurm_partition,
+                              time_min=args.slurm_time, mem_gb=args.slurm_mem_gb,
+                              signal_delay_s=args.slurm_signal_delay, **common)
+
+
+def stop_engine(args) -> None:
+    if args.launcher == "ray":
+        from launch.engines import ray_engine
+
+        ray_engine.shutdown()
+
+
 def main() -> int:
     # Ctrl-C stops the swarm cleanly even when this process inherited SIGINT as ignored (a shell starts
     # background jobs that way): the agents install their own handler, the launcher needs Python's.
@@ -165,7 +267,9 @@ def main() -> int:
 
     remote = is_remote(args.store)
     args.logs = args.logs or ("swarm-logs" if remote else os.path.join(args.store, "logs"))
-    devices = parse_devices(args.devices)
+    check_launcher(args)
+    cluster = args.launcher != "local"
+    devices = parse_devices(args.devices or "cpu")
     if args.cycles is not None and args.cycles < 0:
         raise UserError("--cycles must be >= 0")
     check_prefix_cache_flag(args)
@@ -175,7 +279,8 @@ def main() -> int:
     if args.print_config:
         print(format_preset(preset))
         return 0
-    check_devices(devices)
+    if not cluster:  # a cluster's login or head node may have no GPU: the engine places them
+        check_devices(devices)
     tasks = resolve_tasks(args)
     kinds = resolve_kinds(args)
     agents = [(t, k) for t in tasks for k in kinds]  # (spec, kind)
@@ -199,8 +304,10 @@ def main() -> int:
         source = resolve_root(preset.root, vit, preset.budget.image_size, build=False)
         if source.path is not None:
             root_from_timm_checkpoint(source.path, vit, preset.default_hparams(None))
-    _check_sources(args, agents)  # other data under a task's name: one line, before anything else
-    fetch_all(tasks)  # every task's data is there (or one clear line says what is missing)
+    if not cluster:
+        # On a cluster each agent fetches (and checks) its own task's data on its node.
+        _check_sources(args, agents)  # other data under a task's name: one line, before anything else
+        fetch_all(tasks)  # every task's data is there (or one clear line says what is missing)
     if needs_root and source is None:  # the built-in pretrained root: built here once, then cached
         source = resolve_root(preset.root, vit, preset.budget.image_size,
                               log=lambda m: print(m, flush=True))
@@ -214,6 +321,10 @@ def main() -> int:
             t = parse_task_spec(spec)[0]
             if agent_id_for(t, k) in live:
                 a = live[agent_id_for(t, k)]
+                if cluster:  # after a cluster restart: its new agent waits for the old lease
+                    print(f"swarm: {t}'s previous {k} agent (pid {a.pid} on {a.host}) still holds its "
+                          f"lease; the new one waits for it to run out", flush=True)
+                    continue
                 raise UserError(f"task {t} already has a live {k} agent (pid {a.pid} on {a.host}); "
                                 f"stop it or leave {t} out")
         if "single" not in kinds:  # multipath agents alone build on models that must exist
@@ -224,33 +335,57 @@ def main() -> int:
                                 f"no single-path model yet; use --kinds single,multipath")
     finally:
         store.close()
+    where = (f"devices {','.join(devices)}" if not cluster else
+             f"launcher {args.launcher}, {args.gpus_per_agent:g} GPU and {args.cpus_per_agent:g} CPU per agent")
     print(f"swarm: {len(agents)} agents, preset {preset.name} [{preset.hash}], store {args.store}, "
-          f"devices {','.join(devices)}; logs in {args.logs}", flush=True)
-    procs = spawn_agents(args, agents, devices)
-    view = ProgressView(args.store, [(parse_task_spec(t)[0], k) for t, k in agents], sys.stdout,
-                        keys=args.keys)
+          f"{where}; logs in {args.logs}", flush=True)
+    try:
+        procs = start_agents(args, agents, devices)
+        if cluster:
+            for (t, k), h in procs.items():
+                print(f"swarm: {k} agent for {t}: {h.where()}", flush=True)
+        code = supervise(args, procs, [(parse_task_spec(t)[0], k) for t, k in agents])
+    finally:
+        stop_engine(args)
+    return code
+
+
+def supervise(args, procs: dict, agents: list[tuple[str, str]]) -> int:
+    """Show progress until every agent ended; Ctrl-C stops them (twice: kills them); then the
+    leaderboard and the exit code (launch.common's, from the agents')."""
+    from agents.agent import agent_id_for
+    from launch.progress import ProgressView
+
+    view = ProgressView(args.store, agents, sys.stdout, keys=args.keys)
     interrupted = False
     try:
         while any(p.is_alive() for p in procs.values()):
             view.update(procs)
             time.sleep(args.refresh)
     except KeyboardInterrupt:
-        interrupted = True  # the agents got the same SIGINT: they finish or abandon their child
+        interrupted = True  # local agents got the same SIGINT; engine-run ones are asked to stop
         print("\nswarm: stopping agents (Ctrl-C again to force)...", flush=True)
         try:
             for p in procs.values():
-                p.join()
+                if hasattr(p, "stop"):
+                    p.stop()
+            while any(p.is_alive() for p in procs.values()):
+                time.sleep(0.2)
         except KeyboardInterrupt:
             for p in procs.values():
-                p.terminate()
+                p.kill() if hasattr(p, "stop") else p.terminate()
     for p in procs.values():
-        p.join()
+        if hasattr(p, "join"):
+            p.join()
     view.update(procs, final=True)
     view.close()
     from launch.query import main as query_main
 
     print()
     query_main(["--store", args.store, *(["--keys", args.keys] if args.keys else []), "leaderboard"])
+    restarts = {a: p.restarts for a, p in procs.items() if getattr(p, "restarts", 0)}
+    for (t, k), n in restarts.items():
+        print(f"swarm: {k} agent for {t} was restarted {n} time(s)", file=sys.stderr)
     failed = {a: p.exitcode for a, p in procs.items() if p.exitcode not in (0, None)}
     if failed and not interrupted:
         for (t, k), code in failed.items():

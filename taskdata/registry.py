@@ -7,6 +7,8 @@ each time. Split rules are in ``splits.py``; per-source details in ``sources.py`
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import re
 import os
@@ -160,12 +162,25 @@ def _unknown(name: str) -> TaskDataError:
     )
 
 
+@contextlib.contextmanager
+def _fetch_lock(cache: Path, name: str):
+    """One fetch per task per cache folder at a time: several agents on one node (an engine placed
+    them there) starting together fetch a source once; the others wait, then read the cache."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".{name}.fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _load_builtin(task: BuiltinTask, cache: Path) -> TaskData:
     path = cache / f"{task.name}-v{task.cache_version}.npz"
     arrays = load_splits(path)
     if arrays is None:
-        arrays = task.fetch(cache)
-        save_splits_atomic(path, arrays)
+        with _fetch_lock(cache, task.name):
+            arrays = load_splits(path)  # another process may have fetched it while we waited
+            if arrays is None:
+                arrays = task.fetch(cache)
+                save_splits_atomic(path, arrays)
     return TaskData(task.name, task.num_classes, **arrays, source=task.source, license=task.license,
                     synthetic=False, class_names=list(task.class_names))
 
@@ -182,9 +197,12 @@ def _load_glyphs(name: str, script: str, cache: Path) -> TaskData:
     path = cache / f"{name}-v{glyphs.GENERATOR_VERSION}-{glyphs.glyph_cache_key(script, fonts)}.npz"
     arrays = load_splits(path)
     if arrays is None:
-        progress(f"rendering {name} from {len(fonts)} local fonts")
-        arrays = glyphs.render_script_task(script, seed, fonts).arrays
-        save_splits_atomic(path, arrays)
+        with _fetch_lock(cache, name):
+            arrays = load_splits(path)
+            if arrays is None:
+                progress(f"rendering {name} from {len(fonts)} local fonts")
+                arrays = glyphs.render_script_task(script, seed, fonts).arrays
+                save_splits_atomic(path, arrays)
     held_names = ", ".join(sorted(os.path.basename(f.path) for f in held))
     test_note = (f"test uses {len(held)} held-out fonts ({held_names})" if held
                  else "test uses the same fonts (too few to hold any out)")

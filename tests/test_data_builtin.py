@@ -164,10 +164,16 @@ def test_fetch_all_reports_every_failure_in_one_line(tmp_path):
 
 
 def _load_in_child(name: str, cache_dir: str, queue) -> None:
+    import contextlib
+    import io
+
     import agents  # noqa: F401
     from taskdata import load_task as load
 
-    queue.put(load(name, cache_dir=cache_dir).fingerprint())
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        fingerprint = load(name, cache_dir=cache_dir).fingerprint()
+    queue.put((fingerprint, "rendering" in said.getvalue()))
 
 
 @pytest.mark.slow
@@ -187,10 +193,14 @@ def test_concurrent_first_loads_do_not_corrupt_the_cache(tmp_path):
             if p.is_alive():
                 p.kill()
             p.join()
-    assert results[0] == results[1]
-    files = sorted(os.listdir(tmp_path))  # the entry and its checksum sidecar, no temp files
+    assert results[0][0] == results[1][0]
+    # one process rendered, the other waited on the fetch lock and read the cache (agents an engine
+    # put on one node fetch a source once)
+    assert sorted(r[1] for r in results) == [False, True], results
+    # the entry and its checksum sidecar, no temp files (and the fetch lock, a dot file)
+    files = sorted(f for f in os.listdir(tmp_path) if not f.endswith(".fetch.lock"))
     assert len(files) == 2 and files[0].endswith(".npz") and files[1] == files[0] + ".sha256", files
-    assert load_task("glyphs_hebrew", cache_dir=tmp_path).fingerprint() == results[0]
+    assert load_task("glyphs_hebrew", cache_dir=tmp_path).fingerprint() == results[0][0]
 
 
 @pytest.mark.slow
