@@ -40,7 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-client", default=None, metavar="NAME",
                    help="with --keys: make one more authorised client key folder and exit")
     p.add_argument("--staging-mib", type=int, default=2048,
-                   help="memory for uploads in progress (default 2048 MiB)")
+                   help="disk (or memory) for uploads in progress (default 2048 MiB)")
+    p.add_argument("--staging-dir", default=None, metavar="DIR",
+                   help="folder for uploads in progress, kept across restarts (default "
+                        "STORE/service-staging); 'memory' keeps them in memory instead")
+    p.add_argument("--read-workers", type=int, default=None, metavar="N",
+                   help="threads serving reads concurrently (default $MUNET_STORE_READ_WORKERS "
+                        "or 4; 0: one thread answers everything in arrival order)")
     return p
 
 
@@ -85,6 +91,8 @@ def main() -> int:
                         f"pass --keys")
     if args.staging_mib < 16:
         raise UserError("--staging-mib must be at least 16")
+    if args.read_workers is not None and not 0 <= args.read_workers <= 64:
+        raise UserError("--read-workers must be from 0 to 64")
     keys = None
     if args.keys:
         require_curve()
@@ -103,9 +111,21 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    import os
+
+    from store.service.server import default_read_workers
+
+    read_workers = args.read_workers if args.read_workers is not None else default_read_workers()
     store = Store.open(args.store, create=True)
-    server = StoreServer(store, bind, pub=args.pub, keys=keys,
-                         staging=Staging(max_bytes=args.staging_mib * 2**20))
+    staging_dir = None if args.staging_dir == "memory" else \
+        args.staging_dir or os.path.join(args.store, "service-staging")
+    try:
+        staging = Staging(max_bytes=args.staging_mib * 2**20, folder=staging_dir)
+    except OSError as exc:
+        store.close()
+        raise UserError(f"--staging-dir {staging_dir}: {exc.strerror or exc}") from None
+    server = StoreServer(store, bind, pub=args.pub, keys=keys, staging=staging,
+                         read_workers=read_workers)
     try:
         try:
             server.start()
@@ -114,7 +134,8 @@ def main() -> int:
                             f"{exc}") from None
         print(f"serving {args.store} on {server.endpoint}", flush=True)
         print(f"serve_store.py: doorbell on {server.pub_endpoint}; "
-              f"{'CURVE keys from ' + args.keys if keys else 'loopback only, no keys'}",
+              f"{'CURVE keys from ' + args.keys if keys else 'loopback only, no keys'}; "
+              f"{read_workers} read threads; staging in {staging_dir or 'memory'}",
               file=sys.stderr, flush=True)
         server.serve(lambda: stop["now"])
     finally:

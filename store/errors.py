@@ -59,3 +59,9 @@ class MissingReference(StoreError):
 
 class Conflict(StoreError):
     """An immutable key would be rewritten with different content, or a write breaks ownership."""
+
+
+class StoreUnavailable(StoreError):
+    """A store service stopped answering and did not come back within the client's give-up bound
+    (``MUNET_STORE_RETRY_SECONDS``, default 120 s): the call was abandoned, nothing more is retried.
+    A write may or may not have been applied; its request id makes a later resend apply once."""

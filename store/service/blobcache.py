@@ -12,6 +12,17 @@ does not match its length (a torn write from a crash before rename cannot happen
 can) is treated as missing and replaced.
 
 Where: ``$MUNET_BLOB_CACHE``, else ``$MUNET_DATA_DIR/blobs``, else ``~/.cache/munet-swarm/blobs``.
+
+Bounded: at most ``max_bytes`` on disk (``$MUNET_BLOB_CACHE_MB``, default 4096 MB; 0 means no cap).
+A hit stamps the file's access time (explicitly, so ``noatime``/``relatime`` mounts do not matter;
+the modification time, part of the "already hashed" stamp, is left alone). When this process's
+running estimate of the folder's size passes the cap, or every ``max_bytes / 16`` bytes it added (so
+other processes' additions are seen), it scans the folder and deletes the least recently used
+blobs until the cache is at 90% of the cap. Safe with several processes: a process reading a blob
+another one deletes keeps reading it (POSIX keeps an open file until it is closed), and one that
+opens it after the deletion sees a miss and fetches it again; ``get`` hashes what it reads, so an
+eviction can cause a refetch, never a wrong blob. Temporary ``.part-`` files older than an hour
+(left by a crash) are deleted by the same scan.
 """
 from __future__ import annotations
 
@@ -19,11 +30,31 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 
 from protocol.tensors import ProtocolError, RawTensor, unpack_header
 from store.errors import StoreCorrupt
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
+DEFAULT_MAX_MB = 4096
+LOW_WATER = 0.9              # an eviction leaves the cache at this fraction of its cap
+ATIME_EVERY_SECONDS = 60.0   # a hit re-stamps a file's access time at most this often
+STALE_PART_SECONDS = 3600.0
+
+
+def default_max_bytes() -> int:
+    """``$MUNET_BLOB_CACHE_MB`` (0: no cap) in bytes, else 4096 MB."""
+    text = os.environ.get("MUNET_BLOB_CACHE_MB", "").strip()
+    if not text:
+        return DEFAULT_MAX_MB * 2**20
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = -1.0
+    if mb < 0:
+        from store.service.wire import ServiceUserError
+        raise ServiceUserError(f"MUNET_BLOB_CACHE_MB={text!r}: use a size in MB (0: no cap)")
+    return int(mb * 2**20)
 
 
 def default_cache_dir() -> str:
@@ -48,11 +79,15 @@ def as_tensor(blob: bytearray) -> RawTensor:
 
 
 class BlobCache:
-    def __init__(self, root: str | None = None) -> None:
+    def __init__(self, root: str | None = None, max_bytes: int | None = None) -> None:
         self.root = os.path.abspath(root or default_cache_dir())
         os.makedirs(self.root, exist_ok=True)
+        self.max_bytes = default_max_bytes() if max_bytes is None else int(max_bytes)
         self.hits = 0
         self.misses = 0
+        self.evicted = 0          # files this process deleted to stay under the cap
+        self._estimate: int | None = None   # this process's view of the folder's size
+        self._added_since_scan = 0
         # key -> (inode, mtime, size) of a file this process already hashed: a blob file only
         # changes by being replaced, which changes these, so an unchanged file is not re-hashed
         self._verified: dict[str, tuple[int, int, int]] = {}
@@ -81,6 +116,11 @@ class BlobCache:
         except FileNotFoundError:
             self.misses += 1
             return None
+        if self.max_bytes and time.time() - st.st_atime > ATIME_EVERY_SECONDS:
+            try:  # most recently used: stamp the access time, keep the modification time
+                os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
+            except OSError:
+                pass
         try:
             if got == size:
                 as_tensor(buf)  # header canonical and length matching it
@@ -132,6 +172,72 @@ class BlobCache:
         except BaseException:
             self._discard(tmp)
             raise
+        self._added(st.st_size)
+
+    # ---- the cap ---------------------------------------------------------------------------------
+
+    def _added(self, nbytes: int) -> None:
+        if not self.max_bytes:
+            return
+        if self._estimate is None:
+            self._estimate = self.size()
+        else:
+            self._estimate += nbytes
+        self._added_since_scan += nbytes
+        if self._estimate > self.max_bytes or self._added_since_scan > self.max_bytes // 16:
+            self.evict()
+
+    def _files(self) -> list[tuple[float, int, str]]:
+        """(access time, size, path) of every blob file; stale temporary files are deleted."""
+        out = []
+        now = time.time()
+        try:
+            folders = [e for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return out
+        for folder in folders:
+            try:
+                entries = list(os.scandir(folder.path))
+            except OSError:
+                continue
+            for e in entries:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # deleted meanwhile (another process evicting)
+                if e.name.startswith(".part-"):
+                    if now - st.st_mtime > STALE_PART_SECONDS:
+                        self._discard(e.path)
+                    continue
+                if _KEY.match(e.name):
+                    out.append((max(st.st_atime, st.st_mtime), st.st_size, e.path))
+        return out
+
+    def size(self) -> int:
+        """Bytes of blob files in the cache now (every process's)."""
+        return sum(size for _, size, _ in self._files())
+
+    def evict(self) -> int:
+        """Delete least recently used blobs until the cache is at most LOW_WATER of its cap;
+        returns the bytes deleted."""
+        files = self._files()
+        total = sum(size for _, size, _ in files)
+        freed = 0
+        if self.max_bytes and total > self.max_bytes:
+            target = int(self.max_bytes * LOW_WATER)
+            for _, size, path in sorted(files):
+                if total - freed <= target:
+                    break
+                try:
+                    os.unlink(path)
+                except OSError:
+                    continue  # another process evicted it first
+                freed += size
+                self.evicted += 1
+                self._verified.pop(os.path.basename(path), None)
+        self._estimate = total - freed
+        self._added_since_scan = 0
+        return freed
 
     @staticmethod
     def _discard(path: str) -> None:

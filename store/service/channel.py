@@ -4,10 +4,21 @@ Requests go out on DEALER sockets taken from a small pool (one per thread at a t
 heartbeat thread and its main loop call concurrently, and a ZeroMQ socket must not be shared).
 A reply that does not come is a lost request (the service died, restarted, or the connection
 dropped): the socket is thrown away and the same request, with the same id, is sent on a fresh one
-after a backoff, until the retry window (``retry_seconds``) runs out. Mutating requests are
-recorded by the service under their id, so resending one is safe. The doorbell thread listens to
-the service's PUB socket: a heartbeat from a new service id (a restart) or no heartbeat at all for a
-few seconds makes a waiting request count as lost at once instead of after its reply timeout.
+after a backoff. Mutating requests are recorded by the service under their id, so resending one is
+safe. The doorbell thread listens to the service's PUB socket: a heartbeat from a new service id (a
+restart) or no heartbeat at all for a few seconds makes a waiting request count as lost at once
+instead of after its reply timeout.
+
+Give-up bound: a call raises ``StoreUnavailable`` (``wire.ServiceUnavailable``) once the service
+has shown no sign of life (no reply, no doorbell beat) for ``retry_seconds`` since the call began
+or since its last reply, or once it has been resending for that long: ``retry_seconds`` is
+``$MUNET_STORE_RETRY_SECONDS``, default 120 s, and a call against a dead service ends within it
+(plus a fraction of a second). A busy service is not a dead one: its doorbell beats every second
+from its own thread, so a long ``verify`` is waited for (up to ``SLOW_REPLY_TIMEOUT``). Only where
+the doorbell was never heard (its port blocked) does a slow request keep its own reply timeout.
+After a give-up the channel counts as down: later calls get ``min(retry_seconds, 5 s)`` until the
+service answers again, so an agent's shutdown (a last heartbeat, releasing its lease) does not wait
+the whole bound once more for each call.
 
 Connecting is checked once with ``hello``: CURVE refusals are silent in ZeroMQ, so the client
 watches its socket's handshake events and gives up after ``connect_timeout`` with one line saying
@@ -28,7 +39,8 @@ from store.service import wire
 from store.service.keys import ClientKeys
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
-DEFAULT_RETRY_SECONDS = 300.0
+DEFAULT_RETRY_SECONDS = 120.0
+DOWN_RETRY_SECONDS = 5.0
 DEFAULT_REPLY_TIMEOUT = 30.0
 SLOW_REPLY_TIMEOUT = 900.0
 BEAT_STALE_SECONDS = 5.0
@@ -67,6 +79,8 @@ class Channel:
         self.doorbell_seq = 0
         self.last_beat = 0.0
         self.retries = 0                    # requests resent after a loss (for tests, benchmarks)
+        self.last_life = time.monotonic()   # the latest reply or doorbell message
+        self.down = False                   # gave up on the service; no reply since
         self._stop = threading.Event()
         self._sub_thread: threading.Thread | None = None
         self.hello: dict = {}
@@ -196,7 +210,7 @@ class Channel:
                         else seq
                 if isinstance(server, str):
                     self.server_id = server
-                self.last_beat = time.monotonic()
+                self.last_beat = self.last_life = time.monotonic()
         finally:
             sub.close()
 
@@ -229,10 +243,12 @@ class Channel:
             [wire.new_request_id() for _ in requests]
         done: set[int] = set()
         backoff, lost_since, progress = BACKOFF_START, None, 0
+        started = time.monotonic()
+        slow = any(kind in wire.SLOW for kind, _, _ in requests)
         while len(done) < len(requests):
             sock = self._take()
             try:
-                self._run(sock, requests, ids, done, on_reply, credit)
+                self._run(sock, requests, ids, done, on_reply, credit, started, slow)
             except _Lost:
                 sock.close()
                 self.retries += 1
@@ -240,12 +256,11 @@ class Channel:
                 if len(done) > progress:  # some replies came: the window starts again
                     progress, lost_since, backoff = len(done), None, BACKOFF_START
                 lost_since = lost_since or now
-                if now - lost_since > self.retry_seconds:
-                    raise wire.ServiceUnavailable(
-                        f"store service {self.endpoint} has not answered for "
-                        f"{now - lost_since:.0f} s; is it running? (retried every "
-                        f"{BACKOFF_MAX:.0f} s)") from None
-                time.sleep(backoff)
+                window = self._window()
+                waited = max(now - lost_since, self._silent_for(started, slow))
+                if waited >= window:
+                    self._give_up(waited)
+                time.sleep(max(0.0, min(backoff, window - waited)))
                 backoff = min(BACKOFF_MAX, backoff * 2)
                 continue
             except BaseException:
@@ -253,7 +268,25 @@ class Channel:
                 raise
             self._give(sock)
 
-    def _run(self, sock: zmq.Socket, requests, ids, done: set[int], on_reply, credit: int) -> None:
+    def _window(self) -> float:
+        """How long a call may go unanswered: ``retry_seconds``, or a few seconds while down."""
+        return min(self.retry_seconds, DOWN_RETRY_SECONDS) if self.down else self.retry_seconds
+
+    def _silent_for(self, started: float, slow: bool) -> float:
+        """Seconds without a sign of life from the service during this call (0 for a slow
+        request while the doorbell was never heard: then only its reply timeout counts)."""
+        if slow and self.last_beat == 0:
+            return 0.0
+        return time.monotonic() - max(started, self.last_life)
+
+    def _give_up(self, waited: float) -> None:
+        self.down = True
+        raise wire.ServiceUnavailable(
+            f"store service {self.endpoint} has not answered for {waited:.0f} s (give-up bound "
+            f"MUNET_STORE_RETRY_SECONDS={self.retry_seconds:g}); is it running?") from None
+
+    def _run(self, sock: zmq.Socket, requests, ids, done: set[int], on_reply, credit: int,
+             started: float, slow: bool) -> None:
         pending: dict[str, tuple[int, float, str | None]] = {}  # id -> (index, sent, server)
         todo = [i for i in range(len(requests)) if i not in done]
         todo.reverse()
@@ -270,8 +303,12 @@ class Channel:
                 for rid, (i, sent, server) in pending.items():
                     if now - sent > self._timeout(requests[i][0]) or self._service_gone(server):
                         raise _Lost()
+                if self._silent_for(started, slow) > self._window():
+                    raise _Lost()  # the caller gives up (its window has passed)
                 continue
             frames = sock.recv_multipart(copy=False)
+            self.last_life = time.monotonic()
+            self.down = False
             try:
                 rid, ok, result = wire.decode_reply(frames[0].buffer)
             except wire.WireError as exc:  # waiting would not help: the same bytes would come

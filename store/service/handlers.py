@@ -62,15 +62,19 @@ class Handlers:
                            "max_frame": wire.MAX_FRAME_BYTES}}, []
 
     def health(self) -> dict:
+        with self._count_lock:
+            counts = {**self.counters, "dropped_by_reason": dict(self.dropped_by_reason),
+                      "requests_by_kind": dict(self.requests_by_kind),
+                      "errors_by_type": dict(self.errors_by_type)}
         return {"server": self.server_id, "uptime": time.time() - self.started_at,
                 "endpoint": self.endpoint, "pub_endpoint": self.pub_endpoint,
                 "secure": self.keys is not None,
                 "authenticator_alive": bool(self._auth and self._auth.is_alive()),
-                **self.counters, "dropped_by_reason": dict(self.dropped_by_reason),
-                "requests_by_kind": dict(self.requests_by_kind),
-                "errors_by_type": dict(self.errors_by_type),
+                **counts, "read_workers": self.read_workers,
                 "staged_blobs": len(self.staging), "staged_bytes": self.staging.bytes,
+                "staging_dir": self.staging.folder,
                 "uploads_resumed": self.staging.resumed,
+                "uploads_recovered": self.staging.recovered,
                 "upload_hash_failures": self.staging.hash_failures}
 
     def _h_health(self, args: dict, data: list) -> tuple[Any, list]:
@@ -174,7 +178,7 @@ class Handlers:
         for (key, _, _), chunk in zip(reads, chunks):
             if chunk is None:
                 raise MissingReference(f"blob {key} is not in the store (deleted by gc?)")
-        self.counters["blob_bytes_served"] += sum(len(c) for c in chunks)
+        self._count("blob_bytes_served", sum(len(c) for c in chunks))
         return {"lengths": [len(c) for c in chunks]}, chunks
 
     def _h_blob_missing(self, args, data):
@@ -200,7 +204,7 @@ class Handlers:
         for (key, offset, total), frame in zip(writes, data):
             view = frame.buffer
             reached[key] = self.staging.write(key, offset, total, view)
-            self.counters["blob_bytes_staged"] += len(view)
+            self._count("blob_bytes_staged", len(view))
         return {"received": reached}, []
 
     def _staged_writes(self, records: list[ComponentRecord]) -> list[StagedWrite]:
@@ -208,15 +212,29 @@ class Handlers:
         unstaged = [k for k in keys if not self.staging.is_complete(k)]
         sizes = self.store.blob_sizes(unstaged)
         absent = sorted(k for k in unstaged if sizes[k] is None)
+        stored = set(unstaged)
         if absent:
             raise wire.BlobsMissing(absent)
         out = []
+        lost: list[str] = []
+
+        def staged(names: dict[str, str]) -> dict[str, RawTensor]:
+            got = {}
+            for n, k in names.items():
+                if k in stored:
+                    continue  # stored already
+                tensor = self.staging.tensor(k)  # None: expired (or damaged) since it was checked
+                if tensor is None:
+                    lost.append(k)
+                else:
+                    got[n] = tensor
+            return got
+
         for r in records:
-            staged = {n: self.staging.tensor(k) for n, k in r.tensors.items()
-                      if self.staging.is_complete(k)}
-            mom = {n: self.staging.tensor(k) for n, k in r.momentum.items()
-                   if self.staging.is_complete(k)}
-            out.append(StagedWrite(record=r, tensors=staged, momentum=mom, keys_computed=True))
+            out.append(StagedWrite(record=r, tensors=staged(r.tensors), momentum=staged(r.momentum),
+                                   keys_computed=True))
+        if lost:
+            raise wire.BlobsMissing(sorted(set(lost)))
         return out
 
     def _written(self, writes: list[StagedWrite]) -> None:

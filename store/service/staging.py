@@ -9,12 +9,24 @@ arrive) is ignored; one beyond it (a chunk before it was lost) is refused with t
 and the client continues from there. So a client whose connection dropped mid-blob asks
 ``blob_missing`` for the offset reached and resumes instead of starting again.
 
+Where: in memory (``folder=None``), or on disk in ``folder`` (``launch/serve_store.py`` uses
+``STORE/service-staging``), one file per upload: ``KEY.TOTAL.part`` while it grows (its size is the
+offset reached: chunks are only ever appended at that offset), renamed to ``KEY.TOTAL.blob`` once
+complete and hash-checked. On disk, uploads survive a restart of the service: on start the folder is
+scanned, stale files (untouched for ``ttl``), unknown names and anything beyond ``max_bytes`` are
+deleted, and the rest is taken up again, so a client resumes a half-uploaded blob from the offset
+reached instead of from zero. A recovered complete blob is hashed again before a commit uses it.
+No fsync: this survives the service's death, not necessarily the host's (a torn file then fails
+its hash check and is uploaded again).
+
 Bounded: at most ``max_bytes`` staged at once (ServiceBusy beyond, the client retries later), and
-an upload nobody touched for ``ttl`` seconds is dropped.
+an upload nobody touched for ``ttl`` seconds is dropped. Thread-safe (one lock).
 """
 from __future__ import annotations
 
+import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -24,26 +36,84 @@ from store.service.blobcache import content_key
 from store.service.wire import MAX_BLOB_BYTES, ServiceBusy
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
+_FILE = re.compile(r"^([0-9a-f]{64})\.(\d{1,12})\.(part|blob)$")
 DEFAULT_MAX_BYTES = 2 * 2**30
 DEFAULT_TTL = 600.0
 
 
 @dataclass
 class _Upload:
-    buf: bytearray
+    total: int
+    buf: bytearray | None = None   # in memory; None on disk
     received: int = 0
     complete: bool = False
-    touched: float = field(default_factory=time.monotonic)
+    checked: bool = True           # False: recovered from disk, hash it again before use
+    touched: float = field(default_factory=time.time)
 
 
 class Staging:
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, ttl: float = DEFAULT_TTL) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, ttl: float = DEFAULT_TTL,
+                 folder: str | None = None) -> None:
         self.max_bytes = max_bytes
         self.ttl = ttl
+        self.folder = os.path.abspath(folder) if folder else None
         self._uploads: dict[str, _Upload] = {}
+        self._lock = threading.RLock()
         self.bytes = 0
         self.resumed = 0      # uploads a client continued mid-blob (it asked where one stood)
+        self.recovered = 0    # uploads taken up again from disk after a restart
+        self.cleaned = 0      # stale or unknown files deleted on start
         self.hash_failures = 0
+        if self.folder:
+            os.makedirs(self.folder, mode=0o700, exist_ok=True)
+            self._recover()
+
+    # ---- disk ------------------------------------------------------------------------------------
+
+    def _path(self, key: str, up: _Upload) -> str:
+        return os.path.join(self.folder, f"{key}.{up.total}.{'blob' if up.complete else 'part'}")
+
+    def _recover(self) -> None:
+        """Take up the uploads a previous run left (newest first, within ``max_bytes``); delete
+        stale, unknown and surplus files."""
+        now = time.time()
+        found = []
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                match = _FILE.match(entry.name)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if not match or not entry.is_file(follow_symlinks=False):
+                    self._unlink(entry.path)
+                    continue
+                key, total, state = match.group(1), int(match.group(2)), match.group(3)
+                size = st.st_size
+                if now - st.st_mtime > self.ttl or not 0 < total <= MAX_BLOB_BYTES \
+                        or size > total or (state == "blob" and size != total) \
+                        or key in {f[0] for f in found}:
+                    self._unlink(entry.path)
+                    continue
+                found.append((key, total, state, size, st.st_mtime, entry.path))
+        found.sort(key=lambda f: -f[4])
+        for key, total, state, size, mtime, path in found:
+            if self.bytes + total > self.max_bytes:
+                self._unlink(path)
+                continue
+            self._uploads[key] = _Upload(total=total, received=size, complete=state == "blob",
+                                         checked=False, touched=mtime)
+            self.bytes += total
+            self.recovered += 1
+
+    def _unlink(self, path: str) -> None:
+        try:
+            os.unlink(path)
+            self.cleaned += 1
+        except OSError:
+            pass
+
+    # ---- the area --------------------------------------------------------------------------------
 
     @staticmethod
     def check_key(key: str) -> None:
@@ -52,12 +122,14 @@ class Staging:
 
     def offset(self, key: str) -> int:
         """Bytes of ``key`` received so far (0 when nothing is staged)."""
-        up = self._uploads.get(key)
-        return 0 if up is None else up.received
+        with self._lock:
+            up = self._uploads.get(key)
+            return 0 if up is None else up.received
 
     def is_complete(self, key: str) -> bool:
-        up = self._uploads.get(key)
-        return up is not None and up.complete
+        with self._lock:
+            up = self._uploads.get(key)
+            return up is not None and up.complete
 
     def write(self, key: str, offset: int, total: int, data: memoryview) -> int:
         """Add one chunk; returns the offset reached (== total once complete and checked)."""
@@ -65,60 +137,115 @@ class Staging:
         if not 0 < total <= MAX_BLOB_BYTES or offset < 0 or offset + len(data) > total:
             raise StoreError(f"blob {key}: chunk [{offset}, {offset + len(data)}) does not fit a "
                              f"blob of {total} bytes")
-        up = self._uploads.get(key)
-        if up is not None and len(up.buf) != total:
-            self.discard([key])  # a different size for the same key: start that upload again
-            up = None
-        if up is None:
-            if offset != 0:
-                return 0  # the client resumes from 0 (the service restarted, or the upload expired)
-            if self.bytes + total > self.max_bytes:
-                self.expire()
+        with self._lock:
+            up = self._uploads.get(key)
+            if up is not None and up.total != total:
+                self._discard(key)  # a different size for the same key: start that upload again
+                up = None
+            if up is None:
+                if offset != 0:
+                    return 0  # the client resumes from 0 (the service restarted, or it expired)
                 if self.bytes + total > self.max_bytes:
-                    raise ServiceBusy(f"the service's staging area is full ({self.bytes:,} of "
-                                      f"{self.max_bytes:,} bytes): retry shortly")
-            up = self._uploads[key] = _Upload(bytearray(total))
-            self.bytes += total
-        up.touched = time.monotonic()
-        if up.complete or offset != up.received:
-            return up.received  # a repeated chunk, or a gap: the client continues from here
-        up.buf[offset:offset + len(data)] = data
-        up.received = offset + len(data)
-        if up.received == total:
-            actual = content_key(up.buf)
-            try:
-                decode_blob(up.buf)
-            except ProtocolError as exc:
-                actual = f"an undecodable value ({exc})"
-            if actual != key:
-                self.hash_failures += 1
-                self.discard([key])
-                raise StoreError(f"blob {key}: the uploaded bytes hash to {actual}; upload it "
-                                 f"again")
-            up.complete = True
-        return up.received
+                    self.expire()
+                    if self.bytes + total > self.max_bytes:
+                        raise ServiceBusy(f"the service's staging area is full ({self.bytes:,} "
+                                          f"of {self.max_bytes:,} bytes): retry shortly")
+                up = _Upload(total=total, buf=None if self.folder else bytearray(total))
+                if self.folder:
+                    open(self._path(key, up), "wb").close()
+                self._uploads[key] = up
+                self.bytes += total
+            up.touched = time.time()
+            if up.complete or offset != up.received:
+                return up.received  # a repeated chunk, or a gap: the client continues from here
+            if self.folder:
+                try:
+                    with open(self._path(key, up), "r+b") as f:
+                        f.seek(offset)
+                        f.write(data)
+                except FileNotFoundError:  # deleted under us (by hand): start again
+                    self._discard(key)
+                    return 0
+            else:
+                up.buf[offset:offset + len(data)] = data
+            up.received = offset + len(data)
+            if up.received == total:
+                blob = self._bytes(key, up)
+                if blob is None or not self._valid(key, blob):
+                    self._discard(key)
+                    raise StoreError(f"blob {key}: the uploaded bytes do not hash to its key; "
+                                     f"upload it again")
+                if self.folder:
+                    part = self._path(key, up)
+                    up.complete = True
+                    os.replace(part, self._path(key, up))
+                up.complete = True
+            return up.received
+
+    def _bytes(self, key: str, up: _Upload) -> bytearray | None:
+        if up.buf is not None:
+            return up.buf
+        try:
+            with open(self._path(key, up), "rb") as f:
+                data = bytearray(f.read())
+        except FileNotFoundError:
+            return None
+        return data if len(data) == up.total else None
+
+    def _valid(self, key: str, blob: bytearray) -> bool:
+        actual = content_key(blob)
+        try:
+            decode_blob(blob)
+        except ProtocolError:
+            actual = "undecodable"
+        if actual != key:
+            self.hash_failures += 1
+            return False
+        return True
 
     def mark_resume(self, key: str) -> None:
         """The client asked where ``key`` stands mid-upload: count the chunk that continues it."""
-        up = self._uploads.get(key)
-        if up is not None and 0 < up.received and not up.complete:
-            self.resumed += 1
+        with self._lock:
+            up = self._uploads.get(key)
+            if up is not None and 0 < up.received and not up.complete:
+                self.resumed += 1
 
-    def tensor(self, key: str) -> RawTensor:
-        up = self._uploads[key]
-        return decode_blob(up.buf)
+    def tensor(self, key: str) -> RawTensor | None:
+        """The complete staged blob as a tensor; None if it is gone (expired, damaged on disk)."""
+        with self._lock:
+            up = self._uploads.get(key)
+            if up is None or not up.complete:
+                return None
+            blob = self._bytes(key, up)
+            if blob is None or not up.checked and not self._valid(key, blob):
+                self._discard(key)
+                return None
+            up.checked = True
+            up.touched = time.time()
+            return decode_blob(blob)
+
+    def _discard(self, key: str) -> None:
+        up = self._uploads.pop(key, None)
+        if up is not None:
+            self.bytes -= up.total
+            if self.folder:
+                try:
+                    os.unlink(self._path(key, up))
+                except OSError:
+                    pass
 
     def discard(self, keys) -> None:
-        for key in keys:
-            up = self._uploads.pop(key, None)
-            if up is not None:
-                self.bytes -= len(up.buf)
+        with self._lock:
+            for key in keys:
+                self._discard(key)
 
     def expire(self, now: float | None = None) -> int:
-        now = time.monotonic() if now is None else now
-        old = [k for k, up in self._uploads.items() if now - up.touched > self.ttl]
-        self.discard(old)
-        return len(old)
+        now = time.time() if now is None else now
+        with self._lock:
+            old = [k for k, up in self._uploads.items() if now - up.touched > self.ttl]
+            for key in old:
+                self._discard(key)
+            return len(old)
 
     def __len__(self) -> int:
         return len(self._uploads)

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import msgpack
 
 from store import errors as store_errors
-from store.errors import NotAStore, StoreError
+from store.errors import NotAStore, StoreError, StoreUnavailable
 
 VERSION = 2  # 2: agent kinds (acquire_lease.kind, published_models.kind, pointers)
 CHUNK_BYTES = 4 * 2**20          # blob bytes per request or reply (uploads and downloads)
@@ -63,8 +63,9 @@ class ServiceBusy(StoreError):
     """The service cannot take this upload now (its staging area is full); retry later."""
 
 
-class ServiceUnavailable(StoreError):
-    """The service stopped answering and did not come back within the client's retry window."""
+class ServiceUnavailable(StoreUnavailable):
+    """The service stopped answering and did not come back within the client's give-up bound
+    (a ``store.StoreUnavailable``)."""
 
 
 class ServiceUserError(NotAStore):
@@ -79,6 +80,11 @@ class ServiceUserError(NotAStore):
 
 class ServiceUnreachable(ServiceUserError):
     """Connecting failed: nothing answers there, or the service refused this client's keys."""
+
+
+class AccessRevoked(ServiceUserError):
+    """The service no longer authorises this client's key (it was removed from authorized/ while
+    the connection was open): every request on that session is refused (a user error, exit 2)."""
 
 
 # ---- envelopes --------------------------------------------------------------------------------------
@@ -163,7 +169,8 @@ _CLASSES: dict[str, type[BaseException]] = {
     cls.__name__: cls for cls in (
         store_errors.StoreError, store_errors.NotAStore, store_errors.StoreFull,
         store_errors.StoreCorrupt, store_errors.LeaseHeld, store_errors.LeaseLost,
-        store_errors.MissingReference, store_errors.Conflict, BlobsMissing, ServiceBusy)}
+        store_errors.MissingReference, store_errors.Conflict, BlobsMissing, ServiceBusy,
+        AccessRevoked)}
 
 
 def error_to_wire(exc: BaseException) -> dict:
@@ -259,6 +266,23 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
 WRITES = frozenset({"commit", "ensure_root", "acquire_lease", "heartbeat", "release_lease", "gc"})
 #: requests that may run long on the service (the client waits longer before it resends)
 SLOW = frozenset({"verify", "check", "gc", "stats"})
+#: uploads: they touch the staging area only (never LMDB), on their own service thread
+UPLOADS = frozenset({"blob_write", "blob_missing"})
+#: answered by the socket's own thread (no store access): a busy service still says hello
+INLINE = frozenset({"hello", "health"})
+
+
+def lane_of(kind: str) -> str:
+    """The service thread (pool) a request runs on: ``write`` (one thread, every change to the
+    store, in arrival order), ``upload`` (one thread, staging), ``slow`` (one thread: verify, check,
+    stats), ``read`` (a pool: every other read, each in its own LMDB read transaction)."""
+    if kind in WRITES:
+        return "write"
+    if kind in UPLOADS:
+        return "upload"
+    if kind in SLOW:
+        return "slow"
+    return "read"
 
 
 def check_args(kind: str, args: dict) -> None:
