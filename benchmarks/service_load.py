@@ -391,7 +391,7 @@ def run_phase(store: str, workdir: str, read_workers: int, with_verify: bool, ar
             "failed_requests": sum(rec.failed.values()),
             "failed_by_kind": dict(rec.failed), "errors": rec.errors,
             "service_cpu_seconds": round(cpu, 2),
-            "latency_ms": {k: percentiles(v) for k, v in sorted(rec.latency.items())}}
+            "latency_ms": {k: percentiles(v) for k, v in sorted(rec.latency.items()) if v}}
 
 
 def summary(plain: dict, verify: dict) -> dict:

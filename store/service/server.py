@@ -52,6 +52,7 @@ import zmq
 import zmq.auth
 
 from protocol.bus import process_context
+from store import leases
 from store.errors import StoreError
 from store.service import wire
 from store.service.handlers import Handlers
@@ -68,6 +69,7 @@ PRUNE_EVERY_SECONDS = 600.0
 REPLY_RETENTION_SECONDS = 3600.0
 ZAP_DOMAIN = b"munet-store"
 DEFAULT_READ_WORKERS = 4
+MAX_HEARTBEAT_BATCH = 256  # heartbeats applied in one write transaction
 MAX_IN_FLIGHT = 2000      # requests handed to lanes and not yet answered: beyond, stop reading
 _URGENT = frozenset({"heartbeat", "release_lease", "acquire_lease"})  # first in the write lane
 
@@ -114,7 +116,8 @@ class StoreServer(Handlers):
         self.started_at = time.time()
         self.counters: dict[str, Any] = {"requests": 0, "replies": 0, "errors": 0, "dropped": 0,
                                          "bytes_in": 0, "bytes_out": 0, "blob_bytes_served": 0,
-                                         "blob_bytes_staged": 0, "doorbells": 0, "revoked": 0}
+                                         "blob_bytes_staged": 0, "doorbells": 0, "revoked": 0,
+                                         "heartbeat_batches": 0, "heartbeats_batched": 0}
         self.dropped_by_reason: dict[str, int] = {}
         self.requests_by_kind: dict[str, int] = {}
         self.errors_by_type: dict[str, int] = {}
@@ -414,12 +417,66 @@ class StoreServer(Handlers):
                     except Exception:  # housekeeping must not end a lane
                         log.exception("housekeeping on the %s lane failed", lane)
                     continue
+                if lane == "write" and item[1] == "heartbeat":
+                    batch = self._more_heartbeats(q, [item])
+                    for (identity, *_), reply in zip(batch, self._heartbeats(batch)):
+                        push.send_multipart([identity, reply], copy=False)
+                    continue
                 identity, kind, rid, args, data = item
                 reply, out = self._execute(kind, rid, args, data)
                 del data, item
                 push.send_multipart([identity, reply, *out], copy=False)
         finally:
             push.close()
+
+    @staticmethod
+    def _more_heartbeats(q: queue.PriorityQueue, batch: list) -> list:
+        """Every heartbeat waiting right behind the first (they come first in the write lane)."""
+        while len(batch) < MAX_HEARTBEAT_BATCH:
+            try:
+                entry = q.get_nowait()
+            except queue.Empty:
+                break
+            item = entry[2]
+            if not (isinstance(item, tuple) and item[1] == "heartbeat"):
+                q.put(entry)  # same (priority, order): it keeps its place
+                break
+            batch.append(item)
+        return batch
+
+    def _heartbeats(self, batch: list) -> list[bytes]:
+        """Apply waiting heartbeats in ONE write transaction (one fsync for all of them: each
+        heartbeat is a few hundred bytes, the sync is what costs). A heartbeat refused (lease lost,
+        bad arguments) gets its own error and writes nothing; the others still commit. If the
+        transaction itself fails (a full map), each is retried alone for its own reply."""
+        if len(batch) == 1:
+            identity, kind, rid, args, data = batch[0]
+            return [self._execute(kind, rid, args, data)[0]]
+        replies: list[bytes] = []
+        try:
+            with self.store._write() as txn:  # the Store's own write transaction (store/store.py)
+                now = time.time()
+                for identity, kind, rid, args, data in batch:
+                    try:
+                        wire.check_args(kind, args)
+                        if data:
+                            raise wire.WireError(f"{kind} takes no data frames")
+                        record = leases.heartbeat(
+                            txn, self.store._dbs, args["agent_id"], args["token"],
+                            ttl=args["ttl"], now=now, state=args["state"],
+                            progress=args["progress"], endpoint=args["endpoint"])
+                        replies.append(wire.encode_reply(rid, record.to_dict()))
+                    except (StoreError, ValueError, TypeError, wire.WireError) as exc:
+                        replies.append(self._error_reply(kind, rid, exc))
+        except Exception as exc:  # the transaction failed: nothing of it was written
+            log.warning("a batch of %d heartbeats failed (%s): applying them one by one",
+                        len(batch), exc)
+            return [self._execute(kind, rid, args, data)[0]
+                    for identity, kind, rid, args, data in batch]
+        with self._count_lock:
+            self.counters["heartbeat_batches"] += 1
+            self.counters["heartbeats_batched"] += len(batch)
+        return replies
 
     def _forward_one(self) -> bool:
         """Pass one lane's reply on to the ROUTER (this thread owns it)."""
@@ -443,15 +500,18 @@ class StoreServer(Handlers):
                 if kind in wire.WRITES else self._handlers[kind](args, data)
             return wire.encode_reply(rid, result), out
         except Exception as exc:  # every failure becomes an error reply; the loop goes on
-            if isinstance(exc, wire.WireError):
-                self._drop("bad_args")
-            elif not isinstance(exc, StoreError):
-                log.exception("request %s failed", kind)
-            name = wire.error_to_wire(exc)["type"]
-            with self._count_lock:
-                self.counters["errors"] += 1
-                self.errors_by_type[name] = self.errors_by_type.get(name, 0) + 1
-            return wire.encode_error(rid, exc), []
+            return self._error_reply(kind, rid, exc), []
+
+    def _error_reply(self, kind: str, rid: str, exc: BaseException) -> bytes:
+        if isinstance(exc, wire.WireError):
+            self._drop("bad_args")
+        elif not isinstance(exc, StoreError):
+            log.error("request %s failed", kind, exc_info=exc)
+        name = wire.error_to_wire(exc)["type"]
+        with self._count_lock:
+            self.counters["errors"] += 1
+            self.errors_by_type[name] = self.errors_by_type.get(name, 0) + 1
+        return wire.encode_error(rid, exc)
 
     def _reply(self, identity: Any, reply: Any, out: list) -> None:
         self.counters["replies"] += 1
