@@ -34,7 +34,7 @@ from agents.hurdle import DEFAULT_RULE, HurdleRule
 from agents.mutation import Mutator, hparams_diff
 from agents.paths import ModelPath
 from agents.prefix_cache import PrefixCache
-from agents.probe import probe_pick
+from agents.probe import probe_accuracy, probe_pick
 from agents.progress import ChildMetrics
 from agents.scoring import Scorer
 from agents.selection import best_path, retain, select_parent
@@ -171,6 +171,10 @@ def propose(ctx: Context, c: Counters, population: list[ModelPath], rng: random.
 
     def pick(candidates):
         probed.append(True)
+        for cand in candidates:  # one candidate's tensors in memory at a time (the view is lazy)
+            if cand.id not in ctx.probe_cache:
+                with view.transient():
+                    ctx.probe_cache[cand.id] = probe_accuracy(cand, ctx.vit, ctx.tensors)
         return probe_pick(candidates, ctx.vit, ctx.tensors, rng, ctx.probe_cache)
 
     parent = select_parent(population, view.foreign_paths(), c.offsprings, rng,
@@ -180,7 +184,7 @@ def propose(ctx: Context, c: Counters, population: list[ModelPath], rng: random.
         parent, ds, agent_id=ctx.agent_id, task=ctx.task,
         child_id=f"{ctx.agent_id}:m{c.next_model_id}", next_component_id=ids.take,
         ancestors=view.ancestors, is_frozen=view.is_frozen,
-        root_posemb=view.root.components["posembed_input"].params["pos_embedding"],
+        root_posemb=lambda: view.root.components["posembed_input"].params["pos_embedding"],
         device=ctx.tensors.device)
     child.mutations = ds_fired + child.mutations + (["select:probe"] if probed else [])
     offsprings = dict(c.offsprings)

@@ -162,8 +162,8 @@ def propose(ctx: Context, c: Counters, population: list[ModelPath], rng: random.
         same_path = slot is None or (slot < len(inherited) and inherited[slot] == refs[slot])
         fresh = init_component(name, ctx.vit, h, gen)
         if old is not None and same_path and old.shapes() == {k: tuple(v.shape) for k, v in fresh.items()}:
-            comps[name] = copy_component(old, ctx.agent_id, next(ids))
-            comps[name].momentum = None  # fresh optimiser state per child (module docstring)
+            # fresh optimiser state per child (module docstring): the parent's is not read
+            comps[name] = copy_component(old, ctx.agent_id, next(ids), momentum=False)
         else:
             comps[name] = Component(name, ctx.agent_id, next(ids),
                                     {k: v.to(ctx.tensors.device) for k, v in fresh.items()})

@@ -89,7 +89,7 @@ class Mutator:
         next_component_id: Callable[[], int],
         ancestors: Callable[[ModelPath], Iterable[ModelPath]],
         is_frozen: Callable[[Component], bool],
-        root_posemb: torch.Tensor,
+        root_posemb: torch.Tensor | Callable[[], torch.Tensor],
         device: torch.device,
     ) -> ModelPath:
         h = copy.deepcopy(parent.hparams)
@@ -152,10 +152,12 @@ class Mutator:
                      preset=self.preset.name, preset_hash=self.preset.hash, mutations=fired)
         return child
 
-    def _fresh(self, name: str, h: dict, agent_id: str, cid: int, root_posemb: torch.Tensor,
-               device: torch.device) -> Component:
+    def _fresh(self, name: str, h: dict, agent_id: str, cid: int,
+               root_posemb: torch.Tensor | Callable[[], torch.Tensor], device: torch.device) -> Component:
         kind = registry.kind_of(name)
         if kind.root_seed is not None:
+            if callable(root_posemb):  # the root's tensor is read only when a child needs it
+                root_posemb = root_posemb()
             # e.g. no ancestor at this image size: start from the root's posemb resized (not a tuned one).
             fresh = kind.root_seed(root_posemb, self.vit, h)
         else:

@@ -10,33 +10,108 @@ A ``ModelPath`` is one model for one task: an ordered set of components plus hpa
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from agents.vit import component_names
 
 
-@dataclass(eq=False)
+class TensorSource(Protocol):
+    """Where a stored component's tensors come from when first used (the agent's ``SystemView``)."""
+
+    def load_params(self, c: Component) -> dict[str, torch.Tensor]: ...
+    def load_momentum(self, c: Component) -> dict[str, torch.Tensor] | None: ...
+    def load_shapes(self, c: Component) -> dict[str, tuple[int, ...]]: ...
+
+
 class Component:
-    name: str
-    owner: str                                  # creating agent id
-    cid: int                                    # per-owner counter
-    params: dict[str, torch.Tensor]
-    momentum: dict[str, torch.Tensor] | None = None
-    cloned_from: str | None = None              # key of the component this one was copied from
-    stored: bool = False                        # committed to the store (then never written again)
+    """A component's record (name, owner, shapes) and, once used, its tensors.
+
+    A component read from the store starts as a record only: ``params`` loads its tensors through
+    ``source`` on first access and ``momentum`` loads the stored optimizer state on first access (only
+    a clone reads it: ``copy_component``). ``release`` lets go of both again (the next access reloads
+    the same values: stored components are immutable). A component built in memory (``source`` None)
+    holds its tensors for its whole life. ``shapes``/``num_params`` never load the tensors (a record
+    asks its source for the shapes once: the store reads them from the blob headers).
+    """
+
+    __slots__ = ("name", "owner", "cid", "cloned_from", "stored", "_params", "_momentum",
+                 "_momentum_known", "_shapes", "source")
+
+    def __init__(self, name: str, owner: str, cid: int, params: dict[str, torch.Tensor] | None = None,
+                 momentum: dict[str, torch.Tensor] | None = None, cloned_from: str | None = None,
+                 stored: bool = False, *, source: TensorSource | None = None,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+        if params is None and source is None:
+            raise ValueError(f"component {name} of {owner}: tensors or a source to load them from")
+        self.name, self.owner, self.cid = name, owner, cid   # owner: creating agent; cid: its counter
+        self.cloned_from = cloned_from                       # key of the component copied from
+        self.stored = stored                                 # committed (then never written again)
+        self.source = source
+        self._params = params
+        self._momentum = momentum
+        self._momentum_known = params is not None or momentum is not None
+        self._shapes = dict(shapes) if shapes is not None else None
+
+    def __repr__(self) -> str:
+        state = "loaded" if self.loaded else "record"
+        return f"Component({self.name!r}, {self.key!r}, {state})"
 
     @property
     def key(self) -> str:
         return f"{self.owner}:{self.cid}"
 
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        if self._params is None:
+            self._params = self.source.load_params(self)
+        return self._params
+
+    @params.setter
+    def params(self, value: dict[str, torch.Tensor]) -> None:
+        self._params, self._shapes = value, None
+
+    @property
+    def momentum(self) -> dict[str, torch.Tensor] | None:
+        if not self._momentum_known:
+            self._momentum = self.source.load_momentum(self) if self.source is not None else None
+            self._momentum_known = True
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value: dict[str, torch.Tensor] | None) -> None:
+        self._momentum, self._momentum_known = value, True
+
+    @property
+    def loaded(self) -> bool:
+        """Its tensors are in memory (a record-only component is not)."""
+        return self._params is not None
+
+    @property
+    def momentum_loaded(self) -> bool:
+        return self._momentum_known and self._momentum is not None
+
+    def release(self) -> bool:
+        """Let go of the tensors if they can be loaded again; True if something was let go."""
+        if self.source is None or not (self._params is not None or self._momentum is not None):
+            return False
+        if self._params is not None and self._shapes is None:
+            self._shapes = {k: tuple(v.shape) for k, v in self._params.items()}
+        self._params, self._momentum, self._momentum_known = None, None, False
+        return True
+
     def num_params(self) -> int:
-        return sum(t.numel() for t in self.params.values())
+        return sum(math.prod(s) for s in self.shapes().values())
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v.shape) for k, v in self.params.items()}
+        if self._params is not None:
+            return {k: tuple(v.shape) for k, v in self._params.items()}
+        if self._shapes is None:  # a record: the shapes come from the store, not the tensors
+            self._shapes = dict(self.source.load_shapes(self))
+        return dict(self._shapes)
 
 
 @dataclass(eq=False)
@@ -70,10 +145,12 @@ class ModelPath:
         return int(self.id.rsplit(":m", 1)[1])
 
 
-def copy_component(src: Component, owner: str, cid: int) -> Component:
-    """Deep copy params and momentum under a new owner (a clone: same values, trainable)."""
+def copy_component(src: Component, owner: str, cid: int, momentum: bool = True) -> Component:
+    """Deep copy params and momentum under a new owner (a clone: same values, trainable).
+
+    ``momentum=False``: the clone starts with no optimizer state (the source's is not even read)."""
     params = {k: v.detach().clone() for k, v in src.params.items()}
-    momentum = None
-    if src.momentum is not None:
-        momentum = {k: v.detach().clone() for k, v in src.momentum.items()}
-    return Component(src.name, owner, cid, params, momentum, cloned_from=src.key)
+    momentum_copy = None
+    if momentum and src.momentum is not None:
+        momentum_copy = {k: v.detach().clone() for k, v in src.momentum.items()}
+    return Component(src.name, owner, cid, params, momentum_copy, cloned_from=src.key)

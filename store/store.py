@@ -403,14 +403,16 @@ class Store:
         its service only when the service's doorbell rang, see store/service)."""
         return self.events(after=after)
 
-    def load_component_tensors(self, component_id: str) -> tuple[TensorDict, TensorDict]:
-        """(params, momentum) of one component, copied out of the store.
+    def load_component_tensors(self, component_id: str, momentum: bool = True
+                               ) -> tuple[TensorDict, TensorDict]:
+        """(params, momentum) of one component, copied out of the store (``momentum=False``: the
+        params alone, the momentum blobs are not read).
 
         Each tensor's ``data`` is a writable memoryview into a buffer owned by the result (e.g.
         ``torch.frombuffer(t.data, dtype=...)`` wraps it without another copy).
         """
         with self._read(buffers=True) as txn:
-            return txnops.load_components(txn, self._dbs, [component_id])[component_id]
+            return txnops.load_components(txn, self._dbs, [component_id], momentum)[component_id]
 
     def load_model_tensors(self, model_id: str) -> dict[str, tuple[TensorDict, TensorDict]]:
         """component id -> (params, momentum) for every component of a model, in ONE read txn."""

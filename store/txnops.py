@@ -149,9 +149,10 @@ def read_tensors(txn: lmdb.Transaction, dbs: Databases, refs: list[tuple[str, st
     return out
 
 
-def load_components(txn: lmdb.Transaction, dbs: Databases, component_ids: Sequence[str]
-                    ) -> dict[str, tuple[TensorDict, TensorDict]]:
-    """component id -> (params, momentum), all copied into one buffer (see read_tensors)."""
+def load_components(txn: lmdb.Transaction, dbs: Databases, component_ids: Sequence[str],
+                    momentum: bool = True) -> dict[str, tuple[TensorDict, TensorDict]]:
+    """component id -> (params, momentum), all copied into one buffer (see read_tensors);
+    ``momentum=False`` reads no momentum blob (the second dict is empty)."""
     records = []
     refs: list[tuple[str, str]] = []
     for cid in component_ids:
@@ -160,13 +161,14 @@ def load_components(txn: lmdb.Transaction, dbs: Databases, component_ids: Sequen
             raise MissingReference(f"component {cid} is not in the store")
         records.append(record)
         refs.extend((key, f"component {cid}") for key in record.tensors.values())
-        refs.extend((key, f"component {cid}") for key in record.momentum.values())
+        if momentum:
+            refs.extend((key, f"component {cid}") for key in record.momentum.values())
     tensors = iter(read_tensors(txn, dbs, refs))
     out = {}
     for record in records:
         params = {name: next(tensors) for name in record.tensors}
-        momentum = {name: next(tensors) for name in record.momentum}
-        out[record.id] = (params, momentum)
+        moms = {name: next(tensors) for name in record.momentum} if momentum else {}
+        out[record.id] = (params, moms)
     return out
 
 
