@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test test-all test-slow install bench clean apt-lists
+.PHONY: demo test test-all test-slow install install-cluster bench clean apt-lists
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@touch $@
 
 install: $(VENV)/.installed
+
+# the cluster launchers' engines (--launcher ray|slurm), for the slow suite's cluster tests
+$(VENV)/.installed-cluster: $(VENV)/.installed
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e '.[test,ray,slurm]'
+	@touch $@
+
+install-cluster: $(VENV)/.installed-cluster
 
 # fashion_mnist comes from a Debian package fetched with `apt-get download` (no root needed), which
 # needs package lists; a fresh machine may have none, so fetch them once when we can.
@@ -31,10 +38,10 @@ demo: install apt-lists
 test: install apt-lists
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-slow: install apt-lists
+test-slow: install-cluster apt-lists
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5 = no slow test selected
 
-test-all: install apt-lists
+test-all: install-cluster apt-lists
 	$(PY) -m pytest -q -m '' $(PYTEST_ARGS)
 
 bench: install

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per CPU agent (default: cores divided among CPU agents)")
     add_prefix_cache_flag(p)
+    p.add_argument("--lease-ttl", type=float, default=15.0, metavar="S",
+                   help="seconds without a heartbeat after which an agent's task may be taken over; "
+                        "a restarted agent waits about twice this for its old lease (default 15)")
     p.add_argument("--refresh", type=float, default=1.0, help="progress refresh period in seconds")
     p.add_argument("--print-config", action="store_true", help="print the resolved preset and exit")
     c = p.add_argument_group("cluster launchers (docs/cluster.md)")
@@ -153,7 +156,7 @@ def spawn_agents(args, agents: list[tuple[str, str]], devices: list[str]
                             cycles=args.cycles, seed=args.seed, root=args.root,
                             threads=threads if dev == "cpu" else None, keys=args.keys,
                             bind_host=args.bind_host, cache_mb=args.prefix_cache_mb, kind=kind,
-                            wait_for_model=kind == "multipath")
+                            wait_for_model=kind == "multipath", lease_ttl=args.lease_ttl)
         log = os.path.join(args.logs, agent_id_for(task, kind) + ".log")
         proc = ctx.Process(target=agent_process_main, args=(opts, log), name=f"{kind}-{task}")
         proc.start()
@@ -235,7 +238,7 @@ def start_agents(args, agents: list[tuple[str, str]], devices: list[str]) -> dic
                             bind_host=None if args.bind_host == "auto" and args.launcher == "ray"
                             else args.bind_host,
                             cache_mb=args.prefix_cache_mb, kind=kind,
-                            wait_for_model=kind == "multipath")
+                            wait_for_model=kind == "multipath", lease_ttl=args.lease_ttl)
         placed.append((task, kind, opts, os.path.abspath(os.path.join(args.logs, agent_id_for(task, kind) + ".log"))))
     common = dict(gpus_per_agent=args.gpus_per_agent, cpus_per_agent=args.cpus_per_agent,
                   max_restarts=args.max_restarts)
@@ -272,6 +275,8 @@ def main() -> int:
     devices = parse_devices(args.devices or "cpu")
     if args.cycles is not None and args.cycles < 0:
         raise UserError("--cycles must be >= 0")
+    if args.lease_ttl <= 0:
+        raise UserError("--lease-ttl must be > 0")
     check_prefix_cache_flag(args)
     from agents.config import format_preset, resolve_preset
 
@@ -291,7 +296,6 @@ def main() -> int:
     from agents.bootstrap import ensure_root
     from taskdata import fetch_all
     from agents.vit import preset_vit
-    from launch.progress import ProgressView
 
     vit = preset_vit(preset)
     source, needs_root = None, not _has_root(args.store, args.keys)

@@ -34,9 +34,10 @@ def engine_options(opts, *, gpus: float = 0.0, threads: int | None = None,
         wait_lease=max(opts.wait_lease, RESTART_WAIT_TTLS * opts.lease_ttl + 5.0))
 
 
-def run_engine_agent(opts, log_path: str | None, on_agent: Callable | None = None) -> int:
+def run_engine_agent(opts, log_path: str | None, on_agent: Callable | None = None,
+                     note: str | None = None) -> int:
     """Run one agent to its end in this process; its output goes to ``log_path`` (appended, so a
-    restarted agent continues the same log). Returns the exit code."""
+    restarted agent continues the same log), starting with ``note``. Returns the exit code."""
     if log_path:
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
         log = open(log_path, "a", buffering=1)
@@ -45,6 +46,8 @@ def run_engine_agent(opts, log_path: str | None, on_agent: Callable | None = Non
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         sys.stdout = sys.stderr = log
+    if note:
+        print(note, flush=True)
 
     def main() -> int:
         from agents.agent import Agent

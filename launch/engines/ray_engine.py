@@ -39,9 +39,10 @@ class AgentActor:
         self.runs += 1
         opts = engine_options(self.opts, gpus=self.gpus, threads=max(1, int(self.cpus)),
                               bind_host=self.opts.bind_host or ray.util.get_node_ip_address())
+        note = None
         if self.runs > 1 or ray.get_runtime_context().was_current_actor_reconstructed:
-            print(f"[{opts.task}] restarted by Ray (run {self.runs} of this process)", flush=True)
-        return run_engine_agent(opts, self.log_path, on_agent=self._hold)
+            note = f"[{opts.task}] restarted by Ray (run {self.runs} of this process)"
+        return run_engine_agent(opts, self.log_path, on_agent=self._hold, note=note)
 
     def _hold(self, agent) -> None:
         self.agent = agent
