@@ -16,7 +16,8 @@ or since its last reply, or once it has been resending for that long: ``retry_se
 (plus a fraction of a second). A busy service is not a dead one: its doorbell beats every second
 from its own thread, so a long ``verify`` is waited for (up to ``SLOW_REPLY_TIMEOUT``). Only where
 the doorbell was never heard (its port blocked) does a slow request keep its own reply timeout.
-After a give-up the channel counts as down: later calls get ``min(retry_seconds, 5 s)`` until the
+A key revoked while connected (``AccessRevoked``, a user error) is final: every later call on the
+channel raises it at once. After a give-up the channel counts as down: later calls get ``min(retry_seconds, 5 s)`` until the
 service answers again, so an agent's shutdown (a last heartbeat, releasing its lease) does not wait
 the whole bound once more for each call.
 
@@ -81,6 +82,7 @@ class Channel:
         self.retries = 0                    # requests resent after a loss (for tests, benchmarks)
         self.last_life = time.monotonic()   # the latest reply or doorbell message
         self.down = False                   # gave up on the service; no reply since
+        self.revoked: BaseException | None = None  # the service revoked this client's key
         self._stop = threading.Event()
         self._sub_thread: threading.Thread | None = None
         self.hello: dict = {}
@@ -102,6 +104,8 @@ class Channel:
         with self._lock:
             if self._closed:
                 raise wire.ServiceUnavailable(f"the connection to {self.endpoint} is closed")
+            if self.revoked is not None:  # a new socket's handshake would be refused in silence
+                raise wire.AccessRevoked(str(self.revoked))
             if self._free:
                 return self._free.pop()
         sock = self._new_socket()
@@ -318,6 +322,9 @@ class Channel:
             i = index_of[rid]
             del pending[rid]
             if not ok:
-                raise wire.error_from_wire(result)
+                error = wire.error_from_wire(result)
+                if isinstance(error, wire.AccessRevoked):
+                    self.revoked = error
+                raise error
             on_reply(i, result, frames[1:])
             done.add(i)

@@ -94,7 +94,7 @@ class StoreServer(Handlers):
         self.bind_endpoint = bind
         self.pub_request = pub
         self.keys = keys
-        self.staging = staging or Staging()
+        self.staging = staging if staging is not None else Staging()
         self.read_workers = default_read_workers() if read_workers is None else int(read_workers)
         self.server_id = secrets.token_hex(8)
         self.endpoint = ""
