@@ -31,9 +31,9 @@ class Component:
     """A component's record (name, owner, shapes) and, once used, its tensors.
 
     A component read from the store starts as a record only: ``params`` loads its tensors through
-    ``source`` on first access and ``momentum`` loads the stored optimizer state on first access (only
-    a clone reads it: ``copy_component``). ``release`` lets go of both again (the next access reloads
-    the same values: stored components are immutable). A component built in memory (``source`` None)
+    ``source`` on first access, and the stored optimizer state is read only for a clone
+    (``copy_component``; only the clone keeps it). ``release`` lets go of the tensors again (the next
+    access reloads the same values: stored components are immutable). A component built in memory (``source`` None)
     holds its tensors for its whole life. ``shapes``/``num_params`` never load the tensors (a record
     asks its source for the shapes once: the store reads them from the blob headers).
     """
@@ -94,6 +94,14 @@ class Component:
     def momentum_loaded(self) -> bool:
         return self._momentum_known and self._momentum is not None
 
+    def momentum_copy(self) -> dict[str, torch.Tensor] | None:
+        """Fresh tensors of the momentum for a clone: a copy of what is in memory, else read from
+        the source and *not* kept here (the frozen original never needs its optimizer state)."""
+        if self._momentum_known:
+            return None if self._momentum is None else \
+                {k: v.detach().clone() for k, v in self._momentum.items()}
+        return self.source.load_momentum(self) if self.source is not None else None
+
     def release(self) -> bool:
         """Let go of the tensors if they can be loaded again; True if something was let go."""
         if self.source is None or not (self._params is not None or self._momentum is not None):
@@ -150,7 +158,5 @@ def copy_component(src: Component, owner: str, cid: int, momentum: bool = True) 
 
     ``momentum=False``: the clone starts with no optimizer state (the source's is not even read)."""
     params = {k: v.detach().clone() for k, v in src.params.items()}
-    momentum_copy = None
-    if momentum and src.momentum is not None:
-        momentum_copy = {k: v.detach().clone() for k, v in src.momentum.items()}
-    return Component(src.name, owner, cid, params, momentum_copy, cloned_from=src.key)
+    return Component(src.name, owner, cid, params, src.momentum_copy() if momentum else None,
+                     cloned_from=src.key)

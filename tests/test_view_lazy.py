@@ -146,6 +146,7 @@ def test_tensors_load_on_first_use_and_momentum_only_for_a_clone(store):
         assert raw.dtype == "bfloat16"
         assert torch.equal(clone.momentum[name], from_raw(raw, CPU, torch.float32))
     assert clone.cloned_from == comp.key and clone.loaded
+    assert not comp.momentum_loaded  # the frozen original does not keep the optimizer state
     store.reset()
     fresh = copy_component(comp, "reader", 1, momentum=False)  # multipath: no optimizer state
     assert fresh.momentum is None and store.reads()["momentum"] == 0
