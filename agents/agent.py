@@ -36,7 +36,7 @@ from agents.vit import VitConfig, preset_vit
 from protocol.bus import PeerBus
 from protocol.messages import Bye, Hello, Published
 from store import (AgentState, LeaseHeld, LeaseLost, MissingReference, StoreAPI, StoreError,
-                   open_store)
+                   StoreUnavailable, open_store)
 from taskdata import TaskDataError, check_source, load_task, parse_task_spec
 
 
@@ -275,6 +275,9 @@ class Agent:
             # and nothing of ours was written after the takeover (the store refused it).
             self.lease_lost = True
             print(f"[{self.task}] stopping: {exc}", flush=True)
+        except StoreUnavailable:
+            self._store_down = True  # nothing to release through a service that is gone: the lease expires
+            raise
         finally:
             self._close()
 
@@ -282,7 +285,7 @@ class Agent:
         self._hb_stop.set()
         self._hb.join(timeout=5)
         state = "finished" if self.state.cycle >= self.cycles else "stopped"
-        if not self.lease_lost:
+        if not (self.lease_lost or getattr(self, "_store_down", False)):
             try:
                 self.store.heartbeat(self.agent_id, self.token, ttl=self.opts.lease_ttl,
                                      state=state, progress=self.progress.to_dict())

@@ -17,7 +17,6 @@ component is frozen for this agent iff some *other* agent locks it (docs/method.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from collections.abc import Iterable, Iterator
 
@@ -95,9 +94,6 @@ class SystemView:
         self.last_refresh = 0.0
         # store reads so far (tests and benchmarks count them): tensors, shapes, records
         self.loads = {"params": 0, "momentum": 0, "shapes": 0, "models": 0, "components": 0}
-        # A local store reads a component's params without its momentum blobs; any other StoreAPI
-        # returns both and the momentum is dropped at once.
-        self._params_only = "momentum" in inspect.signature(store.load_component_tensors).parameters
 
     # ---- records ---------------------------------------------------------------------------
     def component(self, key: str) -> Component:
@@ -131,9 +127,7 @@ class SystemView:
 
     # ---- tensors (agents.paths.TensorSource) ------------------------------------------------
     def _read(self, key: str, momentum: bool):
-        if self._params_only:
-            return self.store.load_component_tensors(key, momentum=momentum)
-        return self.store.load_component_tensors(key)
+        return self.store.load_component_tensors(key, momentum=momentum)
 
     def load_params(self, c: Component) -> dict[str, torch.Tensor]:
         params, _ = self._read(c.key, momentum=False)

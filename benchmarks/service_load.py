@@ -16,7 +16,10 @@ request mix of an agent:
   components, a model, its publication) every ``--publish-every`` s (``publish``: upload + commit).
 
 Each configuration runs twice for ``--seconds``: without, then with a concurrent ``verify`` loop
-(one client calling ``verify`` back to back). It is measured for the service as built
+(one client calling ``verify`` back to back; the service runs each in a low-priority child process,
+store/check_child.py, or in its own process with ``--check-in-process``). Everything repeats
+``--repeats`` times, interleaved, and each phase's latencies are pooled over its repeats: a p99 of
+one 15 s run rests on about ten heartbeats, and swings with whatever else the 2 cores do. It is measured for the service as built
 (``--read-workers``, default 4: reads on a thread pool, writes on one writer thread) and, unless
 ``--no-baseline``, for the single-threaded service (``--read-workers 0``: everything on one thread
 in arrival order, the service before this change), on the same store, in the same run.
@@ -119,8 +122,11 @@ def build_store(path: str, models: int, components: int, component_mb: float) ->
 
 # ---- the service --------------------------------------------------------------------------------
 
-def start_service(store: str, read_workers: int, log: str) -> tuple[subprocess.Popen, str]:
+def start_service(store: str, read_workers: int, log: str,
+                  check_in_process: bool = False) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    if check_in_process:  # verify in the service's own process, as before store/check_child.py
+        env["MUNET_STORE_CHECK_IN_PROCESS"] = "1"
     proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "serve_store.py"), "--store",
                              store, "--bind", "tcp://127.0.0.1:0", "--read-workers",
                              str(read_workers)], cwd=str(REPO), env=env, stdout=subprocess.PIPE,
@@ -133,10 +139,11 @@ def start_service(store: str, read_workers: int, log: str) -> tuple[subprocess.P
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc/PID/stat."""
+    """utime + stime of a process and of its ended children (the service's verify processes), from
+    /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 # ---- the simulated agents -----------------------------------------------------------------------
@@ -355,7 +362,7 @@ def percentiles(values: list[float]) -> dict:
 def run_phase(store: str, workdir: str, read_workers: int, with_verify: bool, args: Any,
               tag: str) -> dict:
     log = os.path.join(workdir, f"service-{tag}.log")
-    proc, endpoint = start_service(store, read_workers, log)
+    proc, endpoint = start_service(store, read_workers, log, args.check_in_process)
     rec = Recorder()
     stop = threading.Event()
     try:
@@ -391,7 +398,28 @@ def run_phase(store: str, workdir: str, read_workers: int, with_verify: bool, ar
             "failed_requests": sum(rec.failed.values()),
             "failed_by_kind": dict(rec.failed), "errors": rec.errors,
             "service_cpu_seconds": round(cpu, 2),
-            "latency_ms": {k: percentiles(v) for k, v in sorted(rec.latency.items()) if v}}
+            "latency_ms": {k: percentiles(v) for k, v in sorted(rec.latency.items()) if v},
+            "raw": {k: list(v) for k, v in rec.latency.items() if v}}
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One configuration's repeats as one phase: latencies pooled (a p99 of all samples, steadier
+    than any one run's), counts and seconds summed; each run's heartbeat p99 kept beside."""
+    raw: dict[str, list[float]] = {}
+    for r in runs:
+        for k, v in r["raw"].items():
+            raw.setdefault(k, []).extend(v)
+    seconds = sum(r["seconds"] for r in runs)
+    requests = sum(r["requests"] for r in runs)
+    return {"read_workers": runs[0]["read_workers"], "with_verify": runs[0]["with_verify"],
+            "repeats": len(runs), "seconds": round(seconds, 2), "requests": requests,
+            "requests_per_second": round(requests / seconds, 1),
+            "failed_requests": sum(r["failed_requests"] for r in runs),
+            "errors": [e for r in runs for e in r["errors"]],
+            "service_cpu_seconds": round(sum(r["service_cpu_seconds"] for r in runs), 2),
+            "heartbeat_p99_ms_per_run": [r["latency_ms"].get("heartbeat", {}).get("p99")
+                                         for r in runs],
+            "latency_ms": {k: percentiles(v) for k, v in sorted(raw.items())}}
 
 
 def summary(plain: dict, verify: dict) -> dict:
@@ -408,6 +436,8 @@ def summary(plain: dict, verify: dict) -> dict:
             "heartbeat_p99_ms": hb, "heartbeat_p99_ms_with_verify": hbv,
             "verify_ratio": ratio,
             "verifies_completed": verify["latency_ms"].get("verify", {}).get("n", 0),
+            "heartbeat_p99_ms_per_run": plain["heartbeat_p99_ms_per_run"],
+            "heartbeat_p99_ms_with_verify_per_run": verify["heartbeat_p99_ms_per_run"],
             "errors": plain["errors"] + verify["errors"]}
 
 
@@ -426,10 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refresh", type=float, default=10.0, help="view refresh period per agent (s)")
     p.add_argument("--load", type=float, default=20.0, help="component load period per agent (s)")
     p.add_argument("--publish-every", type=float, default=2.0)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of every phase, interleaved; latencies are pooled (default 3)")
+    p.add_argument("--check-in-process", action="store_true",
+                   help="run verify inside the service's process (the default is a low-priority "
+                        "child process, store/check_child.py), for comparison")
     p.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
-    for name in ("agents", "models", "components"):
+    for name in ("agents", "models", "components", "repeats"):
         if getattr(args, name) < 1:
             print(f"service_load.py: --{name} must be at least 1", file=sys.stderr)
             return 2
@@ -447,27 +482,29 @@ def main(argv: list[str] | None = None) -> int:
         blob_bytes = build_store(store, args.models, args.components, args.component_mb)
         print(f"store: {args.models} models x {args.components} components of "
               f"{args.component_mb} MB ({blob_bytes / 2**20:.0f} MB of blobs)", flush=True)
-        phases = {}
+        runs: dict[str, list[dict]] = {}
         configs = [("lanes", args.read_workers)]
         if not args.no_baseline:
             configs.append(("single", 0))
-        for name, workers in configs:
-            for with_verify in (False, True):
-                tag = f"{name}{'-verify' if with_verify else ''}"
-                phases[tag] = run_phase(store, workdir, workers, with_verify, args, tag)
-                ph = phases[tag]
-                hb = ph["latency_ms"].get("heartbeat", {})
-                print(f"{tag:>14}: {ph['requests_per_second']:7.1f} req/s, heartbeat p50 "
-                      f"{hb.get('p50')} ms p99 {hb.get('p99')} ms, failed "
-                      f"{ph['failed_requests']}, service CPU {ph['service_cpu_seconds']} s",
-                      flush=True)
+        for r in range(args.repeats):  # repeats interleaved: slow drift hits every configuration
+            for name, workers in configs:
+                for with_verify in (False, True):
+                    tag = f"{name}{'-verify' if with_verify else ''}"
+                    ph = run_phase(store, workdir, workers, with_verify, args, f"{tag}-{r}")
+                    runs.setdefault(tag, []).append(ph)
+                    hb = ph["latency_ms"].get("heartbeat", {})
+                    print(f"{tag:>14} run {r + 1}: {ph['requests_per_second']:7.1f} req/s, heartbeat "
+                          f"p50 {hb.get('p50')} ms p99 {hb.get('p99')} ms, failed "
+                          f"{ph['failed_requests']}, service CPU {ph['service_cpu_seconds']} s",
+                          flush=True)
+        phases = {tag: pooled(rs) for tag, rs in runs.items()}
     finally:
         if not args.dir:
             shutil.rmtree(workdir, ignore_errors=True)
     lanes = summary(phases["lanes"], phases["lanes-verify"])
     result: dict[str, Any] = {
-        "agents": args.agents, "seconds_per_phase": args.seconds,
-        "read_workers": args.read_workers,
+        "agents": args.agents, "seconds_per_phase": args.seconds, "repeats": args.repeats,
+        "read_workers": args.read_workers, "verify_in": "service" if args.check_in_process else "child",
         "store": {"models": args.models, "components": args.components,
                   "component_mb": args.component_mb, "blob_mb": round(blob_bytes / 2**20, 1)},
         "mix": {"heartbeat_every_s": HEARTBEAT_SECONDS, "last_event_seq_every_s": 2.0,

@@ -55,13 +55,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 def exit_code(exc: BaseException, prog: str,
               user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Report ``exc`` the way every entry point does, and return its exit code."""
-    from store import MissingReference, StoreCorrupt
-
-    import store as store_pkg
+    from store import MissingReference, StoreCorrupt, StoreUnavailable
 
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    unavailable = getattr(store_pkg, "StoreUnavailable", None)
-    if unavailable is not None and isinstance(exc, unavailable):
+    if isinstance(exc, StoreUnavailable):
         print(f"{prog}: error: {first}", file=sys.stderr)
         return EXIT_STORE_UNAVAILABLE
     if isinstance(exc, (StoreCorrupt, MissingReference)):

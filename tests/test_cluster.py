@@ -64,6 +64,9 @@ def test_ray_swarm_through_a_keyed_service_one_gpu_each_survives_kill9(tmp_path,
         first = wait_for(lambda: read(store, lambda s: (a := s.get_agent(victim)) and
                                       a.state == "running" and s.trials(agent=victim) and a),
                          240, "the first agent to train a child")
+        # Ray starts workers at nice 15; the agent's process runs at normal priority (root here)
+        with open(f"/proc/{first.pid}/stat") as f:
+            assert int(f.read().rsplit(")", 1)[1].split()[16]) == 0
         os.kill(first.pid, signal.SIGKILL)  # the actor's process: Ray restarts it, the agent resumes
         code = _finish(proc, 600)
     finally:

@@ -26,6 +26,21 @@ from launch.engines.entry import engine_options, run_engine_agent
 UNAVAILABLE_PAUSE_SECONDS = 10.0
 
 
+def normal_priority() -> str | None:
+    """Ray starts its workers at nice 15 (``RAY_worker_niceness``) so its own daemons win the CPU;
+    an agent *is* the node's workload, so every thread of its process goes back to nice 0 where
+    allowed (root or CAP_SYS_NICE). Returns a note for the log when it could not."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) <= 0:
+            return None
+        for tid in os.listdir("/proc/self/task"):  # Linux: niceness is per thread
+            os.setpriority(os.PRIO_PROCESS, int(tid), 0)
+        return None
+    except (PermissionError, OSError) as exc:
+        return (f"running at Ray's worker niceness {os.getpriority(os.PRIO_PROCESS, 0)} ({exc}); "
+                f"start Ray nodes with RAY_worker_niceness=0 to give agents normal priority")
+
+
 class AgentActor:
     """The agent's process. ``run`` blocks in the default concurrency group; ``stop`` and ``where``
     answer from the ``control`` group's thread meanwhile."""
@@ -39,9 +54,10 @@ class AgentActor:
         self.runs += 1
         opts = engine_options(self.opts, gpus=self.gpus, threads=max(1, int(self.cpus)),
                               bind_host=self.opts.bind_host or ray.util.get_node_ip_address())
-        note = None
+        notes = [normal_priority()]
         if self.runs > 1 or ray.get_runtime_context().was_current_actor_reconstructed:
-            note = f"[{opts.task}] restarted by Ray (run {self.runs} of this process)"
+            notes.append(f"restarted by Ray (run {self.runs} of this process)")
+        note = "; ".join(f"[{opts.task}] {n}" for n in notes if n) or None
         return run_engine_agent(opts, self.log_path, on_agent=self._hold, note=note)
 
     def _hold(self, agent) -> None:
@@ -59,7 +75,8 @@ class AgentActor:
         return {"node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
                 "node_id": ctx.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                "reconstructed": ctx.was_current_actor_reconstructed}
+                "reconstructed": ctx.was_current_actor_reconstructed,
+                "nice": os.getpriority(os.PRIO_PROCESS, 0)}
 
 
 class RayHandle:

@@ -340,36 +340,40 @@ class RemoteStore:
             out[key] = buf
         return out
 
-    def _tensors(self, manifest: dict, cids: list[str]) -> dict[str, tuple[TensorDict, TensorDict]]:
+    def _tensors(self, manifest: dict, cids: list[str], momentum: bool = True
+                 ) -> dict[str, tuple[TensorDict, TensorDict]]:
         records = {cid: self._remember(ComponentRecord.from_dict(manifest["components"][cid]))
                    for cid in cids}
         what = {k: f"component {cid}" for cid, r in records.items()
-                for k in [*r.tensors.values(), *r.momentum.values()]}
+                for k in [*r.tensors.values(), *(r.momentum.values() if momentum else ())]}
         blobs = self._fetch(manifest["sizes"], what)
         return {cid: ({n: as_tensor(blobs[k]) for n, k in r.tensors.items()},
-                      {n: as_tensor(blobs[k]) for n, k in r.momentum.items()})
+                      {n: as_tensor(blobs[k]) for n, k in r.momentum.items()} if momentum else {})
                 for cid, r in records.items()}
 
-    def _cached_tensors(self, component_id: str) -> tuple[TensorDict, TensorDict] | None:
+    def _cached_tensors(self, component_id: str, momentum: bool = True
+                        ) -> tuple[TensorDict, TensorDict] | None:
         """A known component whose blobs are all in this host's cache, read without a request."""
         rec = self._components.get(component_id)
         if rec is None:
             return None
         blobs = {}
-        for key in [*rec.tensors.values(), *rec.momentum.values()]:
+        for key in [*rec.tensors.values(), *(rec.momentum.values() if momentum else ())]:
             blob = self.cache.get(key)
             if blob is None:
                 return None
             blobs[key] = blob
         return ({n: as_tensor(blobs[k]) for n, k in rec.tensors.items()},
-                {n: as_tensor(blobs[k]) for n, k in rec.momentum.items()})
+                {n: as_tensor(blobs[k]) for n, k in rec.momentum.items()} if momentum else {})
 
-    def load_component_tensors(self, component_id: str) -> tuple[TensorDict, TensorDict]:
-        cached = self._cached_tensors(component_id)
+    def load_component_tensors(self, component_id: str, momentum: bool = True
+                               ) -> tuple[TensorDict, TensorDict]:
+        """``momentum=False``: the params alone; the momentum blobs are neither fetched nor read."""
+        cached = self._cached_tensors(component_id, momentum)
         if cached is not None:
             return cached
         manifest = self._call("manifest", model_id=None, component_ids=[component_id])
-        return self._tensors(manifest, [component_id])[component_id]
+        return self._tensors(manifest, [component_id], momentum)[component_id]
 
     def load_model_tensors(self, model_id: str) -> dict[str, tuple[TensorDict, TensorDict]]:
         manifest = self._call("manifest", model_id=model_id, component_ids=None)

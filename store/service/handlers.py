@@ -8,10 +8,12 @@ counters, and convert records to plain maps for msgpack.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
 from protocol.tensors import RawTensor
+from store.check_child import check_in_child
 from store.errors import MissingReference, StoreCorrupt, StoreError
 from store.records import (AgentState, ComponentRecord, ComponentWrite, ModelRecord, Publication,
                            TrialRecord)
@@ -108,11 +110,19 @@ class Handlers:
     def _h_stats(self, args, data):
         return self.store.stats(), []
 
+    def _full_check(self):
+        """A full check in a low-priority child process (store/check_child.py): it re-hashes every
+        blob, which would otherwise hold one core and Python's lock in the service beside the
+        heartbeats. ``MUNET_STORE_CHECK_IN_PROCESS=1`` runs it here instead."""
+        if os.environ.get("MUNET_STORE_CHECK_IN_PROCESS") == "1":
+            return self.store.check()
+        return check_in_child(self.store.path)
+
     def _h_verify(self, args, data):
-        return self.store.verify(), []
+        return self._full_check().problems, []
 
     def _h_check(self, args, data):
-        return dataclasses.asdict(self.store.check()), []
+        return dataclasses.asdict(self._full_check()), []
 
     def _h_get_model(self, args, data):
         return _plain(self.store.get_model(args["model_id"])), []
