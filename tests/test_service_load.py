@@ -392,7 +392,7 @@ def test_the_load_benchmark_runs_with_tiny_bounds(tmp_path):
     out = tmp_path / "load.json"
     proc = run_cli("benchmarks/service_load.py", "--agents", "6", "--seconds", "2", "--models", "1",
                    "--components", "2", "--component-mb", "0.25", "--publish-every", "0.5",
-                   "--load", "1", "--refresh", "1", "--out", str(out), timeout=300,
+                   "--load", "1", "--refresh", "1", "--repeats", "1", "--out", str(out), timeout=300,
                    env={"PYTHONPATH": REPO})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
