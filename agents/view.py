@@ -150,10 +150,13 @@ class SystemView:
         out = {k: from_raw(v, self.device, torch.float32) for k, v in mom.items()}
         return {k: (t.clone() if mom[k].dtype == "float32" else t) for k, t in out.items()} or None
 
-    def materialize(self, path: ModelPath) -> ModelPath:
-        """Load every component's tensors now (what training a child or running a path does anyway)."""
+    def materialize(self, path: ModelPath, momentum: bool = False) -> ModelPath:
+        """Load every component's tensors now (what training a child or running a path does anyway);
+        ``momentum`` too, for a path used after its store is closed (clones read it)."""
         for c in path.components.values():
             c.params  # noqa: B018 (loads)
+            if momentum:
+                c.momentum  # noqa: B018
         return path
 
     def loaded(self) -> list[Component]:

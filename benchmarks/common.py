@@ -342,7 +342,8 @@ def ensure_store_with_root(path: str, preset_name: str, seed: int, root: str | N
 
 
 def load_root(store):
-    """The store's root as an ``agents.paths.Path`` on the CPU (its components are frozen)."""
+    """A view whose ``root`` is the store's root on the CPU, tensors and momentum loaded (the view
+    loads lazily, and callers use the root after the store is closed)."""
     import torch
 
     from agents.view import SystemView
@@ -351,4 +352,5 @@ def load_root(store):
     view.refresh()
     if view.root is None:
         raise BenchmarkError(f"store {store.path} has no root model")
+    view.materialize(view.root, momentum=True)
     return view
