@@ -213,6 +213,10 @@ def check_launcher(args) -> None:
     if args.slurm_time < 1 or args.slurm_signal_delay < 0:
         raise UserError("--slurm-time must be >= 1 minute and --slurm-signal-delay >= 0")
     args.bind_host = args.bind_host or ("auto" if cluster else "127.0.0.1")
+    if cluster and not args.store.startswith("tcp://"):
+        # an engine's workers start elsewhere than this shell: a store directory must be absolute
+        # (and on this host only: LMDB never on a network filesystem; docs/cluster.md)
+        args.store = os.path.abspath(args.store)
     if cluster:
         import importlib.util
 
