@@ -103,6 +103,7 @@ class Agent:
         self.stop_requested = False
         self.stop_signal: int | None = None  # the signal that asked it to stop, if one did
         self.lease_lost = False
+        self._store_down = False  # the store service gave up on: nothing more goes through it
         self.progress = Progress(cycles=self.cycles, preset=self.preset.name,
                                  generations=self.preset.budget.children_per_cycle)
         self.verbose = False
@@ -285,7 +286,7 @@ class Agent:
         self._hb_stop.set()
         self._hb.join(timeout=5)
         state = "finished" if self.state.cycle >= self.cycles else "stopped"
-        if not (self.lease_lost or getattr(self, "_store_down", False)):
+        if not (self.lease_lost or self._store_down):
             try:
                 self.store.heartbeat(self.agent_id, self.token, ttl=self.opts.lease_ttl,
                                      state=state, progress=self.progress.to_dict())

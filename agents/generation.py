@@ -34,7 +34,7 @@ from agents.hurdle import DEFAULT_RULE, HurdleRule
 from agents.mutation import Mutator, hparams_diff
 from agents.paths import ModelPath
 from agents.prefix_cache import PrefixCache
-from agents.probe import probe_accuracy, probe_pick
+from agents.probe import probe_pick
 from agents.progress import ChildMetrics
 from agents.scoring import Scorer
 from agents.selection import best_path, retain, select_parent
@@ -171,11 +171,7 @@ def propose(ctx: Context, c: Counters, population: list[ModelPath], rng: random.
 
     def pick(candidates):
         probed.append(True)
-        for cand in candidates:  # one candidate's tensors in memory at a time (the view is lazy)
-            if cand.id not in ctx.probe_cache:
-                with view.transient():
-                    ctx.probe_cache[cand.id] = probe_accuracy(cand, ctx.vit, ctx.tensors)
-        return probe_pick(candidates, ctx.vit, ctx.tensors, rng, ctx.probe_cache)
+        return probe_pick(candidates, ctx.vit, ctx.tensors, rng, ctx.probe_cache, each=view.transient)
 
     parent = select_parent(population, view.foreign_paths(), c.offsprings, rng,
                            pick=pick if ctx.preset.probe_parents else None)

@@ -9,8 +9,10 @@ forward pass over ~768 images per candidate, a fraction of one child's training.
 """
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import ContextManager
 
 import torch
 
@@ -53,13 +55,17 @@ def probe_accuracy(path: ModelPath, vit: VitConfig, data: TaskTensors) -> float:
 
 
 def probe_pick(candidates: Sequence[ModelPath], vit: VitConfig, data: TaskTensors, rng: random.Random,
-               cache: dict[str, float]) -> ModelPath:
+               cache: dict[str, float],
+               each: Callable[[], ContextManager] = contextlib.nullcontext) -> ModelPath:
     """The candidate with the best probe accuracy (ties drawn with ``rng``); ``cache`` keeps the
-    accuracy per model id (published models are immutable, so a probe is computed once per model)."""
+    accuracy per model id (published models are immutable, so a probe is computed once per model).
+    Each probe runs inside ``each()`` (an agent's ``view.transient``: one candidate's tensors in
+    memory at a time)."""
     scores = []
     for p in candidates:
         if p.id not in cache:
-            cache[p.id] = probe_accuracy(p, vit, data)
+            with each():
+                cache[p.id] = probe_accuracy(p, vit, data)
         scores.append(cache[p.id])
     best = max(scores)
     return rng.choice([p for p, s in zip(candidates, scores) if s == best])

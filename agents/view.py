@@ -126,11 +126,8 @@ class SystemView:
         return p
 
     # ---- tensors (agents.paths.TensorSource) ------------------------------------------------
-    def _read(self, key: str, momentum: bool):
-        return self.store.load_component_tensors(key, momentum=momentum)
-
     def load_params(self, c: Component) -> dict[str, torch.Tensor]:
-        params, _ = self._read(c.key, momentum=False)
+        params, _ = self.store.load_component_tensors(c.key, momentum=False)
         self.loads["params"] += 1
         return {k: from_raw(v, self.device, torch.float32) for k, v in params.items()}
 
@@ -144,7 +141,7 @@ class SystemView:
         """The stored optimizer state of a component (read only when it is cloned)."""
         if not self._has_momentum.get(c.key, True):
             return None
-        _, mom = self._read(c.key, momentum=True)
+        _, mom = self.store.load_component_tensors(c.key, momentum=True)
         self.loads["momentum"] += 1
         # bfloat16 in the store: the float32 copy owns its memory (the read buffer is let go)
         out = {k: from_raw(v, self.device, torch.float32) for k, v in mom.items()}
@@ -215,15 +212,20 @@ class SystemView:
         self.last_refresh = time.time()
 
     def _published(self) -> dict[str, ModelPath]:
-        for attempt in range(2):
-            pointers = [p for p in self.store.pointers() if p.kind == SINGLE]
+        """Task -> its single-path model. A pointer may move, and its old model be collected,
+        between reading the pointers and the records: read them once more before calling it a
+        broken store."""
+        try:
+            return self._resolve_pointers()
+        except KeyError:
             try:
-                return {p.task: self.path(p.model_id) for p in pointers}
+                return self._resolve_pointers()
             except KeyError:
-                if attempt:  # read twice: not a pointer that moved (and was collected) in between
-                    raise MissingReference("a task points to a missing model; run `query.py verify`") \
-                        from None
-        raise AssertionError("unreachable")
+                raise MissingReference("a task points to a missing model; run `query.py verify`") \
+                    from None
+
+    def _resolve_pointers(self) -> dict[str, ModelPath]:
+        return {p.task: self.path(p.model_id) for p in self.store.pointers() if p.kind == SINGLE}
 
     def is_frozen(self, c: Component) -> bool:
         return bool(self.lockers.get(c.key, set()) - {self.agent_id})

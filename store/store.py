@@ -296,6 +296,23 @@ class Store:
                 txnops.record_reply(txn, self._dbs, request_id, record.to_dict(), now)
             return record
 
+    def heartbeats(self, beats: Sequence[dict], now: float | None = None
+                   ) -> list[AgentRecord | Exception]:
+        """Several heartbeats in ONE write transaction (one sync for all: each is a few hundred
+        bytes, the sync is what costs; the store service batches the ones waiting together). Each
+        ``beats`` item holds ``heartbeat``'s arguments (agent_id, token, ttl, state, progress,
+        endpoint); a refused one (LeaseLost, a bad value) comes back as its exception and writes
+        nothing, the others commit."""
+        now = time.time() if now is None else now
+        out: list[AgentRecord | Exception] = []
+        with self._write() as txn:
+            for b in beats:
+                try:
+                    out.append(leases.heartbeat(txn, self._dbs, now=now, **b))
+                except (StoreError, ValueError, TypeError) as exc:
+                    out.append(exc)
+        return out
+
     def release_lease(self, agent_id: str, token: str, state: str = "stopped", *,
                       request_id: str | None = None) -> None:
         """End the lease now (the record stays, for history); LeaseLost if no longer held."""

@@ -16,4 +16,22 @@ actor per agent on a Ray cluster (``ray_engine``); ``slurm`` submits a job array
 """
 from __future__ import annotations
 
+from launch.common import EXIT_STORE_UNAVAILABLE, FINAL_EXIT_CODES
+
 LAUNCHERS = ("local", "ray", "slurm")
+UNAVAILABLE_PAUSE_SECONDS = 10.0  # before running again an agent that found the store service gone
+
+
+class Restarts:
+    """When an engine runs an agent again after it ended with ``code`` (launch.common's codes)."""
+
+    def __init__(self, limit: int) -> None:
+        self.left, self.done = limit, 0
+
+    def after(self, code: int) -> float | None:
+        """Seconds to wait before the next run, or None: ``code`` is final, or no restart is left."""
+        if code in FINAL_EXIT_CODES or self.left <= 0:
+            return None
+        self.left -= 1
+        self.done += 1
+        return UNAVAILABLE_PAUSE_SECONDS if code == EXIT_STORE_UNAVAILABLE else 1.0

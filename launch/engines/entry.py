@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Callable
 
-from launch.common import EXIT_FAILED, agent_exit_code, run
+from launch.common import agent_exit_code, run
 
 RESTART_WAIT_TTLS = 2.0  # a restarted agent waits this many lease TTLs (plus a margin) for its old lease
 
@@ -61,4 +61,4 @@ def run_engine_agent(opts, log_path: str | None, on_agent: Callable | None = Non
 
     code = run(main, f"agent[{opts.task}]")
     sys.stdout.flush()
-    return EXIT_FAILED if code is None else code
+    return code

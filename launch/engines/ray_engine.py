@@ -20,10 +20,9 @@ import time
 
 import ray
 
-from launch.common import EXIT_FAILED, EXIT_STORE_UNAVAILABLE, FINAL_EXIT_CODES, UserError
+from launch.common import EXIT_FAILED, UserError
+from launch.engines import Restarts
 from launch.engines.entry import engine_options, run_engine_agent
-
-UNAVAILABLE_PAUSE_SECONDS = 10.0
 
 
 def normal_priority() -> str | None:
@@ -71,28 +70,28 @@ class AgentActor:
 
     @ray.method(concurrency_group="control")
     def where(self) -> dict:
-        ctx = ray.get_runtime_context()
         return {"node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
-                "node_id": ctx.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                "reconstructed": ctx.was_current_actor_reconstructed,
-                "nice": os.getpriority(os.PRIO_PROCESS, 0)}
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
 
 class RayHandle:
     """One agent's actor and its ``run`` call, as the launcher's progress loop sees it."""
 
     def __init__(self, actor, name: str, max_restarts: int) -> None:
-        self.actor, self.name, self.restarts_left = actor, name, max_restarts
+        self.actor, self.name = actor, name
+        self.policy = Restarts(max_restarts)
         self.exitcode: int | None = None
-        self.restarts = 0
         self._ref = actor.run.remote()
         self._resume_at = 0.0
+
+    @property
+    def restarts(self) -> int:
+        return self.policy.done
 
     def is_alive(self) -> bool:
         if self.exitcode is not None:
             return False
-        if self._ref is None:  # pausing before the next run (the store service was unreachable)
+        if self._ref is None:  # pausing before the next run
             if time.monotonic() >= self._resume_at:
                 self._ref = self.actor.run.remote()
             return True
@@ -101,17 +100,13 @@ class RayHandle:
             return True
         try:
             code = int(ray.get(self._ref))
-        except ray.exceptions.RayActorError:  # the actor is gone for good: its restarts ran out
+        except ray.exceptions.RayError:  # e.g. the actor is gone for good: its restarts ran out
             code = EXIT_FAILED
-        except ray.exceptions.RayError:
-            code = EXIT_FAILED
-        if code in FINAL_EXIT_CODES or self.restarts_left <= 0:
+        pause = self.policy.after(code)
+        if pause is None:
             self.exitcode = code
             ray.kill(self.actor, no_restart=True)  # frees its GPU and CPUs
             return False
-        self.restarts_left -= 1
-        self.restarts += 1
-        pause = UNAVAILABLE_PAUSE_SECONDS if code == EXIT_STORE_UNAVAILABLE else 1.0
         self._ref, self._resume_at = None, time.monotonic() + pause
         return True
 
@@ -173,7 +168,7 @@ def start(agents: list[tuple[str, str, object, str]], *, gpus_per_agent: float,
             raise UserError(f"a {kind} agent for {task} already runs on this Ray cluster for this "
                             f"store (another launcher): stop it or leave {task} out")
         actor = cls.options(
-            name=f"{kind}~{task}", get_if_exists=False, num_gpus=gpus_per_agent,
+            name=f"{kind}~{task}", num_gpus=gpus_per_agent,
             num_cpus=cpus_per_agent, max_restarts=max_restarts, max_task_retries=-1,
         ).remote(opts, log, gpus_per_agent, cpus_per_agent)
         handles[(task, kind)] = RayHandle(actor, f"{kind}~{task}", max_restarts)

@@ -20,10 +20,9 @@ import time
 
 import submitit
 
-from launch.common import EXIT_FAILED, EXIT_STORE_UNAVAILABLE, FINAL_EXIT_CODES
+from launch.common import EXIT_FAILED
+from launch.engines import Restarts
 from launch.engines.entry import engine_options, run_engine_agent
-
-UNAVAILABLE_PAUSE_SECONDS = 10.0
 
 
 class AgentJob(submitit.helpers.Checkpointable):
@@ -36,9 +35,13 @@ class AgentJob(submitit.helpers.Checkpointable):
 class SlurmHandle:
     def __init__(self, executor, job, args: tuple, name: str, max_restarts: int) -> None:
         self.executor, self.job, self.args, self.name = executor, job, args, name
-        self.restarts_left, self.restarts = max_restarts, 0
+        self.policy = Restarts(max_restarts)
         self.exitcode: int | None = None
         self._resume_at: float | None = None
+
+    @property
+    def restarts(self) -> int:
+        return self.policy.done
 
     def is_alive(self) -> bool:
         if self.exitcode is not None:
@@ -53,13 +56,11 @@ class SlurmHandle:
             code = int(self.job.result())
         except Exception:  # the job failed: killed, node lost, cancelled (its log says why)
             code = EXIT_FAILED
-        if code in FINAL_EXIT_CODES or self.restarts_left <= 0:
+        pause = self.policy.after(code)
+        if pause is None:
             self.exitcode = code
             return False
-        self.restarts_left -= 1
-        self.restarts += 1
-        self._resume_at = time.monotonic() + (UNAVAILABLE_PAUSE_SECONDS
-                                              if code == EXIT_STORE_UNAVAILABLE else 1.0)
+        self._resume_at = time.monotonic() + pause
         return True
 
     def stop(self) -> None:

@@ -52,7 +52,6 @@ import zmq
 import zmq.auth
 
 from protocol.bus import process_context
-from store import leases
 from store.errors import StoreError
 from store.service import wire
 from store.service.handlers import Handlers
@@ -72,6 +71,7 @@ DEFAULT_READ_WORKERS = 4
 MAX_HEARTBEAT_BATCH = 256  # heartbeats applied in one write transaction
 MAX_IN_FLIGHT = 2000      # requests handed to lanes and not yet answered: beyond, stop reading
 _URGENT = frozenset({"heartbeat", "release_lease", "acquire_lease"})  # first in the write lane
+_HEARTBEAT_ARGS = ("agent_id", "token", "ttl", "state", "progress", "endpoint")
 
 
 def default_read_workers() -> int:
@@ -445,34 +445,36 @@ class StoreServer(Handlers):
         return batch
 
     def _heartbeats(self, batch: list) -> list[bytes]:
-        """Apply waiting heartbeats in ONE write transaction (one fsync for all of them: each
-        heartbeat is a few hundred bytes, the sync is what costs). A heartbeat refused (lease lost,
-        bad arguments) gets its own error and writes nothing; the others still commit. If the
-        transaction itself fails (a full map), each is retried alone for its own reply."""
+        """Apply waiting heartbeats in one write transaction (``Store.heartbeats``). A heartbeat
+        refused (lease lost, bad arguments) gets its own error and writes nothing; the others still
+        commit. If the transaction itself fails (a full map), each is retried alone for its own
+        reply."""
         if len(batch) == 1:
             identity, kind, rid, args, data = batch[0]
             return [self._execute(kind, rid, args, data)[0]]
-        replies: list[bytes] = []
+        checked: list[Exception | None] = []
+        for identity, kind, rid, args, data in batch:
+            try:
+                wire.check_args(kind, args)
+                if data:
+                    raise wire.WireError(f"{kind} takes no data frames")
+                checked.append(None)
+            except wire.WireError as exc:
+                checked.append(exc)
+        valid = [b for b, err in zip(batch, checked) if err is None]
         try:
-            with self.store._write() as txn:  # the Store's own write transaction (store/store.py)
-                now = time.time()
-                for identity, kind, rid, args, data in batch:
-                    try:
-                        wire.check_args(kind, args)
-                        if data:
-                            raise wire.WireError(f"{kind} takes no data frames")
-                        record = leases.heartbeat(
-                            txn, self.store._dbs, args["agent_id"], args["token"],
-                            ttl=args["ttl"], now=now, state=args["state"],
-                            progress=args["progress"], endpoint=args["endpoint"])
-                        replies.append(wire.encode_reply(rid, record.to_dict()))
-                    except (StoreError, ValueError, TypeError, wire.WireError) as exc:
-                        replies.append(self._error_reply(kind, rid, exc))
+            results = iter(self.store.heartbeats([{k: b[3][k] for k in _HEARTBEAT_ARGS}
+                                                  for b in valid]))
         except Exception as exc:  # the transaction failed: nothing of it was written
             log.warning("a batch of %d heartbeats failed (%s): applying them one by one",
                         len(batch), exc)
             return [self._execute(kind, rid, args, data)[0]
                     for identity, kind, rid, args, data in batch]
+        replies: list[bytes] = []
+        for (identity, kind, rid, args, data), err in zip(batch, checked):
+            result = err if err is not None else next(results)
+            replies.append(self._error_reply(kind, rid, result) if isinstance(result, Exception)
+                           else wire.encode_reply(rid, result.to_dict()))
         with self._count_lock:
             self.counters["heartbeat_batches"] += 1
             self.counters["heartbeats_batched"] += len(batch)
