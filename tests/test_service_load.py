@@ -412,3 +412,25 @@ def test_the_load_benchmark_runs_with_tiny_bounds(tmp_path):
     base = result["baseline_single_thread"]
     assert {"latency_ms", "latency_ms_with_verify", "failed_requests"} <= set(base)
     assert result["failed_requests"] == 0 and result["failed_requests_with_verify"] == 0
+
+
+def test_a_fully_written_upload_the_service_died_before_checking_is_checked_on_start(tmp_path):
+    # kill -9 between the last chunk's write and its hash check leaves a full-size ``.part``: the
+    # next service checks it (complete if it hashes right, deleted if not); else a client would be
+    # told forever that zero bytes are missing
+    from store.service.staging import Staging
+
+    rng = np.random.default_rng(0)
+    good = bytes(encode_blob(random_tensor(rng, 64, 64)))
+    bad = bytearray(bytes(encode_blob(random_tensor(rng, 64, 64))))
+    bad_key = content_key(bytes(bad))
+    bad[-1] ^= 0xFF  # the bytes on disk no longer hash to the key they were staged under
+    folder = tmp_path / "staging"
+    folder.mkdir()
+    (folder / f"{content_key(good)}.{len(good)}.part").write_bytes(good)
+    (folder / f"{bad_key}.{len(bad)}.part").write_bytes(bytes(bad))
+    staging = Staging(folder=str(folder))
+    assert staging.is_complete(content_key(good)) and staging.offset(content_key(good)) == len(good)
+    assert staging.tensor(content_key(good)) is not None
+    assert not staging.is_complete(bad_key) and staging.offset(bad_key) == 0  # upload it again
+    assert sorted(os.listdir(folder)) == [f"{content_key(good)}.{len(good)}.blob"]

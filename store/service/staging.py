@@ -101,8 +101,18 @@ class Staging:
             if self.bytes + total > self.max_bytes:
                 self._unlink(path)
                 continue
-            self._uploads[key] = _Upload(total=total, received=size, complete=state == "blob",
-                                         checked=False, touched=mtime)
+            up = _Upload(total=total, received=size, complete=state == "blob", checked=False,
+                         touched=mtime)
+            if not up.complete and size == total:
+                # every byte arrived but the service died before checking them: check now, or a
+                # client would be told to send the zero bytes left, forever
+                blob = self._bytes(key, up)
+                if blob is None or not self._valid(key, blob):
+                    self._unlink(path)
+                    continue
+                up.complete = up.checked = True
+                os.replace(path, self._path(key, up))
+            self._uploads[key] = up
             self.bytes += total
             self.recovered += 1
 
