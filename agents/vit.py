@@ -484,3 +484,14 @@ class PathModel(nn.Module):
     def trainable_tensors(self) -> dict[tuple[str, str], nn.Parameter]:
         """(component, tensor name) -> the Parameter sharing storage with the caller's tensor."""
         return dict(self._trainable)
+
+    @property
+    def stage_components(self) -> list[tuple[str, ...]]:
+        """Component names of each stage in forward order (the stem first, encoder_norm last; the
+        head is not a stage). A stage's output is a function of its input and these components'
+        tensors alone, which is what lets a server compute a prefix shared by many paths once."""
+        return [comps for comps, _ in self._stages]
+
+    def run_stage(self, index: int, h: Tensor) -> Tensor:
+        """Stage ``index`` alone: the image for the stem (0), the previous stage's tokens otherwise."""
+        return self._run(self._stages[index][1], h)

@@ -5,6 +5,7 @@
     munet-swarm query ...      launch/query.py       leaderboard, show, export, report, verify, ...
     munet-swarm serve ...      launch/serve_store.py the store service for agents on other hosts
     munet-swarm make-root ...  launch/make_root.py   build the offline pretrained root ahead
+    munet-swarm serve-models   launch/serve_models.py every task's model over HTTP, live
 
 Each command is exactly its script: the same flags, output and exit codes (``munet-swarm run --help``
 prints run_swarm.py's help). The scripts stay, for a checkout without an install.
@@ -23,6 +24,7 @@ COMMANDS = {  # command -> (module, the script's name in its messages)
     "query": ("launch.query", "query.py"),
     "serve": ("launch.serve_store", "serve_store.py"),
     "make-root": ("launch.make_root", "make_root.py"),
+    "serve-models": ("launch.serve_models", "serve_models.py"),
 }
 USAGE = "usage: munet-swarm {" + ",".join(COMMANDS) + "} [ARGS...]  (munet-swarm COMMAND --help)"
 

@@ -1,0 +1,276 @@
+"""A live model server's engine: the current plan, a thread that follows the store, a micro-batcher.
+
+``ModelServer`` opens the store read-only in its own thread (a store handle is used from one thread),
+builds the first plan, and then follows the store: it listens on the agents' bus for ``published``
+announcements (a hint that arrives at once) and re-reads the serving pointers every ``poll_s`` seconds
+anyway (the truth: announcements can be lost). When a served task's pointer moved, it loads the new
+model beside the old ones, builds a new ``Plan`` and swaps it in with one assignment; batches read
+``server.plan`` once, so a batch that started on the old plan finishes on it and every answer names
+the model that computed it. Nothing here writes to the store.
+
+``MicroBatcher`` gathers concurrent requests into one batch (up to ``max_batch`` images, waiting at
+most ``max_wait_s`` after the first) and runs it on one worker thread; its queue holds at most
+``max_queue`` requests, and ``submit`` refuses more at once (the HTTP layer answers 503).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from agents.serving.loader import ModelLoader
+from agents.serving.plan import Plan, ServedModel
+from protocol.bus import PeerBus
+from protocol.messages import Published
+from store import open_store
+
+log = logging.getLogger("munet.serve")
+
+
+class NotServed(KeyError):
+    """A request named a task this server does not serve (HTTP 404)."""
+
+
+class QueueFull(RuntimeError):
+    """The request queue is full (HTTP 503 with Retry-After)."""
+
+
+class ModelServer:
+    def __init__(self, store: str, *, keys: str | None = None, device: str = "cpu",
+                 tasks: Sequence[str] | None = None, poll_s: float = 2.0, use_bus: bool = True) -> None:
+        self.store_spec, self.keys = store, keys
+        self.device = torch.device(device)
+        self.only = set(tasks) if tasks else None
+        self.poll_s, self.use_bus = poll_s, use_bus
+        self.plan = Plan({}, version=0)
+        self.swaps = 0
+        self.checks = 0
+        self.last_check = 0.0
+        self.on_swap: list[Callable[[Plan, Plan], None]] = []
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._wake = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._follow, name="munet-serve-follow", daemon=True)
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def start(self, timeout: float = 300.0) -> "ModelServer":
+        """Open the store and build the first plan (raises what went wrong: a missing store, ...)."""
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"the first plan was not built within {timeout:.0f} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def check_now(self) -> None:
+        """Re-read the pointers at once instead of at the next poll (tests, operators)."""
+        self._wake.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self._error is None and self._thread.is_alive()
+
+    # ---- following the store ------------------------------------------------------------------------
+    def _follow(self) -> None:
+        bus = None
+        try:
+            with open_store(self.store_spec, readonly=True, keys=self.keys) as store:
+                loader = ModelLoader(store, self.device)
+                self._refresh(store, loader)
+                self._ready.set()
+                if self.use_bus:
+                    bus = PeerBus(f"serve-{os.getpid()}-{id(self):x}", host="127.0.0.1")
+                while not self._stop.is_set():
+                    self._wait_for_news(store, bus)
+                    if self._stop.is_set():
+                        break
+                    try:
+                        self._refresh(store, loader)
+                    except Exception as exc:  # keep serving the current plan; try again next time
+                        log.warning("serve: re-reading the store failed (%s: %s); still serving "
+                                    "plan %d", type(exc).__name__, exc, self.plan.version)
+        except BaseException as exc:  # noqa: BLE001 (reported to start(), which raises it)
+            if not self._ready.is_set():
+                self._error = exc
+                self._ready.set()
+            else:
+                log.error("serve: the store follower stopped: %s: %s", type(exc).__name__, exc)
+        finally:
+            if bus is not None:
+                bus.close()
+
+    def _wait_for_news(self, store, bus: PeerBus | None) -> None:
+        deadline = time.monotonic() + self.poll_s
+        if bus is not None:
+            try:
+                bus.set_peers({a.agent_id: a.endpoint for a in store.live_agents() if a.endpoint})
+            except Exception as exc:  # the bus is a hint; polling still finds every change
+                log.debug("serve: bus peers not updated: %s", exc)
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or self._wake.is_set():
+                break
+            if bus is None:
+                self._wake.wait(min(left, 0.25))
+                continue
+            if any(isinstance(m, Published) and self._serves(m.task) for m in bus.poll(int(min(left, 0.25) * 1000))):
+                break
+        self._wake.clear()
+
+    def _serves(self, task: str) -> bool:
+        return self.only is None or task in self.only
+
+    def _refresh(self, store, loader: ModelLoader) -> None:
+        self.checks += 1
+        self.last_check = time.time()
+        pointers = {p.task: p for p in store.tasks() if self._serves(p.task)}
+        current = self.plan.models
+        if all(t in current and current[t].info.model_id == p.model_id for t, p in pointers.items()):
+            return
+        models: dict[str, ServedModel] = {}
+        for task, pointer in pointers.items():
+            old = current.get(task)
+            models[task] = old if old is not None and old.info.model_id == pointer.model_id \
+                else loader.load(pointer)
+        old_plan, new_plan = self.plan, Plan(models, version=self.plan.version + 1)
+        self.plan = new_plan  # the swap: one assignment, read once per batch
+        if old_plan.models:
+            self.swaps += sum(1 for t in models if t in old_plan.models
+                              and old_plan.models[t].info.model_id != models[t].info.model_id)
+            changed = sorted(t for t in models if t not in old_plan.models
+                             or old_plan.models[t] is not models[t])
+            log.info("serve: plan %d: %s", new_plan.version,
+                     ", ".join(f"{t} -> {models[t].info.model_id}" for t in changed))
+        loader.release_unused(m.info.model_id for m in models.values())
+        for hook in self.on_swap:
+            hook(old_plan, new_plan)
+
+
+@dataclass(eq=False)
+class _Work:
+    images: list[np.ndarray]
+    tasks: tuple[str, ...]
+    future: Future = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Answer:
+    """One task's answer to one request: the model that computed it and its class probabilities."""
+
+    model_id: str
+    probs: np.ndarray  # (images, classes)
+
+
+class MicroBatcher:
+    def __init__(self, server: ModelServer, *, max_batch: int = 64, max_wait_s: float = 0.005,
+                 max_queue: int = 256,
+                 observe: Callable[[int, int, float], None] | None = None) -> None:
+        if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
+            raise ValueError("max_batch and max_queue must be >= 1 and max_wait_s >= 0")
+        self.server = server
+        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self.queue: queue.Queue[_Work] = queue.Queue(maxsize=max_queue)
+        self.observe = observe
+        self._carry: _Work | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="munet-serve-batch", daemon=True)
+        self._thread.start()
+
+    def submit(self, images: list[np.ndarray], tasks: Sequence[str]) -> Future:
+        """Queue a request; its future gets {task: Answer}. NotServed / QueueFull at once."""
+        served = self.server.plan.models
+        missing = [t for t in tasks if t not in served]
+        if missing:
+            raise NotServed(missing[0])
+        work = _Work(list(images), tuple(dict.fromkeys(tasks)))
+        try:
+            self.queue.put_nowait(work)
+        except queue.Full:
+            raise QueueFull(f"{self.queue.maxsize} requests are waiting") from None
+        return work.future
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _next_batch(self) -> list[_Work]:
+        first = self._carry
+        self._carry = None
+        while first is None:
+            try:
+                first = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return []
+        batch, images = [first], len(first.images)
+        deadline = time.monotonic() + self.max_wait_s
+        while images < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                work = self.queue.get_nowait() if left <= 0 else self.queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if images + len(work.images) > self.max_batch:
+                self._carry = work  # it starts the next batch
+                break
+            batch.append(work)
+            images += len(work.images)
+        return batch
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            batch = self._next_batch()
+            if not batch:
+                continue
+            started = time.perf_counter()
+            try:
+                results = self._run(batch)
+            except Exception as exc:  # a broken batch fails its requests, never the server
+                log.exception("serve: a batch of %d requests failed", len(batch))
+                for work in batch:
+                    work.future.set_exception(exc)
+                continue
+            for work, result in zip(batch, results):
+                work.future.set_result(result)
+            if self.observe is not None:
+                self.observe(sum(len(w.images) for w in batch), len(batch),
+                             time.perf_counter() - started)
+
+    def _run(self, batch: list[_Work]) -> list[dict[str, Answer]]:
+        plan = self.server.plan  # read once: this batch runs on one plan, whatever swaps meanwhile
+        images: list[np.ndarray] = []
+        rows: dict[str, list[int]] = {}
+        spans = []
+        for work in batch:
+            start = len(images)
+            images.extend(work.images)
+            spans.append((start, len(images)))
+            for task in work.tasks:
+                rows.setdefault(task, []).extend(range(start, len(images)))
+        logits = plan.run(images, {t: np.asarray(r) for t, r in rows.items()}, self.server.device)
+        probs = {t: torch.softmax(v, -1).numpy() for t, v in logits.items()}
+        index = {t: np.asarray(r) for t, r in rows.items()}
+        out = []
+        for work, (start, stop) in zip(batch, spans):
+            answer = {}
+            for task in work.tasks:
+                at = int(np.searchsorted(index[task], start))
+                answer[task] = Answer(plan.models[task].info.model_id, probs[task][at:at + stop - start])
+            out.append(answer)
+        return out
