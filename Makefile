@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	@# setuptools' editable install prints an informational notice about folders named like the
 	@# packages (this flat layout); only that notice is silenced, real warnings still show
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e '.[test,serve]'
 	$(PY) scripts/install_torchvision_hook.py
 	@touch $@
 
@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 
 # the cluster launchers' engines (--launcher ray|slurm), for the slow suite's cluster tests
 $(VENV)/.installed-cluster: $(VENV)/.installed
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e '.[test,ray,slurm]'
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e '.[test,serve,ray,slurm]'
 	@touch $@
 
 install-cluster: $(VENV)/.installed-cluster

@@ -19,6 +19,7 @@ import asyncio
 import functools
 import hmac
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from launch.serve_inputs import InputError, Limits, check_total, decode_base64, 
 MAX_TOP_K = 1000
 RETRY_AFTER_S = 1
 IMAGE_FIELDS = ("image", "images", "file")
+log = logging.getLogger("munet.serve")
 
 
 class HTTPError(Exception):
@@ -178,6 +180,11 @@ def create_app(server: ModelServer, batcher: MicroBatcher, *, limits: Limits = L
     async def _starlette_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error(exc.status_code, str(exc.detail).lower() if exc.status_code == 404 else str(exc.detail))
 
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("serve: %s %s failed", request.method, request.url.path)
+        return error(500, f"internal error: {type(exc).__name__}: {exc}")
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
@@ -229,6 +236,9 @@ def create_app(server: ModelServer, batcher: MicroBatcher, *, limits: Limits = L
         return await asyncio.wrap_future(future)
 
     def predictions(task: str, a: Answer, k: int) -> dict:
+        if not np.isfinite(a.probs).all():  # JSON has no NaN: say what broke instead of a bare 500
+            log.error("serve: model %s of %s gave non-finite outputs", a.model_id, task)
+            raise HTTPError(500, f"the model {a.model_id} of {task} gave non-finite outputs")
         labels = server.plan.models[task].info.labels if task in server.plan.models else None
         return {"task": task, "model_id": a.model_id, "predictions": top_k(a, k, labels)}
 

@@ -64,6 +64,8 @@ def decode_image(data: bytes, limits: Limits, what: str = "image") -> np.ndarray
 
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # Pillow's own bound, far above ours: refused from the header
+        raise InputError(f"{what}: far too many pixels; the limit is {limits.max_side} on a side", 413) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise InputError(f"{what}: not a PNG or JPEG image") from None
     if img.format not in FORMATS:

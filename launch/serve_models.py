@@ -18,6 +18,7 @@ Exit codes: 0 stopped; 2 user error (one line on stderr); 1 internal failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
@@ -151,7 +152,8 @@ def run_replicas(args: argparse.Namespace, argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, forward)
     codes = [p.wait() for p in procs]
     holder.close()
-    return max(codes, key=lambda c: (c != 0, c))
+    codes = [128 - c if c < 0 else c for c in codes]  # killed by a signal: the shell's 128 + N
+    return max(codes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,9 +192,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving {len(server.plan.models)} tasks on http://{args.host}:{port} (device {device}"
           + (f"; not published yet, served once they are: {', '.join(missing)}" if missing else "") + ")",
           flush=True)
+    class Uvicorn(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:  # uvicorn re-raises a captured SIGTERM after the graceful stop: that stop
+                    self._captured_signals.clear()  # is a clean one here, exit 0
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        Uvicorn(config).run(sockets=[sock])
     finally:
         batcher.close()
         server.close()

@@ -41,7 +41,8 @@ def test_the_console_command_is_each_launch_script(tmp_path):
         return a, b
 
     for script, command in (("run_swarm.py", "run"), ("attach.py", "attach"), ("query.py", "query"),
-                            ("serve_store.py", "serve"), ("make_root.py", "make-root")):
+                            ("serve_store.py", "serve"), ("make_root.py", "make-root"),
+                            ("serve_models.py", "serve-models")):
         a, b = both(script, command, "--help")
         assert a.returncode == b.returncode == 0 and a.stdout == b.stdout, command
     a, b = both("attach.py", "attach", "--store", str(tmp_path / "nothing"), "--task", "uci_digits")
