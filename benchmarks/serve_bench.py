@@ -43,10 +43,11 @@ RESULTS = REPO / "benchmarks" / "results" / "serve.json"
 
 # ---- a publisher, as an agent would publish --------------------------------------------------------
 
-def republish(st, task: str, n: int, token: str | None = None) -> tuple[str, str]:
+def republish(st, task: str, n: int, token: str | None = None, bus=None) -> tuple[str, str]:
     """Publish a new model for ``task``'s single-path agent: its current model with a new head (the
     old head's weights scaled by 1 + n/100). Returns (model id, lease token): pass the token back to
-    publish again under the same lease."""
+    publish again under the same lease. With ``bus`` (a ``PeerBus``), the lease records its endpoint
+    and the publication is announced on it after the commit, as an agent does."""
     import platform as _platform
 
     from store import ComponentWrite, ModelRecord, Publication
@@ -56,7 +57,7 @@ def republish(st, task: str, n: int, token: str | None = None) -> tuple[str, str
     model = st.get_model(pointer.model_id)
     if token is None:
         token = st.acquire_lease(model.agent, task, ttl=600, host=_platform.node(), pid=os.getpid(),
-                                 device="cpu", endpoint="", preset=model.preset)
+                                 device="cpu", endpoint=bus.endpoint if bus else "", preset=model.preset)
     names = {cid: st.get_component(cid).name for cid in model.components}
     head = next(cid for cid, name in names.items() if name == "head")
     params, _ = st.load_component_tensors(head, momentum=False)
@@ -70,10 +71,13 @@ def republish(st, task: str, n: int, token: str | None = None) -> tuple[str, str
                       components=[cid if c == head else c for c in model.components],
                       hparams=dict(model.hparams), metrics=dict(model.metrics), parent=model.id,
                       preset=model.preset, preset_hash=model.preset_hash, created_at=time.time())
-    st.commit(model.agent, token, components=[write], models=[new],
-              publish=Publication(new.id, int(new.hparams["num_classes"]),
-                                  {k: v for k, v in new.hparams.items() if k.startswith("ds_")},
-                                  score=pointer.score))
+    seq = st.commit(model.agent, token, components=[write], models=[new],
+                    publish=Publication(new.id, int(new.hparams["num_classes"]),
+                                        {k: v for k, v in new.hparams.items() if k.startswith("ds_")},
+                                        score=pointer.score))
+    if bus is not None:
+        from protocol.messages import Published
+        bus.send(Published(agent_id=model.agent, task=task, model_id=new.id, seq=seq, score=pointer.score))
     return new.id, token
 
 
@@ -239,7 +243,8 @@ def measure_batching(store: str, body: bytes, clients: int, seconds: float, work
             "failed": out["dynamic"]["failed"] + out["batch1"]["failed"]}
 
 
-def measure_swaps(store: str, body: bytes, clients: int, count: int, workdir: str, poll: float) -> dict:
+def measure_swaps(store: str, body: bytes, clients: int, count: int, workdir: str, poll: float,
+                  announce: bool) -> dict:
     from store import Store
 
     copy = os.path.join(workdir, "swap-store")
@@ -248,18 +253,24 @@ def measure_swaps(store: str, body: bytes, clients: int, count: int, workdir: st
         task = sorted(p.task for p in st.tasks() if p.kind == "single")[0]
         published = {st.get_task(t.task).model_id: 0.0 for t in st.tasks()}
     srv = ServerProc(copy, "--poll", str(poll), log=os.path.join(workdir, "swaps.log"))
-    seconds = count * 0.5 + 4
+    seconds = count * 0.5 + poll + 4
     times: dict[str, float] = {}
 
     def publisher() -> None:
-        time.sleep(1.5)
-        with Store.open(copy) as st:
-            token = None
-            for n in range(1, count + 1):
-                t0 = time.perf_counter()
-                model_id, token = republish(st, task, n, token)
-                times[model_id] = t0  # before the commit: a response cannot name it earlier
-                time.sleep(0.5)
+        from protocol.bus import PeerBus
+
+        bus = PeerBus("serve-bench-publisher") if announce else None
+        try:
+            with Store.open(copy) as st:
+                token = None
+                for n in range(1, count + 1):
+                    time.sleep(0.5 if n > 1 else poll + 1.5)  # first: the server has seen the lease
+                    t0 = time.perf_counter()
+                    model_id, token = republish(st, task, n, token, bus)
+                    times[model_id] = t0  # before the commit: a response cannot name it earlier
+        finally:
+            if bus is not None:
+                bus.close()
 
     try:
         thread = threading.Thread(target=publisher)
@@ -275,7 +286,8 @@ def measure_swaps(store: str, body: bytes, clients: int, count: int, workdir: st
               for mid in times}
     lags = [firsts[m] - times[m] for m in times if firsts[m] is not None]
     seen = sorted({ids.get(task) for *_, ids in r["records"] if ids.get(task) in times})
-    return {"count": len(times), "task": task, "poll_seconds": poll, "requests": r["requests"],
+    return {"count": len(times), "task": task, "poll_seconds": poll, "announced_on_bus": announce,
+            "requests": r["requests"],
             "failed": r["failed"], "errors": r["errors"], "stale_responses": stale, "models_seen": len(seen),
             "swap_lag_ms_median": statistics.median(lags) * 1000 if lags else None,
             "swap_lag_ms_max": max(lags) * 1000 if lags else None,
@@ -361,8 +373,14 @@ def main(argv: list[str] | None = None) -> int:
         result["batching"] = measure_batching(args.store, npy_body(one), args.clients, args.seconds, workdir)
         print("batching", {k: result["batching"][k] for k in ("throughput_ratio", "p50_ms", "p99_ms", "failed")},
               flush=True)
-        result["swaps"] = measure_swaps(args.store, npy_body(one), args.clients, args.swaps, workdir, args.poll)
+        # the bus (as agents announce) with a slow poll, then the poll alone (announcements lost)
+        result["swaps"] = measure_swaps(args.store, npy_body(one), args.clients, args.swaps, workdir,
+                                        poll=5.0, announce=True)
         print("swaps", result["swaps"], flush=True)
+        shutil.rmtree(os.path.join(workdir, "swap-store"))
+        result["swaps_polling_only"] = measure_swaps(args.store, npy_body(one), args.clients, args.swaps,
+                                                     workdir, poll=args.poll, announce=False)
+        print("swaps_polling_only", result["swaps_polling_only"], flush=True)
         if not args.skip_memory:
             result["memory"] = measure_memory(8, args.memory_tasks, workdir)
             print("memory", result["memory"], flush=True)
@@ -373,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         "shared_prefix_at_least_0.8_of_bound": result["shared_prefix"]["fraction_of_bound"] >= 0.8,
         "batching_at_least_3x": result["batching"]["throughput_ratio"] >= 3.0,
         "batching_no_failed": result["batching"]["failed"] == 0,
-        "swaps_no_failed_no_stale": result["swaps"]["failed"] == 0 and result["swaps"]["stale_responses"] == 0,
+        "swaps_no_failed_no_stale": all(result[k]["failed"] == 0 and result[k]["stale_responses"] == 0
+                                        for k in ("swaps", "swaps_polling_only")),
         **({"memory_at_most_1.5x": result["memory"]["ratio"] <= 1.5} if "memory" in result else {}),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -29,7 +29,7 @@ import sys
 
 from launch.common import UserError, add_store_flags, run_main
 
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+LISTEN_BACKLOG = 2048  # uvicorn's default
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_replicas(args, argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s", stream=sys.stderr)
     sock = bind(args.host, args.port, args.reuse_port)  # before anything else: a port in use changes nothing
+    sock.listen(LISTEN_BACKLOG)  # connections made once "serving" is printed wait here, never refused
 
     import torch
     import uvicorn

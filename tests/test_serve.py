@@ -401,3 +401,26 @@ def _ready(url: str) -> bool:
         return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_an_announced_publication_swaps_at_once_whatever_the_poll(store_path):
+    """The bus path: the server polls every 60 s, yet swaps within seconds of an announcement from a
+    publisher whose lease appeared after the server started (as an attaching agent's does)."""
+    import platform
+
+    from protocol.bus import PeerBus
+
+    with Store.open(store_path) as st, PeerBus("publisher") as bus:
+        server = ModelServer(store_path, poll_s=60.0, use_bus=True).start()
+        try:
+            pointer = next(p for p in st.pointers() if p.task == SINGLE_TASK and p.kind == "single")
+            token = st.acquire_lease(st.get_model(pointer.model_id).agent, SINGLE_TASK, ttl=600,
+                                     host=platform.node(), pid=os.getpid(), device="cpu",
+                                     endpoint=bus.endpoint, preset="test")
+            time.sleep(2 * 2.0 + 0.5)  # the server re-reads its peers every 2 s and connects to us
+            started = time.monotonic()
+            new_id, _ = republish(st, SINGLE_TASK, 1, token, bus=bus)
+            wait_for(lambda: server.plan.models[SINGLE_TASK].info.model_id == new_id, 20, "the announced swap")
+            assert time.monotonic() - started < 10 and server.checks == 2  # the start, then the announcement
+        finally:
+            server.close()

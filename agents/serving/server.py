@@ -33,6 +33,7 @@ from protocol.messages import Published
 from store import open_store
 
 log = logging.getLogger("munet.serve")
+PEER_REFRESH_S = 2.0  # how often the live agents (the bus's peers) are re-read from the store
 
 
 class NotServed(KeyError):
@@ -115,20 +116,26 @@ class ModelServer:
                 bus.close()
 
     def _wait_for_news(self, store, bus: PeerBus | None) -> None:
-        deadline = time.monotonic() + self.poll_s
-        if bus is not None:
-            try:
-                bus.set_peers({a.agent_id: a.endpoint for a in store.live_agents() if a.endpoint})
-            except Exception as exc:  # the bus is a hint; polling still finds every change
-                log.debug("serve: bus peers not updated: %s", exc)
-        while not self._stop.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0 or self._wake.is_set():
+        """Return at the next poll, or at once on a publication announced for a served task. The
+        bus's peers (the live agents) are re-read every ``PEER_REFRESH_S``, so an agent that
+        attaches is heard within seconds, whatever the poll interval."""
+        now = time.monotonic()
+        deadline, peers_due = now + self.poll_s, now
+        while not self._stop.is_set() and not self._wake.is_set():
+            now = time.monotonic()
+            if now >= deadline:
                 break
             if bus is None:
-                self._wake.wait(min(left, 0.25))
+                self._wake.wait(min(deadline - now, 0.25))
                 continue
-            if any(isinstance(m, Published) and self._serves(m.task) for m in bus.poll(int(min(left, 0.25) * 1000))):
+            if now >= peers_due:
+                peers_due = now + PEER_REFRESH_S
+                try:
+                    bus.set_peers({a.agent_id: a.endpoint for a in store.live_agents() if a.endpoint})
+                except Exception as exc:  # the bus is a hint; polling still finds every change
+                    log.debug("serve: bus peers not updated: %s", exc)
+            wait_ms = int(min(deadline - now, 0.25) * 1000)
+            if any(isinstance(m, Published) and self._serves(m.task) for m in bus.poll(wait_ms)):
                 break
         self._wake.clear()
 
