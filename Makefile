@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 
 # the cluster launchers' engines (--launcher ray|slurm), for the slow suite's cluster tests
 $(VENV)/.installed-cluster: $(VENV)/.installed
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e '.[test,serve,ray,slurm]'
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -c constraints.txt -e '.[test,serve,ray,ray-serve,slurm]'
 	@touch $@
 
 install-cluster: $(VENV)/.installed-cluster

@@ -11,6 +11,7 @@ The store is any ``StoreAPI``: a local directory or a store service (``tcp://HOS
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import signal
@@ -120,6 +121,7 @@ class Agent:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         data = load_task(o.task, o.data_dir)
+        self.class_names = list(data.class_names) if data.class_names else None  # recorded on publish
         tensors = TaskTensors(data, self.device, 1 << 30 if self.method.full_validation
                               else self.preset.validation_examples)
         self.store = self._given_store or open_store(o.store, create=True, keys=o.keys)
@@ -394,6 +396,8 @@ class Agent:
                 event_kind: str = "published", event_data: dict | None = None) -> None:
         """One store transaction; the announcement goes out only after it committed."""
         state = dataclasses.replace(state or self.state, updated_at=time.time())
+        if w.publish is not None and self.class_names:  # what serve-models names classes by (metrics
+            w.publish.metrics.setdefault("class_names", json.dumps(self.class_names))  # hold scalars)
         seq = self.store.commit(
             self.agent_id, self.token, components=[component_write(c) for c in w.components],
             models=[model_record(m) for m in w.models], state=state,

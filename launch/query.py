@@ -100,6 +100,15 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 # ---- leaderboard --------------------------------------------------------------------------------------
 
+def brief_names(text: str) -> str:
+    """A model's recorded class names (a JSON list) as one short line."""
+    try:
+        names = [str(n) for n in json.loads(text)]
+    except (TypeError, ValueError):
+        return str(text)[:80]
+    return f"{len(names)}: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     with open_store(args) as st:
         rows = leaderboard_rows(st)
@@ -184,7 +193,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     for title, values in (("metrics", model["metrics"]), ("hparams", model["hparams"])):
         print(f"{title}:")
         for key in sorted(values):
-            print(f"  {key:<32} {format_value(values[key])}")
+            print(f"  {key:<32} {format_value(values[key]) if key != 'class_names' else brief_names(values[key])}")
     print("components (forward order):")
     rows = [[c["id"], c["name"], c["agent"], c["params"], ", ".join(c["shared_with"]) or "-"]
             for c in info["components"]]

@@ -22,34 +22,23 @@ import numpy as np
 import pytest
 import torch
 
-from agents.agent import AgentOptions, run_agent
 from agents.api import load_model
 from agents.serving.loader import ModelLoader
 from agents.serving.plan import Plan
 from agents.serving.server import MicroBatcher, ModelServer
 from benchmarks.serve_bench import republish
 from helpers import REPO
+from helpers.serving import MULTI_TASK, SINGLE_TASK, grow_serving_store, images, npy, probs_of
 from helpers.swarm import ENV, wait_for
 from store import Store
 
-SINGLE_TASK, MULTI_TASK = "glyphs_greek", "uci_digits"
 TOKEN = "s3cret-token-for-tests-0123"
 
 
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("serve") / "store")
-
-    def opts(task: str, kind: str = "single") -> AgentOptions:
-        return AgentOptions(store=path, task=task, preset="test", cycles=1, threads=1, lease_ttl=30.0,
-                            heartbeat_every=30.0, kind=kind)
-
-    with Store.open(path, create=True) as st:
-        for task in (MULTI_TASK, SINGLE_TASK):
-            run_agent(opts(task), verbose=False, store=st)
-        run_agent(opts(MULTI_TASK, "multipath"), verbose=False, store=st)
-        kinds = {t.task: t.kind for t in st.tasks()}
-    assert kinds == {SINGLE_TASK: "single", MULTI_TASK: "multipath"}, kinds
+    grow_serving_store(path)
     return path
 
 
@@ -93,33 +82,12 @@ def serve(tmp_path):
             s.stop()
 
 
-def images(n: int, size: int = 28, channels: int = 1, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, size, size, channels), dtype=np.uint8)
-
-
-def npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
-
-
 def png(a: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def probs_of(answer: dict) -> np.ndarray:
-    """Class probabilities from an answer asked with top_k = every class."""
-    out = []
-    for pred in answer["predictions"]:
-        row = np.zeros(len(pred["top"]))
-        for entry in pred["top"]:
-            row[entry["label"]] = entry["prob"]
-        out.append(row)
-    return np.array(out)
 
 
 # ---- the engine, in process ---------------------------------------------------------------------
@@ -185,6 +153,8 @@ def test_tasks_and_predictions_over_http_equal_the_python_api(grown, serve):
             {t: v["model_id"] for t, v in by_task.items()}
     assert by_task[MULTI_TASK]["kind"] == "multipath" and by_task[SINGLE_TASK]["kind"] == "single"
     assert s.client.get(f"/v1/tasks/{SINGLE_TASK}").json() == by_task[SINGLE_TASK]
+    for task, info in by_task.items():  # the agents recorded their tasks' class names
+        assert len(info["labels"]) == info["num_classes"], task
     x = images(5, seed=7)
     for task in (SINGLE_TASK, MULTI_TASK):
         ref = load_model(grown, task)
@@ -200,6 +170,7 @@ def test_tasks_and_predictions_over_http_equal_the_python_api(grown, serve):
             assert answer["model_id"] == ref.model_id
             assert np.allclose(probs_of(answer), want, atol=1e-5)
             assert [p["label"] for p in answer["predictions"]] == list(want.argmax(1))
+            assert [p["name"] for p in answer["predictions"]] == [by_task[task]["labels"][i] for i in want.argmax(1)]
     # all tasks at once: each answer is what the task's own endpoint gives
     both = s.client.post("/v1/predict?top_k=3", content=npy(x), headers={"content-type": "application/x-npy"}).json()
     assert set(both["tasks"]) == {SINGLE_TASK, MULTI_TASK} and both["images"] == 5

@@ -7,6 +7,7 @@ still running on the old plan keeps its own references until it ends).
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 import torch
@@ -24,9 +25,13 @@ SERVE_AGENT = "serve"
 
 
 def labels_of(hparams: dict, metrics: dict) -> tuple[str, ...] | None:
-    """Class names a model carries (``class_names`` in its metrics or hparams), if any."""
-    names = metrics.get("class_names") or hparams.get("class_names")
-    if isinstance(names, (list, tuple)) and len(names) == int(hparams.get("num_classes", -1)):
+    """Class names a model carries (``class_names`` in its metrics: a JSON list, as the agent
+    records it), if any and if they match its class count."""
+    try:
+        names = json.loads(metrics.get("class_names") or "null")
+    except (TypeError, ValueError):
+        return None
+    if isinstance(names, list) and len(names) == int(hparams.get("num_classes", -1)):
         return tuple(str(n) for n in names)
     return None
 
