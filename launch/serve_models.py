@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 
-from launch.common import UserError, add_store_flags, run_main
+from launch.common import UserError, add_store_flags, check_devices, parse_devices, run_main
 
 LISTEN_BACKLOG = 2048  # uvicorn's default
 
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    check_devices(parse_devices(device))  # a typo or a missing GPU: exit 2, not a crash mid-load
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     try:
         server = ModelServer(args.store, keys=args.keys, device=device, tasks=tasks, poll_s=args.poll).start()

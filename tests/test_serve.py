@@ -323,6 +323,8 @@ def test_refusals_are_one_line_exit_2_and_create_nothing(grown, tmp_path):
         (["--store", grown, "--max-batch", "0"], "--max-batch"),
         (["--store", grown, "--poll", "nan"], "--poll"),
         (["--store", grown, "--bogus"], "unrecognized"),
+        (["--store", grown, "--device", "cuda:7"], "CUDA device"),
+        (["--store", grown, "--device", "gpu"], "bad device"),
         (["--store", str(tmp_path / "store-file.txt")], "is a file"),
     ]
     (tmp_path / "store-file.txt").write_text("x")
