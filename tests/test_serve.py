@@ -397,3 +397,24 @@ def test_an_announced_publication_swaps_at_once_whatever_the_poll(store_path):
             assert time.monotonic() - started < 10 and server.checks == 2  # the start, then the announcement
         finally:
             server.close()
+
+
+def test_a_store_service_is_served_as_a_directory_is(store_path, serve):
+    """--store tcp://HOST:PORT: the same answers, and a publication through the service swaps."""
+    from helpers.service_procs import start_service
+    from store import open_store
+
+    service = start_service(store_path)
+    try:
+        s = serve(f"tcp://{service.endpoint.removeprefix('tcp://')}", "--poll", "0.3")
+        x = images(3, seed=11)
+        ref = load_model(store_path, SINGLE_TASK)
+        r = s.client.post(f"/v1/tasks/{SINGLE_TASK}/predict?top_k={ref.num_classes}", content=npy(x),
+                          headers={"content-type": "application/x-npy"}).json()
+        assert r["model_id"] == ref.model_id and np.allclose(probs_of(r), ref.predict_proba(x), atol=1e-5)
+        with open_store(service.endpoint) as st:
+            new_id, _ = republish(st, SINGLE_TASK, 1)
+        wait_for(lambda: s.client.get(f"/v1/tasks/{SINGLE_TASK}").json()["model_id"] == new_id, 30,
+                 "the swap through the service")
+    finally:
+        service.stop()
