@@ -38,6 +38,7 @@ from protocol.bus import PeerBus
 from protocol.messages import Bye, Hello, Published
 from store import (AgentState, LeaseHeld, LeaseLost, MissingReference, StoreAPI, StoreError,
                    StoreUnavailable, open_store)
+from store.holders import holder_gone
 from taskdata import TaskDataError, check_source, load_task, parse_task_spec
 
 
@@ -201,6 +202,8 @@ class Agent:
                     pid=os.getpid(), device=str(self.device), endpoint=self.bus.endpoint,
                     preset=self.preset.name, kind=self.method.kind)
             except LeaseHeld as exc:
+                if self._release_dead_holder():
+                    continue  # its process is gone: take the lease over now, not after its TTL
                 left = give_up - time.monotonic()
                 if left <= 0 or self.stop_requested:
                     raise
@@ -208,6 +211,22 @@ class Agent:
                     print(f"[{self.task}] waiting up to {exc.expires_in:.1f} s for the previous "
                           f"holder's lease ({exc.holder}) to run out", flush=True)
                 time.sleep(max(0.2, min(exc.expires_in + 0.2, left)))
+
+    def _release_dead_holder(self) -> bool:
+        """End the lease of a holder of this task (and kind) that ran on this host and no longer
+        runs (a kill -9 leaves its lease live for its TTL); True if one was ended."""
+        for a in self.store.live_agents():
+            if (a.task, a.kind) == (self.task, self.method.kind) and a.lease_token \
+                    and holder_gone(a.host, a.pid, a.heartbeat_at):
+                try:
+                    self.store.release_lease(a.agent_id, a.lease_token, state="crashed")
+                except LeaseLost:  # someone else ended or took it meanwhile: just try again
+                    pass
+                if self.verbose:
+                    print(f"[{self.task}] the previous holder of its lease (pid {a.pid} on this host) "
+                          f"is gone: taking the lease over", flush=True)
+                return True
+        return False
 
     def _peers(self) -> None:
         self.bus.set_peers({a.agent_id: a.endpoint for a in self.store.live_agents()

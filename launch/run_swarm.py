@@ -298,6 +298,7 @@ def main() -> int:
     names = [parse_task_spec(t)[0] for t in tasks]
     from agents.agent import agent_id_for
     from agents.bootstrap import ensure_root
+    from store.holders import holder_gone
     from taskdata import fetch_all
     from agents.vit import preset_vit
 
@@ -329,6 +330,10 @@ def main() -> int:
             t = parse_task_spec(spec)[0]
             if agent_id_for(t, k) in live:
                 a = live[agent_id_for(t, k)]
+                if holder_gone(a.host, a.pid, a.heartbeat_at):  # killed on this host: resume at once
+                    print(f"swarm: {t}'s previous {k} agent (pid {a.pid} on this host) is gone; its "
+                          f"agent takes the lease over", flush=True)
+                    continue
                 if cluster:  # after a cluster restart: its new agent waits for the old lease
                     print(f"swarm: {t}'s previous {k} agent (pid {a.pid} on {a.host}) still holds its "
                           f"lease; the new one waits for it to run out", flush=True)

@@ -17,10 +17,10 @@ from agents.config import resolve_preset
 TASKS = ["uci_digits", "glyphs_greek"]
 
 
-def _launch(store: str, log: str, cycles: int, new_session: bool = False) -> subprocess.Popen:
+def _launch(store: str, log: str, cycles: int, new_session: bool = False, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, os.path.join(REPO, "launch", "run_swarm.py"), "--store", store, "--tasks",
-         ",".join(TASKS), "--preset", "test", "--cycles", str(cycles)],
+         ",".join(TASKS), "--preset", "test", "--cycles", str(cycles), *extra],
         cwd=REPO, env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT,
         start_new_session=new_session)
 
@@ -161,3 +161,72 @@ def test_gc_with_no_grace_while_agents_run(tmp_path):
     for t in TASKS:
         assert read(store, lambda s: s.get_agent_state(agent_id_for(t))).cycle == 4
         assert read(store, lambda s: s.load_model_tensors(s.get_task(t).model_id))
+
+
+def test_a_rerun_right_after_a_kill_9_of_everything_resumes_without_waiting_for_the_leases(tmp_path):
+    """kill -9 of the launcher and every agent leaves live leases (TTL 60 s here); the same command
+    run at once sees their holders gone from this host and takes them over within seconds."""
+    import time
+
+    store = str(tmp_path / "store")
+    first = _launch(store, str(tmp_path / "1.log"), 12, True, "--lease-ttl", "60")
+    try:
+        wait_for(lambda: os.path.exists(store) and _running(store) and _early(store), 120,
+                 "agents training in their first cycle")
+        old = read(store, lambda s: {a.agent_id: a.pid for a in s.live_agents()})
+        os.killpg(first.pid, signal.SIGKILL)  # the launcher and its agents (one process group)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert set(read(store, lambda s: {a.agent_id for a in s.live_agents()})) == set(old)  # still "live"
+    started = time.monotonic()
+    again = _launch(store, str(tmp_path / "2.log"), 12, True, "--lease-ttl", "60")
+    try:
+        def taken_over() -> bool:
+            live = read(store, lambda s: {a.agent_id: a.pid for a in s.live_agents()})
+            return set(live) == set(old) and all(live[a] != old[a] for a in old)
+
+        wait_for(taken_over, 40, "the new agents holding the leases")
+        assert time.monotonic() - started < 40  # not the 60 s the killed leases had left
+        os.killpg(again.pid, signal.SIGINT)
+        assert again.wait(120) == 130
+    finally:
+        if again.poll() is None:
+            os.killpg(again.pid, signal.SIGKILL)
+    log = open(tmp_path / "2.log").read()
+    assert "already has a live" not in log and log.count("is gone") >= len(TASKS), log[-3000:]
+    assert read(store, lambda s: s.verify()) == []
+
+
+def test_attach_right_after_a_kill_9_takes_the_dead_agents_lease_over(tmp_path):
+    from helpers.swarm import make_store
+
+    store = str(tmp_path / "store")
+    make_store(store)
+    aid = agent_id_for("uci_digits")
+
+    def attach(log: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, os.path.join(REPO, "launch", "attach.py"), "--store", store,
+                                 "--task", "uci_digits", "--preset", "test", "--cycles", "12",
+                                 "--lease-ttl", "60"], cwd=REPO, env=ENV, stdout=open(log, "w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    first = attach(str(tmp_path / "1.log"))
+    try:
+        wait_for(lambda: any(a.agent_id == aid for a in read(store, lambda s: s.live_agents())), 120, "the agent")
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    again = attach(str(tmp_path / "2.log"))
+    try:
+        wait_for(lambda: any(a.agent_id == aid and a.pid == again.pid
+                             for a in read(store, lambda s: s.live_agents())), 40, "the lease taken over")
+        os.killpg(again.pid, signal.SIGINT)
+        again.wait(120)
+    finally:
+        if again.poll() is None:
+            os.killpg(again.pid, signal.SIGKILL)
+    assert "is gone: taking the lease over" in open(tmp_path / "2.log").read()

@@ -114,3 +114,24 @@ def test_lease_is_refused_to_another_process(st):
             proc.kill()
         proc.join()
     assert result.startswith("held:") and proc.exitcode == 0
+
+
+def test_a_holder_on_this_host_is_gone_when_its_pid_is_dead_or_reused():
+    import subprocess
+    import time as _time
+
+    from store.holders import holder_gone, this_host
+
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        _time.sleep(0.1)
+        now = _time.time()
+        assert not holder_gone(this_host(), proc.pid, heartbeat_at=now)          # it runs: alive
+        # the pid's process started after the holder's last heartbeat: the pid was reused
+        assert holder_gone(this_host(), proc.pid, heartbeat_at=now - 100)
+        assert not holder_gone("another-host", proc.pid, heartbeat_at=now - 100)  # not ours to judge
+    finally:
+        proc.kill()
+        proc.wait()
+    assert holder_gone(this_host(), proc.pid, heartbeat_at=_time.time())           # no such process
+    assert not holder_gone("another-host", proc.pid, heartbeat_at=_time.time())
