@@ -22,8 +22,8 @@ import argparse
 import sys
 
 from launch.common import (UserError, add_prefix_cache_flag, add_restart_flags, add_store_flags,
-                           agent_exit_code, check_devices, check_prefix_cache_flag, parse_devices,
-                           run_main)
+                           agent_exit_code, check_devices, check_lease_ttl, check_prefix_cache_flag,
+                           parse_devices, run_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     add_prefix_cache_flag(p)
     p.add_argument("--lease-ttl", type=float, default=15.0,
-                   help="seconds without heartbeat after which another agent may take over")
+                   help="seconds without heartbeat after which another agent may take over (1 to "
+                        "3600; a holder killed on this host is taken over at once)")
     add_restart_flags(p)
     return p
 
@@ -66,6 +67,7 @@ def main() -> int:
         check_devices(parse_devices(args.device))
     if args.wait_lease < 0:
         raise UserError("--wait-lease must be >= 0")
+    check_lease_ttl(args.lease_ttl)
     from store import open_store
 
     store = open_store(args.store, readonly=True, keys=args.keys)  # NotAStore -> exit 2

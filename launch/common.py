@@ -121,6 +121,15 @@ def add_restart_flags(p: argparse.ArgumentParser) -> None:
                         "still heartbeating is refused all the same (default 0: refuse at once)")
 
 
+def check_lease_ttl(value: float, flag: str = "--lease-ttl") -> None:
+    """The store's lease bound as a flag check: one line and exit 2 for nan, inf, 0 or a negative."""
+    from store.leases import MAX_TTL_S, MIN_TTL_S
+
+    if not MIN_TTL_S <= value <= MAX_TTL_S:  # False for nan too
+        raise UserError(f"{flag} must be a number of seconds from {MIN_TTL_S:g} to {MAX_TTL_S:g}, "
+                        f"got {value}")
+
+
 def add_store_flags(p: argparse.ArgumentParser, *, required: bool = False,
                     default: str | None = None, help: str | None = None) -> None:
     """``--store DIR|tcp://HOST:PORT`` and ``--keys KEYDIR``, the same on every entry point;

@@ -1,4 +1,4 @@
-"""Query a munet-swarm store from the command line (read-only except `gc`).
+"""Query a munet-swarm store from the command line (read-only except `gc` and `release`).
 
     python launch/query.py --store DIR leaderboard [--json]
     python launch/query.py --store DIR show TASK [--json]
@@ -8,6 +8,7 @@
     python launch/query.py --store DIR stats [--json]
     python launch/query.py --store DIR export TASK --out FILE.safetensors
     python launch/query.py --store DIR report --out FILE.html      # also writes FILE.json
+    python launch/query.py --store DIR release TASK [--kind K]     # the lease of an agent that is gone
 
 Exit codes: 0 ok; 1 internal failure or an inconsistent store; 2 user error (one line on stderr).
 This script must stay torch-free so that it starts fast; each subcommand is one `cmd_*` function
@@ -29,7 +30,8 @@ if __name__ == "__main__":  # one module identity, so launch.query_views shares 
     sys.modules.setdefault("launch.query", sys.modules[__name__])
 
 from launch.common import run, run_main  # noqa: E402
-from launch.query_views import cmd_agents, cmd_trials, register_agents, register_trials  # noqa: E402
+from launch.query_views import (cmd_agents, cmd_release, cmd_trials, register_agents,  # noqa: E402
+                                 register_release, register_trials)
 from launch.report_cmd import cmd_report, register_report  # noqa: E402
 from report.leaderboard import completed_cycles, leaderboard_rows  # noqa: E402
 from store import MissingReference, StoreAPI, StoreError, is_remote  # noqa: E402
@@ -383,6 +385,7 @@ SUBCOMMANDS: list[tuple[Callable[[Any], argparse.ArgumentParser],
     (register_report, cmd_report),
     (register_agents, cmd_agents),
     (register_trials, cmd_trials),
+    (register_release, cmd_release),
 ]
 
 

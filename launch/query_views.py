@@ -1,4 +1,4 @@
-"""``query.py agents`` and ``query.py trials``: the operator's view of a live (or finished) swarm.
+"""``query.py agents``, ``trials`` and ``release``: the operator's view of a live (or finished) swarm.
 
 Torch-free (query.py never loads the agent stack). Names match ``run_swarm.py``'s live table: state,
 cycle, generation, children per minute (``children_per_min``, the agent's own heartbeat figure).
@@ -115,4 +115,42 @@ def register_trials(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("task", nargs="?", default=None, help="only this task's trials")
     p.add_argument("--last", type=int, default=None, metavar="N", help="only the last N trials")
     p.add_argument("--json", action="store_true")
+    return p
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    """End a task's lease whose holder is gone (killed on this host, or, with --force, elsewhere)."""
+    from launch.query import UsageError, open_store
+    from store.holders import holder_gone, this_host
+
+    with open_store(args, readonly=False) as st:
+        now = time.time()
+        held = [a for a in st.live_agents() if (a.task, a.kind) == (args.task, args.kind)]
+        if not held:
+            known = {(a.task, a.kind) for a in st.agents()}
+            if (args.task, args.kind) not in known:
+                raise UsageError(f"task {args.task!r} has no {args.kind} agent in this store")
+            print(f"task {args.task} has no live {args.kind} lease: nothing to release")
+            return 0
+        for a in held:
+            here = a.host == this_host()
+            if here and not holder_gone(a.host, a.pid, a.heartbeat_at):
+                raise UsageError(f"the {args.kind} agent of {args.task} (pid {a.pid} on this host) is still "
+                                 f"running: stop it instead (Ctrl-C or SIGTERM)")
+            if not here and not args.force:
+                raise UsageError(f"the {args.kind} agent of {args.task} runs on {a.host} (pid {a.pid}), "
+                                 f"which this host cannot check: its lease ends in {a.lease_expiry - now:.0f} s, "
+                                 f"or pass --force once you know it is gone")
+            st.release_lease(a.agent_id, a.lease_token, state="released")
+            print(f"released the lease of {a.agent_id} (pid {a.pid} on {a.host}, "
+                  f"{'gone' if here else 'forced'}): the task can be attached again")
+    return 0
+
+
+def register_release(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("release", help="end a task's lease whose agent is gone (a kill -9 leaves it live)")
+    p.add_argument("task", help="the task whose lease to end")
+    p.add_argument("--kind", default="single", choices=["single", "multipath"])
+    p.add_argument("--force", action="store_true",
+                   help="also when the holder ran on another host (this host cannot check it)")
     return p

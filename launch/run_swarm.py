@@ -33,7 +33,7 @@ import sys
 import time
 
 from launch.common import (UserError, add_prefix_cache_flag, add_store_flags, agent_process_main,
-                           check_devices, check_prefix_cache_flag, parse_devices, run_main)
+                           check_devices, check_lease_ttl, check_prefix_cache_flag, parse_devices, run_main)
 from launch.engines import LAUNCHERS
 
 DEFAULT_STORE = "swarm-store"
@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_prefix_cache_flag(p)
     p.add_argument("--lease-ttl", type=float, default=15.0, metavar="S",
                    help="seconds without a heartbeat after which an agent's task may be taken over; "
-                        "a restarted agent waits about twice this for its old lease (default 15)")
+                        "a restarted agent waits about twice this for its old lease; 1 to 3600 "
+                        "(default 15)")
     p.add_argument("--refresh", type=float, default=1.0, help="progress refresh period in seconds")
     p.add_argument("--print-config", action="store_true", help="print the resolved preset and exit")
     c = p.add_argument_group("cluster launchers (docs/cluster.md)")
@@ -279,8 +280,7 @@ def main() -> int:
     devices = parse_devices(args.devices or "cpu")
     if args.cycles is not None and args.cycles < 0:
         raise UserError("--cycles must be >= 0")
-    if args.lease_ttl <= 0:
-        raise UserError("--lease-ttl must be > 0")
+    check_lease_ttl(args.lease_ttl)
     check_prefix_cache_flag(args)
     from agents.config import format_preset, resolve_preset
 

@@ -14,9 +14,23 @@ from typing import Any
 import lmdb
 
 from store.env import Databases
-from store.errors import Conflict, LeaseHeld, LeaseLost
+from store.errors import Conflict, LeaseHeld, LeaseLost, StoreError
 from store.records import SINGLE, AgentRecord
 from store.txnops import get_record, iter_records, put_record
+
+
+# A lease lives from 1 s to 1 h past its last heartbeat. Below, heartbeats cannot keep up and a live
+# agent is superseded; above (an infinite TTL, say), a killed holder blocks its task for that long.
+MIN_TTL_S, MAX_TTL_S = 1.0, 3600.0
+
+
+def checked_ttl(ttl: object) -> float:
+    """``ttl`` if it is a finite number of seconds inside [MIN_TTL_S, MAX_TTL_S]; StoreError otherwise
+    (the same check for a local store and, on the service's side, for every client)."""
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not MIN_TTL_S <= ttl <= MAX_TTL_S:
+        raise StoreError(f"lease TTL must be a number of seconds from {MIN_TTL_S:g} to {MAX_TTL_S:g}, "
+                         f"got {ttl!r}")
+    return float(ttl)
 
 
 def check(txn: lmdb.Transaction, dbs: Databases, agent_id: str, token: str) -> AgentRecord:
@@ -37,6 +51,7 @@ def acquire(txn: lmdb.Transaction, dbs: Databases, agent_id: str, task: str, *, 
             now: float, host: str, pid: int, device: str, endpoint: str, preset: str,
             kind: str = SINGLE) -> str:
     """Take the lease (see Store.acquire_lease) and return the new token."""
+    ttl = checked_ttl(ttl)
     existing = get_record(txn, dbs.agents, agent_id, AgentRecord, "agents")
     if existing is not None and (existing.task, existing.kind) != (task, kind):
         raise Conflict(f"agent id {agent_id!r} serves task {existing.task!r} as its {existing.kind} "
@@ -65,6 +80,7 @@ def heartbeat(txn: lmdb.Transaction, dbs: Databases, agent_id: str, token: str, 
               now: float, state: str | None, progress: dict | None,
               endpoint: str | None) -> AgentRecord:
     """Extend the lease to now + ttl and update the optional fields."""
+    ttl = checked_ttl(ttl)
     record = check(txn, dbs, agent_id, token)
     changes: dict[str, Any] = {"lease_expiry": now + ttl, "heartbeat_at": now}
     if state is not None:

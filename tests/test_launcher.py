@@ -230,3 +230,70 @@ def test_attach_right_after_a_kill_9_takes_the_dead_agents_lease_over(tmp_path):
         if again.poll() is None:
             os.killpg(again.pid, signal.SIGKILL)
     assert "is gone: taking the lease over" in open(tmp_path / "2.log").read()
+
+
+def test_release_ends_a_dead_holders_lease_and_refuses_a_live_one(tmp_path):
+    from helpers.swarm import make_store
+
+    from store import Store
+    from store.holders import this_host
+
+    store = str(tmp_path / "store")
+    make_store(store)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with Store.open(store) as st:  # a lease held by a live process of this host
+            st.acquire_lease(agent_id_for("uci_digits"), "uci_digits", ttl=3600, host=this_host(),
+                             pid=sleeper.pid, device="cpu", endpoint="", preset="test")
+        r = run_cli("launch/query.py", "--store", store, "release", "uci_digits")
+        assert r.returncode == 2 and "still running" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+        r = run_cli("launch/query.py", "--store", store, "release", "nope")
+        assert r.returncode == 2 and "no single agent" in r.stderr, r.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    r = run_cli("launch/query.py", "--store", store, "release", "uci_digits")  # its holder is gone now
+    assert r.returncode == 0 and "released the lease" in r.stdout, r.stderr
+    assert read(store, lambda s: s.live_agents()) == []
+    r = run_cli("launch/query.py", "--store", store, "release", "uci_digits")
+    assert r.returncode == 0 and "nothing to release" in r.stdout
+    with Store.open(store) as st:  # a holder on another host: refused unless --force
+        st.acquire_lease(agent_id_for("uci_digits"), "uci_digits", ttl=3600, host="elsewhere", pid=1,
+                         device="cpu", endpoint="", preset="test")
+    r = run_cli("launch/query.py", "--store", store, "release", "uci_digits")
+    assert r.returncode == 2 and "--force" in r.stderr, r.stderr
+    r = run_cli("launch/query.py", "--store", store, "release", "uci_digits", "--force")
+    assert r.returncode == 0 and read(store, lambda s: s.live_agents()) == []
+
+
+@pytest.mark.parametrize("ttl", ["inf", "nan", "0", "-5", "0.5", "1e9"])
+def test_a_lease_ttl_outside_1_to_3600_s_is_refused_everywhere(tmp_path, ttl):
+    for script, flag in (("launch/attach.py", "--task"), ("launch/run_swarm.py", "--tasks")):
+        r = run_cli(script, "--store", str(tmp_path / "s"), flag, "uci_digits", "--preset", "test",
+                    "--lease-ttl", ttl)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "1 to 3600" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "s")
+    from store import Store, StoreError
+
+    with Store.open(str(tmp_path / "direct"), create=True) as st:  # the store itself, and so its service
+        with pytest.raises(StoreError, match="1 to 3600"):
+            st.acquire_lease("a", "t", ttl=float(ttl), host="h", pid=1, device="cpu", endpoint="", preset="p")
+
+
+def test_the_store_service_enforces_the_lease_bound_on_the_wire(tmp_path):
+    from helpers.service_procs import start_service
+
+    from store import StoreError, open_store
+
+    service = start_service(str(tmp_path / "store"))
+    try:
+        with open_store(service.endpoint) as st:
+            for ttl in (float("inf"), float("nan"), 0.0, -5.0, 3601.0):
+                with pytest.raises(StoreError, match="1 to 3600"):
+                    st.acquire_lease("a", "t", ttl=ttl, host="h", pid=1, device="cpu", endpoint="", preset="p")
+            token = st.acquire_lease("a", "t", ttl=30.0, host="h", pid=1, device="cpu", endpoint="", preset="p")
+            with pytest.raises(StoreError, match="1 to 3600"):
+                st.heartbeat("a", token, ttl=float("inf"))
+            st.heartbeat("a", token, ttl=10.0)
+    finally:
+        service.stop()
