@@ -177,3 +177,60 @@ def test_the_service_stops_when_its_authenticator_dies_and_nobody_gets_in_meanwh
         server._auth = None
         server.close()
         store.close()
+
+
+def _admitted(endpoint: str, keys: str, cache: str) -> bool:
+    try:
+        RemoteStore.connect(endpoint, keys=keys, cache_dir=cache, connect_timeout=1).close()
+        return True
+    except keymod.ServiceUserError:
+        return False
+
+
+def test_a_bad_key_file_is_skipped_and_a_revocation_still_takes_effect(tmp_path):
+    """A junk *.key in authorized/ (at start and later) is skipped with a warning; the valid keys
+    keep working, and removing one still locks its client out."""
+    keydir = str(tmp_path / "keys")
+    os.makedirs(os.path.join(keydir, "authorized"))
+    (tmp_path / "keys" / "authorized" / "junk.key").write_text("not a key\n")
+    made = run_cli("launch/serve_store.py", "--keys", keydir, "--add-client", "box")  # + the first client
+    assert made.returncode == 0, made.stderr
+    box = os.path.join(keydir, "clients", "box")
+    svc = start_service(str(tmp_path / "served"), keys=keydir)
+    try:
+        cache = str(tmp_path / "c")
+        assert _admitted(svc.endpoint, box, cache) and _admitted(svc.endpoint, keydir, cache)
+        (tmp_path / "keys" / "authorized" / "later.key").write_text("metadata\ncurve\n    public-key = \"short\"\n")
+        time.sleep(1.5)  # the service has reloaded with the second bad file in place
+        os.remove(os.path.join(keydir, "authorized", "box.key"))
+        wait_for(lambda: not _admitted(svc.endpoint, box, cache), 20, "the revoked key refused")
+        assert _admitted(svc.endpoint, keydir, cache)  # the other valid key still gets in
+        log = open(svc.log).read()
+        assert "junk.key" in log and "later.key" in log and "skipped" in log, log[-2000:]
+    finally:
+        svc.kill()
+
+
+def test_without_the_authorized_folder_nobody_gets_in(tmp_path):
+    keydir = str(tmp_path / "keys")
+    svc = start_service(str(tmp_path / "served"), keys=keydir)
+    try:
+        cache = str(tmp_path / "c")
+        assert _admitted(svc.endpoint, keydir, cache)
+        shutil.rmtree(os.path.join(keydir, "authorized"))
+        wait_for(lambda: not _admitted(svc.endpoint, keydir, cache), 20, "everyone refused")
+        assert "no client is authorised" in open(svc.log).read()
+    finally:
+        svc.kill()
+
+
+def test_only_junk_keys_at_start_is_one_line_that_names_them(tmp_path):
+    keydir = tmp_path / "keys"
+    r = run_cli("launch/serve_store.py", "--keys", str(keydir), "--add-client", "x")  # makes the folders
+    assert r.returncode == 0, r.stderr
+    for f in (keydir / "authorized").iterdir():
+        f.write_text("garbage")
+    proc = run_cli("launch/serve_store.py", "--store", str(tmp_path / "s"), "--keys", str(keydir),
+                   "--bind", "tcp://127.0.0.1:0", timeout=60)
+    line = one_line_error(proc)
+    assert "no valid client key" in line and "client.key" in line and "x.key" in line, line

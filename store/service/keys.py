@@ -115,21 +115,46 @@ def ensure_server_keys(keydir: str) -> ServerKeys:
     if not os.path.exists(os.path.join(keydir, f"{SERVER}.key_secret")):
         _write_pair(keydir, SERVER, "the service's own key pair")
     first_client = os.path.join(keydir, f"{CLIENT}.key_secret")
-    if not os.path.exists(first_client) and not _public_keys(authorized):
+    if not os.path.exists(first_client) and not load_authorized(authorized)[0]:
         _write_pair(keydir, CLIENT, "the first authorised client")
         shutil.copyfile(os.path.join(keydir, f"{CLIENT}.key"),
                         os.path.join(authorized, f"{CLIENT}.key"))
     public, secret = _load(os.path.join(keydir, f"{SERVER}.key_secret"), want_secret=True)
-    if not _public_keys(authorized):
-        raise KeyFileError(f"{authorized} holds no client keys (*.key): nobody could connect; add "
-                        f"one with serve_store.py --keys {keydir} --add-client NAME")
+    admitted, problems = load_authorized(authorized)
+    if not admitted:
+        skipped = f" (skipped as not keys: {'; '.join(problems)})" if problems else ""
+        raise KeyFileError(f"{authorized} holds no valid client key (*.key){skipped}: nobody could "
+                           f"connect; add one with serve_store.py --keys {keydir} --add-client NAME")
     return ServerKeys(public=public, secret=secret, authorized_dir=authorized)
 
 
 def _public_keys(folder: str) -> list[str]:
-    if not os.path.isdir(folder):
+    try:
+        return sorted(f for f in os.listdir(folder) if f.endswith(".key"))
+    except (FileNotFoundError, NotADirectoryError):  # no folder: nobody is authorised
         return []
-    return sorted(f for f in os.listdir(folder) if f.endswith(".key"))
+
+
+def load_authorized(folder: str) -> tuple[dict[bytes, bool], list[str]]:
+    """The public keys in ``folder`` that the service admits, file by file: a file that is not a key
+    is skipped (and named in the second value) while every other key still counts. A missing folder
+    admits nobody. (pyzmq's own loader gives up on the first bad file, and its authenticator then keeps
+    its old list: a key revoked after that would still get in.)"""
+    keys: dict[bytes, bool] = {}
+    problems = []
+    for name in _public_keys(folder):
+        try:
+            public, _ = zmq.auth.load_certificate(os.path.join(folder, name))
+        except FileNotFoundError:  # removed between the listing and the read: it is gone
+            continue
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            problems.append(f"{name} ({type(exc).__name__}: {str(exc)[:80]})")
+            continue
+        if not public or len(public) != 40:
+            problems.append(f"{name} (no 40-character public key in it)")
+            continue
+        keys[public] = True
+    return keys, problems
 
 
 def add_client(keydir: str, name: str) -> str:

@@ -55,7 +55,7 @@ from protocol.bus import process_context
 from store.errors import StoreError
 from store.service import wire
 from store.service.handlers import Handlers
-from store.service.keys import ServerKeys, authorized_stamp
+from store.service.keys import ServerKeys, authorized_stamp, load_authorized
 from store.service.staging import Staging
 from store.store import Store
 
@@ -196,9 +196,19 @@ class StoreServer(Handlers):
                 self._workers.append(t)
 
     def _reload_keys(self, force: bool = False) -> None:
+        """Admit exactly the valid keys now in authorized/: a bad file is skipped with a warning (the
+        others still take effect, revocations included); no folder admits nobody."""
         stamp = authorized_stamp(self.keys.authorized_dir)
         if force or stamp != self._auth_stamp:
-            self._auth.configure_curve(domain=ZAP_DOMAIN.decode(), location=self.keys.authorized_dir)
+            admitted, problems = load_authorized(self.keys.authorized_dir)
+            for problem in problems:
+                log.warning("authorized/%s is not a public key file: skipped; every other key "
+                            "file still counts", problem)
+            if not os.path.isdir(self.keys.authorized_dir):
+                log.warning("%s is gone: no client is authorised until it comes back",
+                            self.keys.authorized_dir)
+            self._auth.allow_any = False
+            self._auth.certs[ZAP_DOMAIN.decode()] = admitted  # one assignment: the ZAP thread reads it
             self._authorized = frozenset(_z85_keys(self._auth, self.keys.authorized_dir))
             self._auth_stamp = stamp
 
