@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch.common import (UserError, add_prefix_cache_flag, add_restart_flags, add_store_flags,
-                           agent_exit_code, check_devices, check_lease_ttl, check_prefix_cache_flag,
-                           parse_devices, run_main)
+from launch.common import (OneLineParser, UserError, add_prefix_cache_flag, add_restart_flags,
+                           add_store_flags, agent_exit_code, check_agent_flags, check_devices,
+                           check_lease_ttl, check_prefix_cache_flag, parse_devices, run_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attach.py", description=__doc__,
+    p = OneLineParser(prog="attach.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_store_flags(p, required=True, help="existing store directory (made by run_swarm.py), or a "
                                            "store service at tcp://HOST:PORT")
@@ -68,6 +68,7 @@ def main() -> int:
     if args.wait_lease < 0:
         raise UserError("--wait-lease must be >= 0")
     check_lease_ttl(args.lease_ttl)
+    check_agent_flags(args)
     from store import open_store
 
     store = open_store(args.store, readonly=True, keys=args.keys)  # NotAStore -> exit 2

@@ -31,6 +31,14 @@ class UserError(ValueError):
     """A bad flag or argument combination found by an entry point itself."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr and exit 2, not the whole usage block (every
+    entry point's contract); ``--help`` still prints everything."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 # Errors of the agent stack that mean "the user asked for something impossible", looked up only in
 # modules already loaded: an error path must never import torch (query.py runs without it).
 _AGENT_USER_ERRORS = (("agents.config", "PresetError"), ("agents.bootstrap", "RootMismatch"),
@@ -128,6 +136,37 @@ def check_lease_ttl(value: float, flag: str = "--lease-ttl") -> None:
     if not MIN_TTL_S <= value <= MAX_TTL_S:  # False for nan too
         raise UserError(f"{flag} must be a number of seconds from {MIN_TTL_S:g} to {MAX_TTL_S:g}, "
                         f"got {value}")
+
+
+def check_agent_flags(args: argparse.Namespace) -> None:
+    """Flags the agent-starting commands share, checked before anything is fetched or created."""
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    store = getattr(args, "store", None)
+    if store and not store.startswith("tcp://") and os.path.exists(store) and not os.path.isdir(store):
+        raise UserError(f"--store {store} is a file: give a store directory (or tcp://HOST:PORT)")
+    keys = getattr(args, "keys", None)
+    if keys and os.path.exists(keys) and not os.path.isdir(keys):
+        raise UserError(f"--keys {keys} is a file: give the key folder")
+    host = getattr(args, "bind_host", None)
+    if host and host != "auto":
+        check_bind_host(host)
+
+
+def check_bind_host(host: str) -> None:
+    """``host`` must be an address of this machine that a socket can bind (the bus binds it later)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise UserError(f"--bind-host {host!r}: not a host name or address") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(addr)
+        except OSError as exc:
+            raise UserError(f"--bind-host {host}: not an address of this machine ({exc.strerror})") from None
 
 
 def add_store_flags(p: argparse.ArgumentParser, *, required: bool = False,

@@ -20,11 +20,11 @@ import json
 import os
 import sys
 
-from launch.common import UserError, run_main
+from launch.common import OneLineParser, UserError, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="make_root.py", description=__doc__,
+    p = OneLineParser(prog="make_root.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default=None, help="root name for --root NAME (default: the corpus name, "
                                                 "glyphs_cjk for the built-in corpus)")

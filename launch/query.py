@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 if __name__ == "__main__":  # one module identity, so launch.query_views shares its helpers and errors
     sys.modules.setdefault("launch.query", sys.modules[__name__])
 
-from launch.common import run, run_main  # noqa: E402
+from launch.common import OneLineParser, run, run_main  # noqa: E402
 from launch.query_views import (cmd_agents, cmd_release, cmd_trials, register_agents,  # noqa: E402
                                  register_release, register_trials)
 from launch.report_cmd import cmd_report, register_report  # noqa: E402
@@ -244,6 +244,8 @@ def cmd_events(args: argparse.Namespace) -> int:
                 else format_event(event)
             print(line, flush=True)
 
+    if args.after < 0:
+        raise UsageError(f"--after must be an event number >= 0, got {args.after}")
     if args.follow:  # Ctrl-C ends the follow even if this process inherited SIGINT as ignored
         signal.signal(signal.SIGINT, signal.default_int_handler)
     with open_store(args) as st:
@@ -294,6 +296,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     """One .safetensors file with the architecture in its metadata (agents.api.load_exported)."""
     from agents.export import export_task
 
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a folder: give the file to write, e.g. "
+                         f"{os.path.join(args.out, args.task + '.safetensors')}")
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         raise UsageError(f"--out {args.out}: directory {folder} does not exist")
@@ -390,7 +395,7 @@ SUBCOMMANDS: list[tuple[Callable[[Any], argparse.ArgumentParser],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="query.py", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="query.py", description=__doc__.split("\n\n")[0])
     _add_store_flag(parser, default=os.environ.get("MUNET_STORE", DEFAULT_STORE))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register, command in SUBCOMMANDS:

@@ -32,15 +32,16 @@ import signal
 import sys
 import time
 
-from launch.common import (UserError, add_prefix_cache_flag, add_store_flags, agent_process_main,
-                           check_devices, check_lease_ttl, check_prefix_cache_flag, parse_devices, run_main)
+from launch.common import (OneLineParser, UserError, add_prefix_cache_flag, add_store_flags,
+                           agent_process_main, check_agent_flags, check_devices, check_lease_ttl,
+                           check_prefix_cache_flag, parse_devices, run_main)
 from launch.engines import LAUNCHERS
 
 DEFAULT_STORE = "swarm-store"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run_swarm.py", description=__doc__,
+    p = OneLineParser(prog="run_swarm.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_store_flags(p, default=DEFAULT_STORE,
                     help=f"store directory (default {DEFAULT_STORE}), or a store service at "
@@ -282,6 +283,9 @@ def main() -> int:
         raise UserError("--cycles must be >= 0")
     check_lease_ttl(args.lease_ttl)
     check_prefix_cache_flag(args)
+    check_agent_flags(args)
+    if not args.refresh > 0:
+        raise UserError(f"--refresh must be a number of seconds > 0, got {args.refresh}")
     from agents.config import format_preset, resolve_preset
 
     preset = resolve_preset(args.preset, root=args.root)

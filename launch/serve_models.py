@@ -27,16 +27,9 @@ import socket
 import subprocess
 import sys
 
-from launch.common import UserError, add_store_flags, check_devices, parse_devices, run_main
+from launch.common import OneLineParser, UserError, add_store_flags, check_devices, parse_devices, run_main
 
 LISTEN_BACKLOG = 2048  # uvicorn's default
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (exit 2), not the whole usage block."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,12 +18,10 @@ import signal
 import sys
 import threading
 
-from launch.common import UserError, add_store_flags, run_main
+from launch.common import OneLineParser, UserError, add_store_flags, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch.serve_models import OneLineParser
-
     p = OneLineParser(prog="serve_ray.py", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_store_flags(p, required=True)

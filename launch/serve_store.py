@@ -23,11 +23,11 @@ import signal
 import socket
 import sys
 
-from launch.common import UserError, run_main
+from launch.common import OneLineParser, UserError, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="serve_store.py", description=__doc__,
+    p = OneLineParser(prog="serve_store.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", help="store directory to serve (created if missing)")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555",
