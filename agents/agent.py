@@ -39,7 +39,7 @@ from protocol.messages import Bye, Hello, Published
 from store import (AgentState, LeaseHeld, LeaseLost, MissingReference, StoreAPI, StoreError,
                    StoreUnavailable, open_store)
 from store.holders import holder_gone
-from taskdata import TaskDataError, check_source, load_task, parse_task_spec
+from taskdata import TaskDataError, check_same_task, check_source, load_task, parse_task_spec
 
 
 def agent_id_for(task: str, kind: str = "single") -> str:
@@ -129,6 +129,7 @@ class Agent:
         source = {"spec": self.source, "fingerprint": data.fingerprint()}
         try:  # other data under this task's name: refused before anything is taken or written
             prior = self.store.get_agent_state(self.agent_id)
+            check_same_task(prior.task if prior else None, o.task, self.agent_id)
             check_source(prior.source if prior else None, o.task, source["fingerprint"])
         except TaskDataError:
             if self._given_store is None:

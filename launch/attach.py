@@ -75,12 +75,13 @@ def main() -> int:
     try:
         from agents.agent import AgentOptions, agent_id_for, run_agent
         from agents.config import resolve_preset
-        from taskdata import parse_task_spec
+        from taskdata import check_same_task, parse_task_spec
 
         target = args.cycles if args.cycles is not None else resolve_preset(args.preset).budget.cycles
         task = parse_task_spec(args.task)[0]  # NAME=npz:PATH: the name is the task (bad name: exit 2)
         aid = agent_id_for(task, args.kind)
         state = store.get_agent_state(aid)
+        check_same_task(state.task if state else None, args.task, aid)  # two paths, one id: say so
         held = any(a.agent_id == aid for a in store.live_agents())  # by the store's clock
         if args.kind == "multipath" and task not in store.published_models(kind="single"):
             raise UserError(f"task {task!r} has no single-path model in {args.store} yet: a "

@@ -170,7 +170,7 @@ def _check_sources(args, agents: list[tuple[str, str]]) -> None:
     """A task (NAME=npz:PATH) already grown on other data is refused (TaskDataError: exit 2)."""
     from agents.agent import agent_id_for
     from store import NotAStore, is_remote, open_store
-    from taskdata import check_source, load_task, parse_task_spec
+    from taskdata import check_same_task, check_source, load_task, parse_task_spec
 
     if not is_remote(args.store) and not os.path.isdir(args.store):
         return
@@ -180,7 +180,10 @@ def _check_sources(args, agents: list[tuple[str, str]]) -> None:
         return
     try:
         for spec, kind in agents:
-            state = store.get_agent_state(agent_id_for(parse_task_spec(spec)[0], kind))
+            aid = agent_id_for(parse_task_spec(spec)[0], kind)
+            state = store.get_agent_state(aid)
+            if state is not None:
+                check_same_task(state.task, spec, aid)
             if state is not None and state.source.get("fingerprint"):
                 check_source(state.source, spec, load_task(spec).fingerprint())
     finally:

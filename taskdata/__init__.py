@@ -20,6 +20,7 @@ from taskdata.registry import (
     BENCHMARKS,
     BUILTIN_TASKS,
     TaskData,
+    check_same_task,
     check_source,
     parse_task_spec,
     benchmark_tasks,
@@ -31,7 +32,7 @@ from taskdata.registry import (
 
 __all__ = [
     "BENCHMARKS", "BUILTIN_TASKS", "TaskData", "TaskDataError", "augment_train", "benchmark_tasks",
-    "check_source", "parse_task_spec",
+    "check_same_task", "check_source", "parse_task_spec",
     "default_cache_dir", "describe_tasks", "fetch_all", "known_task_names", "load_task",
     "preprocess_eval", "to_tensor",
 ]

@@ -16,8 +16,10 @@ These are how a user's own tasks enter the swarm, so the rules are strict and ev
 ``npz:PATH``
     Arrays ``x_train, y_train, x_test, y_test`` and optionally ``x_val, y_val``; x is uint8 with shape
     (N, H, W) or (N, H, W, C), C in {1, 3}; y holds non-negative integers. Without a validation pair,
-    a validation slice is carved from train. ``num_classes`` = the largest label + 1. Pickled (object)
-    arrays are refused: the file is opened with ``allow_pickle=False``.
+    a validation slice is carved from train. ``num_classes`` = the largest label + 1, at most
+    ``MAX_CLASSES`` (10,000), and every test label must occur in training. Pickled (object) arrays are
+    refused: the file is opened with ``allow_pickle=False``; each array's header is checked against its
+    bytes before numpy allocates anything.
 
 Seeds for carving come from the task name's base name (``folder:`` / ``npz:`` plus the last path
 component), so the same data in another directory splits the same way.
@@ -36,6 +38,10 @@ from taskdata.cache import TaskDataError
 from taskdata.splits import apply_three_way, task_seed, train_val_split
 
 SPLIT_DIRS = ("train", "val", "test")
+# A head of this many classes on a ViT-B is 31 MB; far beyond it is a labelling mistake (a label of
+# 10**6 would build a 768 MB head and kill the agent). Checked before anything is written to a store.
+MAX_CLASSES = 10_000
+MAX_IMAGE_SIDE = 4096  # a folder image larger than this on a side is refused from its header
 
 
 @dataclass
@@ -64,6 +70,9 @@ def _read_image(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
+            if max(img.size) > MAX_IMAGE_SIDE or min(img.size) < 1:  # from the header: nothing decoded
+                raise TaskDataError(f"image {path} is {img.size[0]}x{img.size[1]} pixels; folder: tasks "
+                                    f"take images from 1 to {MAX_IMAGE_SIDE} pixels on a side")
             img.load()
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 arr = np.asarray(img, dtype=np.float64)
@@ -72,6 +81,9 @@ def _read_image(path: Path) -> np.ndarray:
             if img.mode in ("1", "L", "LA"):
                 return np.asarray(img.convert("L"))[:, :, None]
             return np.asarray(img.convert("RGB"))
+    except Image.DecompressionBombError:
+        raise TaskDataError(f"image {path} has far too many pixels (a decompression bomb?); folder: "
+                            f"tasks take images up to {MAX_IMAGE_SIDE} pixels on a side") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise TaskDataError(f"cannot read image {path} ({exc}); folder: tasks need only image files "
                             "inside the class folders") from None
@@ -116,6 +128,13 @@ def load_folder(path_text: str) -> GenericData:
     if len(class_names) < 2:
         raise TaskDataError(f"{root} has {len(class_names)} class folder(s); a classification task "
                             "needs at least 2 sub-folders of images")
+    if len(class_names) > MAX_CLASSES:
+        raise TaskDataError(f"{root} has {len(class_names)} class folders; the limit is {MAX_CLASSES}")
+    for split_root in layout.values():  # a class with no image can never be learned: say which
+        empty = [d.name for d in _class_dirs(split_root) if not _list_images(d)]
+        if empty:
+            raise TaskDataError(f"{split_root}: class folder(s) {', '.join(empty[:5])} hold no images; "
+                                "add images or remove the folder")
     label_of = {name: i for i, name in enumerate(class_names)}
 
     per_split_images: dict[str, list[np.ndarray]] = {}
@@ -130,6 +149,13 @@ def load_folder(path_text: str) -> GenericData:
             raise TaskDataError(f"{split_root} holds no images; put image files in its class folders")
         per_split_images[split] = images
         per_split_labels[split] = labels
+
+    if "train" in per_split_labels:
+        unseen = sorted({class_names[y] for y in per_split_labels["test"]}
+                        - {class_names[y] for y in per_split_labels["train"]})
+        if unseen:
+            raise TaskDataError(f"{root}: test class(es) {', '.join(unseen[:5])} have no training images "
+                                "(train/<class>/); a model cannot learn a class it never sees")
 
     # One colour/size decision over all splits so every split has the same H, W, C.
     everything = [im for ims in per_split_images.values() for im in ims]
@@ -167,7 +193,32 @@ def _check_x(x: np.ndarray, key: str, where: str) -> np.ndarray:
     if x.ndim != 4 or x.shape[3] not in (1, 3):
         raise TaskDataError(f"{where}: {key} has shape {x.shape}, expected (N, H, W) or (N, H, W, C) "
                             "with C in {1, 3}")
+    if min(x.shape[1:3]) < 1:
+        raise TaskDataError(f"{where}: {key} holds {x.shape[1]}x{x.shape[2]} images; images need at "
+                            "least one pixel")
     return x
+
+
+def _check_npz_headers(path: Path, where: str) -> None:
+    """Every member's header against the bytes it holds, before numpy allocates what a header
+    claims (a header may claim terabytes in a file of a few bytes)."""
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            with z.open(info) as f:
+                try:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                except ValueError as exc:
+                    raise TaskDataError(f"{where}: {info.filename} is not a numpy array ({exc})") from None
+                header = f.tell()
+            if dtype.hasobject:  # pickled objects: np.load(allow_pickle=False) refuses those itself
+                continue
+            claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if claimed != info.file_size - header:
+                raise TaskDataError(f"{where}: {info.filename} says shape {shape} ({claimed:,} bytes) but "
+                                    f"holds {info.file_size - header:,} bytes")
 
 
 def _check_y(y: np.ndarray, n: int, key: str, where: str) -> np.ndarray:
@@ -187,6 +238,7 @@ def load_npz(path_text: str) -> GenericData:
         raise TaskDataError(f"npz task file {path} does not exist; give npz:PATH to a .npz with "
                             "x_train, y_train, x_test, y_test")
     try:
+        _check_npz_headers(path, where)
         with np.load(path, allow_pickle=False) as npz:
             files = set(npz.files)
             need = {"x_train", "y_train", "x_test", "y_test"}
@@ -215,6 +267,13 @@ def load_npz(path_text: str) -> GenericData:
     num_classes = int(max(int(y.max()) for y in ys.values() if len(y))) + 1
     if num_classes < 2:
         raise TaskDataError(f"{where}: labels hold a single class; a classification task needs at least 2")
+    if num_classes > MAX_CLASSES:
+        raise TaskDataError(f"{where}: the largest label is {num_classes - 1:,}, so {num_classes:,} classes; "
+                            f"the limit is {MAX_CLASSES:,} (labels must be 0..classes-1)")
+    unseen = sorted(set(np.unique(ys["y_test"]).tolist()) - set(np.unique(ys["y_train"]).tolist()))
+    if unseen:
+        raise TaskDataError(f"{where}: test labels {unseen[:5]} never occur in y_train; a model cannot "
+                            "learn a class it never sees")
     return GenericData(arrays, num_classes, None)
 
 

@@ -218,7 +218,7 @@ def _load_glyphs(name: str, script: str, cache: Path) -> TaskData:
     )
 
 
-TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # the whole name (fullmatch: no "\n" after it)
 
 
 def parse_task_spec(spec: str) -> tuple[str, str]:
@@ -230,7 +230,7 @@ def parse_task_spec(spec: str) -> tuple[str, str]:
     if parse_generic(spec) is not None or "=" not in spec:
         return spec, spec
     name, source = spec.split("=", 1)
-    if not TASK_NAME.match(name):
+    if not TASK_NAME.fullmatch(name):
         raise TaskDataError(f"bad task name {name!r} in {spec!r}: use 1-63 letters, digits, '_', '-' or "
                             f"'.', starting with a letter or digit")
     if name in BUILTIN_TASKS or name.startswith(GLYPH_PREFIX) or name == "root":
@@ -239,6 +239,16 @@ def parse_task_spec(spec: str) -> tuple[str, str]:
         raise TaskDataError(f"{spec!r}: a named task takes npz:PATH or folder:PATH after '=', "
                             f"got {source!r}")
     return name, source
+
+
+def check_same_task(recorded_task: str | None, spec: str, agent_id: str) -> None:
+    """Two unnamed tasks whose paths differ only in characters an agent id cannot hold (':', '/',
+    spaces...) map to one agent id: refuse the second with the true reason, not as other data."""
+    task = parse_task_spec(spec)[0]
+    if recorded_task is not None and recorded_task != task:
+        raise TaskDataError(f"{spec!r} maps to agent id {agent_id!r}, which task {recorded_task!r} already "
+                            f"uses (their paths differ only in characters an id cannot hold): name this "
+                            f"one, e.g. mytask={spec}")
 
 
 def check_source(recorded: dict | None, spec: str, fingerprint: str) -> None:

@@ -66,3 +66,95 @@ def test_query_refuses_a_folder_as_export_file_and_a_negative_event_number(tmp_p
     one_line(run_cli("launch/query.py", "--store", store, "export", "uci_digits", "--out", str(out)),
              "is a folder")
     assert os.listdir(out) == []
+
+
+def _npz(path, *, x=None, y_train=None, y_test=None) -> str:
+    import numpy as np
+
+    x = np.zeros((4, 8, 8), np.uint8) if x is None else x
+    np.savez(path, x_train=x, y_train=np.array([0, 1, 0, 1]) if y_train is None else y_train,
+             x_test=x, y_test=np.array([0, 1, 1, 0]) if y_test is None else y_test)
+    return f"npz:{path}"
+
+
+@pytest.mark.parametrize("case, words", [
+    ("huge_label", ["the limit is 10,000"]),
+    ("zero_size", ["0x0 images"]),
+    ("unseen_test", ["never occur in y_train"]),
+    ("lying_header", ["says shape", "holds"]),
+])
+def test_bad_npz_tasks_are_one_line_before_anything_is_written(tmp_path, case, words):
+    import io
+    import zipfile
+
+    import numpy as np
+
+    path = tmp_path / "data.npz"
+    if case == "huge_label":
+        spec = _npz(path, y_train=np.array([0, 1, 0, 10**6]))
+    elif case == "zero_size":
+        spec = _npz(path, x=np.zeros((4, 0, 0), np.uint8))
+    elif case == "unseen_test":
+        spec = _npz(path, y_test=np.array([0, 1, 2, 0]))
+    else:  # a member whose header claims 64 TiB in a few bytes
+        spec = _npz(path)
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, {"descr": "|u1", "fortran_order": False,
+                                                    "shape": (2**23, 2**23, 2**20)})
+        with zipfile.ZipFile(path, "a") as z:
+            z.writestr("x_val.npy", head.getvalue() + b"xx")
+            z.writestr("y_val.npy", head.getvalue() + b"xx")
+    store = tmp_path / "store"
+    one_line(run_cli("launch/run_swarm.py", "--store", str(store), "--tasks", f"mine={spec}", "--preset", "test"),
+             *words)
+    assert not store.exists()
+
+
+def test_bad_folder_tasks_are_one_line(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "shapes"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            Image.new("L", (8, 8), 10).save(root / split / cls / "1.png")
+    (root / "test" / "c").mkdir()
+    Image.new("L", (8, 8), 10).save(root / "test" / "c" / "1.png")
+    store = tmp_path / "store"
+    one_line(run_cli("launch/run_swarm.py", "--store", str(store), "--tasks", f"shapes=folder:{root}",
+                     "--preset", "test"), "test class(es) c have no training images")
+    (root / "train" / "c").mkdir()  # now c has a training folder, but an empty one
+    one_line(run_cli("launch/run_swarm.py", "--store", str(store), "--tasks", f"shapes=folder:{root}",
+                     "--preset", "test"), "hold no images")
+    Image.new("L", (8, 8), 10).save(root / "train" / "c" / "1.png")
+    Image.new("L", (5000, 3), 0).save(root / "train" / "c" / "2.png")  # over the side limit
+    one_line(run_cli("launch/run_swarm.py", "--store", str(store), "--tasks", f"shapes=folder:{root}",
+                     "--preset", "test"), "5000x3")
+    assert not store.exists()
+
+
+def test_a_task_name_with_a_trailing_newline_is_refused():
+    from taskdata import TaskDataError, parse_task_spec
+
+    with pytest.raises(TaskDataError, match="bad task name"):
+        parse_task_spec("mine\n=npz:/x.npz")
+
+
+def test_unnamed_tasks_that_map_to_one_agent_id_get_the_true_reason(tmp_path):
+    """npz:/d/a b.npz and npz:/d/a:b.npz both become agent~npz~~d~a~b.npz: the second is refused
+    because of the id, not as 'grown on other data'."""
+    import numpy as np
+
+    from helpers.swarm import make_store
+
+    store = str(tmp_path / "store")
+    make_store(store)
+    first = _npz(tmp_path / "a b.npz")
+    second = _npz(tmp_path / "a:b.npz", y_train=np.array([1, 0, 1, 0]))
+    r = run_cli("launch/attach.py", "--store", store, "--task", first, "--preset", "test", "--cycles", "1",
+                timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for cmd in (["launch/attach.py", "--store", store, "--task", second],
+                ["launch/run_swarm.py", "--store", store, "--tasks", second]):
+        line = one_line(run_cli(*cmd, "--preset", "test", "--cycles", "1", timeout=300), "maps to agent id")
+        assert "other data" not in line
