@@ -190,6 +190,23 @@ def _check_sources(args, agents: list[tuple[str, str]]) -> None:
         store.close()
 
 
+def _check_single_path_models(args, names: list[str]) -> None:
+    """``--kinds multipath`` alone: every task needs a single-path model in the store already."""
+    from store import NotAStore, is_remote, open_store
+
+    singles: dict = {}
+    if is_remote(args.store) or os.path.isdir(args.store):
+        try:
+            with open_store(args.store, readonly=True, keys=args.keys) as st:
+                singles = st.published_models(kind="single")
+        except NotAStore:
+            singles = {}
+    missing = [t for t in names if t not in singles]
+    if missing:
+        raise UserError(f"--kinds multipath: {', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} "
+                        f"no single-path model yet; use --kinds single,multipath")
+
+
 def _has_root(spec: str, keys: str | None) -> bool:
     from store import NotAStore, is_remote, open_store
 
@@ -303,6 +320,8 @@ def main() -> int:
     from taskdata import parse_task_spec
 
     names = [parse_task_spec(t)[0] for t in tasks]
+    if "single" not in kinds:  # multipath agents alone build on models that must exist: checked
+        _check_single_path_models(args, names)  # before data is fetched or a store is created
     from agents.agent import agent_id_for
     from agents.bootstrap import ensure_root
     from store.holders import holder_gone
@@ -347,12 +366,6 @@ def main() -> int:
                     continue
                 raise UserError(f"task {t} already has a live {k} agent (pid {a.pid} on {a.host}); "
                                 f"stop it or leave {t} out")
-        if "single" not in kinds:  # multipath agents alone build on models that must exist
-            singles = store.published_models(kind="single")
-            missing = [t for t in names if t not in singles]
-            if missing:
-                raise UserError(f"--kinds multipath: {', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} "
-                                f"no single-path model yet; use --kinds single,multipath")
     finally:
         store.close()
     where = (f"devices {','.join(devices)}" if not cluster else

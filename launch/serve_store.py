@@ -116,6 +116,7 @@ def main() -> int:
     from store.service.server import default_read_workers
 
     read_workers = args.read_workers if args.read_workers is not None else default_read_workers()
+    created = not os.path.exists(args.store)  # a refusal below removes what this run made
     store = Store.open(args.store, create=True)
     staging_dir = None if args.staging_dir == "memory" else \
         args.staging_dir or os.path.join(args.store, "service-staging")
@@ -130,6 +131,11 @@ def main() -> int:
         try:
             server.start()
         except zmq.ZMQError as exc:
+            server.close()
+            store.close()
+            if created:  # nothing was ever served from it: leave no empty store behind
+                import shutil
+                shutil.rmtree(args.store, ignore_errors=True)
             raise UserError(f"cannot bind {args.bind} (or its doorbell {args.pub or 'port + 1'}): "
                             f"{exc}") from None
         print(f"serving {args.store} on {server.endpoint}", flush=True)

@@ -158,3 +158,18 @@ def test_unnamed_tasks_that_map_to_one_agent_id_get_the_true_reason(tmp_path):
                 ["launch/run_swarm.py", "--store", store, "--tasks", second]):
         line = one_line(run_cli(*cmd, "--preset", "test", "--cycles", "1", timeout=300), "maps to agent id")
         assert "other data" not in line
+
+
+def test_refusals_that_used_to_leave_a_new_store_behind(tmp_path):
+    import socket
+
+    store = tmp_path / "new"
+    one_line(run_cli("launch/run_swarm.py", "--store", str(store), "--kinds", "multipath", "--tasks", "uci_digits",
+                     "--preset", "test"), "no single-path model")
+    assert not store.exists()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        one_line(run_cli("launch/serve_store.py", "--store", str(store), "--bind",
+                         f"tcp://127.0.0.1:{taken.getsockname()[1]}"), "cannot bind")
+    assert not store.exists()
