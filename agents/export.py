@@ -128,6 +128,9 @@ def export_task(store: StoreAPI, task: str, out_path: str, fmt: str = "munet") -
     folder = os.path.dirname(os.path.abspath(out_path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".export-", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an export gets the mode any new file would
     try:  # written beside the target, then renamed over it: a reader never sees half a file
         with open(tmp, "wb") as f:
             f.write(_canonical(save(tensors, metadata=metadata)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import time
 
 import numpy as np
@@ -102,6 +103,9 @@ def test_export_predicts_like_the_store_and_matches_test_quality(swarm, tmp_path
     out = str(tmp_path / "uci.safetensors")
     r = run_cli("launch/query.py", "--store", swarm["store"], "export", "uci_digits", "--out", out)
     assert r.returncode == 0, r.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o666 & ~umask  # what any new file gets, not 0600
     from_store = load_model(swarm["store"], "uci_digits")
     from_file = load_exported(out)
     data = load_task("uci_digits")
