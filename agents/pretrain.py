@@ -12,7 +12,6 @@ pretrained; the agents' own method (SGD, docs/method.md) starts from the result.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 from taskdata import TaskData, load_task
 from taskdata.augment import augment_train
-from taskdata.cache import TaskDataError, resolve_cache_dir
+from taskdata.cache import TaskDataError, exclusive, resolve_cache_dir
 from taskdata.root_corpus import CORPUS_NAME, CorpusConfig, fetch_fonts, load_corpus
 from agents.roots import root_component_names, timm_state_dict
 from agents.training import TaskTensors, accuracy, test_accuracy
@@ -149,8 +148,7 @@ def build_root(recipe: RootRecipe, cache_dir=None, log=print, threads: int | Non
     if (out / "card.json").is_file():
         return BuiltRoot(out / "root.safetensors", json.loads((out / "card.json").read_text()))
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{recipe.name}-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(out.parent / f".{recipe.name}-{key}.lock", f"building the root {recipe.name}", log):
         if (out / "card.json").is_file():  # another process built it while we waited
             return BuiltRoot(out / "root.safetensors", json.loads((out / "card.json").read_text()))
         data, corpus_id, corpus_info = _corpus(recipe, cache)  # only now: a cached root needs none

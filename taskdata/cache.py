@@ -16,6 +16,8 @@ the loser's identical file simply replaces the winner's.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import os
@@ -51,6 +53,20 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
             "set MUNET_DATA_DIR to a writable directory"
         ) from None
     return path
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, what: str, say=None):
+    """An exclusive lock on ``path`` (one process builds or fetches, the others wait, then read the
+    result). When another process holds it, say once what this one waits for instead of waiting in
+    silence (a root build takes minutes)."""
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            (say or progress)(f"waiting for another process that is {what} (lock {path})")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def progress(message: str) -> None:

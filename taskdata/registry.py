@@ -8,7 +8,6 @@ each time. Split rules are in ``splits.py``; per-source details in ``sources.py`
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import re
 import os
@@ -21,7 +20,7 @@ import numpy as np
 
 from taskdata import glyphs, sources
 from taskdata.cache import (
-    TaskDataError, load_splits, progress, resolve_cache_dir, save_splits_atomic,
+    TaskDataError, exclusive, load_splits, progress, resolve_cache_dir, save_splits_atomic,
 )
 from taskdata.generic import load_folder, load_npz, parse_generic
 from taskdata.splits import task_seed
@@ -167,8 +166,7 @@ def _fetch_lock(cache: Path, name: str):
     """One fetch per task per cache folder at a time: several agents on one node (an engine placed
     them there) starting together fetch a source once; the others wait, then read the cache."""
     cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f".{name}.fetch.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(cache / f".{name}.fetch.lock", f"fetching the data of {name}"):
         yield
 
 

@@ -25,7 +25,6 @@ Pipeline (deterministic for a seed, the font packages and the library versions):
 """
 from __future__ import annotations
 
-import fcntl
 import glob
 import hashlib
 import json
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from taskdata import glyphs
-from taskdata.cache import TaskDataError, load_splits, progress, save_splits_atomic
+from taskdata.cache import TaskDataError, exclusive, load_splits, progress, save_splits_atomic
 
 CORPUS_VERSION = 1
 CORPUS_NAME = "glyphs_cjk"
@@ -131,8 +130,7 @@ def fetch_fonts(cache: Path) -> tuple[Path, dict[str, str]]:
             raise TaskDataError(f"the {CORPUS_NAME} corpus needs Debian font packages and {tool} is not "
                                 "available; pretrain on your own corpus with --corpus folder:PATH or npz:PATH")
     cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".root-fonts.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # several processes on a fresh machine: one downloads
+    with exclusive(cache / ".root-fonts.lock", "fetching the root corpus's font packages", progress):
         if manifest.is_file():
             return target, json.loads(manifest.read_text())
         progress(f"fetching {len(FONT_PACKAGES)} Debian font packages (~105 MB) for the root corpus")
@@ -378,8 +376,7 @@ def load_corpus(cache: Path, cfg: CorpusConfig = CorpusConfig()) -> Corpus:
     if arrays is not None and meta.is_file():
         m = json.loads(meta.read_text())
         return Corpus(arrays, m["classes"], m["info"])
-    with open(cache / f".{CORPUS_NAME}-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(cache / f".{CORPUS_NAME}-{key}.lock", "rendering the root corpus"):
         arrays = load_splits(npz)
         if arrays is not None and meta.is_file():
             m = json.loads(meta.read_text())

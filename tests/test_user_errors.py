@@ -173,3 +173,23 @@ def test_refusals_that_used_to_leave_a_new_store_behind(tmp_path):
         one_line(run_cli("launch/serve_store.py", "--store", str(store), "--bind",
                          f"tcp://127.0.0.1:{taken.getsockname()[1]}"), "cannot bind")
     assert not store.exists()
+
+
+def test_a_wait_on_another_process_s_lock_says_what_it_waits_for(tmp_path):
+    """make_root.py --print waited 10 minutes in silence behind another process's build; a waiter now
+    says what it waits for, then goes on once the lock is free."""
+    import fcntl
+    import threading
+
+    from taskdata.cache import exclusive
+
+    said: list[str] = []
+    path = tmp_path / ".x.lock"
+    with open(path, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: exclusive(path, "building the root x", said.append).__enter__())
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and said == [f"waiting for another process that is building the root x (lock {path})"]
+    waiter.join(10)
+    assert not waiter.is_alive()
