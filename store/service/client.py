@@ -168,8 +168,9 @@ class RemoteStore:
         if not blobs:
             return
         encoded: dict[str, bytes] = {}
-        backoff = 0.1
-        for _ in range(MAX_UPLOAD_ROUNDS):
+        backoff, busy_since = 0.1, None
+        rounds = 0
+        while rounds < MAX_UPLOAD_ROUNDS:
             missing = self._call("blob_missing", keys=sorted(blobs))["missing"]
             if not missing:
                 return
@@ -188,10 +189,20 @@ class RemoteStore:
 
             try:
                 self.channel.pipeline(requests, note)
-            except wire.ServiceBusy:
+            except wire.ServiceBusy as exc:
+                # no room now (the area, or this client's share, is full): not a failure of this
+                # upload. Wait and retry within the give-up bound, then StoreUnavailable (exit 75:
+                # an engine restarts the agent later) rather than a failure (exit 1).
+                busy_since = busy_since if busy_since is not None else time.monotonic()
+                if time.monotonic() - busy_since > self.channel.retry_seconds:
+                    raise wire.ServiceUnavailable(
+                        f"the store service had no room for this client's uploads for "
+                        f"{self.channel.retry_seconds:g} s ({exc})") from None
                 time.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
                 continue
+            rounds += 1
+            busy_since, backoff = None, 0.1
             self.bytes_uploaded += sum(n for batch in batches for _, _, n in batch)
             if all(reached.get(k) == len(encoded[k]) for k in missing):
                 for key in missing:  # this host made these bytes: later loads need not fetch them

@@ -206,14 +206,14 @@ class Handlers:
 
     # ---- writes ----------------------------------------------------------------------------------
 
-    def _h_blob_write(self, args, data):
+    def _h_blob_write(self, args, data, client: str = ""):
         writes = args["writes"]
         if len(writes) != len(data):
             raise wire.WireError("blob_write: one data frame per write")
         reached = {}
         for (key, offset, total), frame in zip(writes, data):
             view = frame.buffer
-            reached[key] = self.staging.write(key, offset, total, view)
+            reached[key] = self.staging.write(key, offset, total, view, client)
             self._count("blob_bytes_staged", len(view))
         return {"received": reached}, []
 

@@ -393,12 +393,23 @@ class StoreServer(Handlers):
         with self._count_lock:
             self.counters["requests"] += 1
             self.requests_by_kind[kind] = self.requests_by_kind.get(kind, 0) + 1
+        client = self._client_of(identity, header) if kind == "blob_write" else ""
         if not self._lanes or kind in wire.INLINE:
-            self._reply(identity, *self._execute(kind, rid, args, data))
+            self._reply(identity, *self._execute(kind, rid, args, data, client))
         else:
             self._in_flight += 1
-            self._submit(wire.lane_of(kind), (identity.bytes, kind, rid, args, data))
+            self._submit(wire.lane_of(kind), (identity.bytes, kind, rid, args, data, client))
         return True
+
+    def _client_of(self, identity: zmq.Frame, header: zmq.Frame) -> str:
+        """Who sends an upload, for the staging area's per-client bounds: the client's key when the
+        service has keys (the same across its reconnections), else its connection."""
+        if self.keys is not None:
+            try:
+                return "key:" + (header.get("User-Id") or "")
+            except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
+                pass
+        return "conn:" + identity.bytes.hex()
 
     def _submit(self, lane: str, item: Any) -> None:
         q = self._lanes[lane]
@@ -432,8 +443,8 @@ class StoreServer(Handlers):
                     for (identity, *_), reply in zip(batch, self._heartbeats(batch)):
                         push.send_multipart([identity, reply], copy=False)
                     continue
-                identity, kind, rid, args, data = item
-                reply, out = self._execute(kind, rid, args, data)
+                identity, kind, rid, args, data, client = item
+                reply, out = self._execute(kind, rid, args, data, client)
                 del data, item
                 push.send_multipart([identity, reply, *out], copy=False)
         finally:
@@ -460,10 +471,10 @@ class StoreServer(Handlers):
         commit. If the transaction itself fails (a full map), each is retried alone for its own
         reply."""
         if len(batch) == 1:
-            identity, kind, rid, args, data = batch[0]
+            identity, kind, rid, args, data, _ = batch[0]
             return [self._execute(kind, rid, args, data)[0]]
         checked: list[Exception | None] = []
-        for identity, kind, rid, args, data in batch:
+        for identity, kind, rid, args, data, _ in batch:
             try:
                 wire.check_args(kind, args)
                 if data:
@@ -479,9 +490,9 @@ class StoreServer(Handlers):
             log.warning("a batch of %d heartbeats failed (%s): applying them one by one",
                         len(batch), exc)
             return [self._execute(kind, rid, args, data)[0]
-                    for identity, kind, rid, args, data in batch]
+                    for identity, kind, rid, args, data, _ in batch]
         replies: list[bytes] = []
-        for (identity, kind, rid, args, data), err in zip(batch, checked):
+        for (identity, kind, rid, args, data, _), err in zip(batch, checked):
             result = err if err is not None else next(results)
             replies.append(self._error_reply(kind, rid, result) if isinstance(result, Exception)
                            else wire.encode_reply(rid, result.to_dict()))
@@ -500,16 +511,20 @@ class StoreServer(Handlers):
         self._reply(frames[0], frames[1], frames[2:])
         return True
 
-    def _execute(self, kind: str, rid: str, args: dict, data: list) -> tuple[Any, list]:
+    def _execute(self, kind: str, rid: str, args: dict, data: list, client: str = "") -> tuple[Any, list]:
         """Run one request's handler: (reply header, data frames); any failure is an error reply."""
         out: list = []
         try:
             wire.check_args(kind, args)
             if data and kind != "blob_write":
                 raise wire.WireError(f"{kind} takes no data frames")
+            if kind == "blob_write":  # the staging area bounds each client's share
+                result, out = self._handlers[kind](args, data, client=client)
             # a recorded reply is found by kind and id: a reused id cannot replay another kind's
-            result, out = self._handlers[kind](args, data, f"{kind}/{rid}") \
-                if kind in wire.WRITES else self._handlers[kind](args, data)
+            elif kind in wire.WRITES:
+                result, out = self._handlers[kind](args, data, f"{kind}/{rid}")
+            else:
+                result, out = self._handlers[kind](args, data)
             return wire.encode_reply(rid, result), out
         except Exception as exc:  # every failure becomes an error reply; the loop goes on
             return self._error_reply(kind, rid, exc), []

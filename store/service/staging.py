@@ -19,8 +19,12 @@ reached instead of from zero. A recovered complete blob is hashed again before a
 No fsync: this survives the service's death, not necessarily the host's (a torn file then fails
 its hash check and is uploaded again).
 
-Bounded: at most ``max_bytes`` staged at once (ServiceBusy beyond, the client retries later), and
-an upload nobody touched for ``ttl`` seconds is dropped. Thread-safe (one lock).
+Bounded, and no client can take it all: space is counted in bytes that arrived, not bytes an upload
+declares (a client declaring 2 GiB and sending 1 byte holds 1 byte), at most ``max_bytes`` in all,
+and per client identity (its key, or its connection without keys) at most ``max_client_bytes`` and
+``max_client_uploads`` uploads. Past a bound the chunk is refused with ServiceBusy (the client waits
+and retries, within its give-up bound). An upload nobody touched for ``partial_ttl`` seconds (still
+incomplete) or ``ttl`` seconds (complete, waiting for its commit) is dropped. Thread-safe (one lock).
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ _KEY = re.compile(r"^[0-9a-f]{64}$")
 _FILE = re.compile(r"^([0-9a-f]{64})\.(\d{1,12})\.(part|blob)$")
 DEFAULT_MAX_BYTES = 2 * 2**30
 DEFAULT_TTL = 600.0
+DEFAULT_PARTIAL_TTL = 60.0       # an upload that stalled mid-blob: its client resumes well within this
+DEFAULT_CLIENT_UPLOADS = 1024    # uploads in progress or waiting for their commit, per client
 
 
 @dataclass
@@ -49,13 +55,24 @@ class _Upload:
     complete: bool = False
     checked: bool = True           # False: recovered from disk, hash it again before use
     touched: float = field(default_factory=time.time)
+    owner: str = ""                # the client identity that uploads it ("" after a restart)
 
 
 class Staging:
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, ttl: float = DEFAULT_TTL,
-                 folder: str | None = None) -> None:
+                 folder: str | None = None, *, partial_ttl: float = DEFAULT_PARTIAL_TTL,
+                 max_client_bytes: int | None = None,
+                 max_client_uploads: int = DEFAULT_CLIENT_UPLOADS) -> None:
         self.max_bytes = max_bytes
         self.ttl = ttl
+        self.partial_ttl = min(partial_ttl, ttl)
+        # a quarter of the area by default (four clients at their bound leave room for the rest), but
+        # never under 256 MiB (or the whole area when it is smaller), so one large blob always fits
+        self.max_client_bytes = max_client_bytes if max_client_bytes is not None else \
+            max(max_bytes // 4, min(max_bytes, 256 * 2**20))
+        self.max_client_uploads = max_client_uploads
+        self._client_bytes: dict[str, int] = {}
+        self._client_uploads: dict[str, int] = {}
         self.folder = os.path.abspath(folder) if folder else None
         self._uploads: dict[str, _Upload] = {}
         self._lock = threading.RLock()
@@ -90,7 +107,9 @@ class Staging:
                     continue
                 key, total, state = match.group(1), int(match.group(2)), match.group(3)
                 size = st.st_size
-                if now - st.st_mtime > self.ttl or not 0 < total <= MAX_BLOB_BYTES \
+                idle = now - st.st_mtime
+                if idle > self.ttl or (state == "part" and idle > self.partial_ttl) \
+                        or not 0 < total <= MAX_BLOB_BYTES \
                         or size > total or (state == "blob" and size != total) \
                         or key in {f[0] for f in found}:
                     self._unlink(entry.path)
@@ -98,7 +117,7 @@ class Staging:
                 found.append((key, total, state, size, st.st_mtime, entry.path))
         found.sort(key=lambda f: -f[4])
         for key, total, state, size, mtime, path in found:
-            if self.bytes + total > self.max_bytes:
+            if self.bytes + size > self.max_bytes:
                 self._unlink(path)
                 continue
             up = _Upload(total=total, received=size, complete=state == "blob", checked=False,
@@ -113,7 +132,7 @@ class Staging:
                 up.complete = up.checked = True
                 os.replace(path, self._path(key, up))
             self._uploads[key] = up
-            self.bytes += total
+            self.bytes += up.received
             self.recovered += 1
 
     def _unlink(self, path: str) -> None:
@@ -141,12 +160,16 @@ class Staging:
             up = self._uploads.get(key)
             return up is not None and up.complete
 
-    def write(self, key: str, offset: int, total: int, data: memoryview) -> int:
-        """Add one chunk; returns the offset reached (== total once complete and checked)."""
+    def write(self, key: str, offset: int, total: int, data: memoryview, client: str = "") -> int:
+        """Add one chunk of ``client``'s upload; returns the offset reached (== total once complete
+        and checked). ServiceBusy when the area, or this client's share of it, is full."""
         self.check_key(key)
         if not 0 < total <= MAX_BLOB_BYTES or offset < 0 or offset + len(data) > total:
             raise StoreError(f"blob {key}: chunk [{offset}, {offset + len(data)}) does not fit a "
                              f"blob of {total} bytes")
+        if total > min(self.max_bytes, self.max_client_bytes):
+            raise StoreError(f"blob {key} of {total:,} bytes can never be staged here (at most "
+                             f"{min(self.max_bytes, self.max_client_bytes):,} bytes per client)")
         with self._lock:
             up = self._uploads.get(key)
             if up is not None and up.total != total:
@@ -155,19 +178,20 @@ class Staging:
             if up is None:
                 if offset != 0:
                     return 0  # the client resumes from 0 (the service restarted, or it expired)
-                if self.bytes + total > self.max_bytes:
+                if self._client_uploads.get(client, 0) >= self.max_client_uploads:
                     self.expire()
-                    if self.bytes + total > self.max_bytes:
-                        raise ServiceBusy(f"the service's staging area is full ({self.bytes:,} "
-                                          f"of {self.max_bytes:,} bytes): retry shortly")
-                up = _Upload(total=total, buf=None if self.folder else bytearray(total))
+                    if self._client_uploads.get(client, 0) >= self.max_client_uploads:
+                        raise ServiceBusy(f"this client has {self.max_client_uploads} uploads staged "
+                                          f"already (the limit per client): retry once they are committed")
+                up = _Upload(total=total, buf=None if self.folder else bytearray(), owner=client)
                 if self.folder:
                     open(self._path(key, up), "wb").close()
                 self._uploads[key] = up
-                self.bytes += total
+                self._client_uploads[client] = self._client_uploads.get(client, 0) + 1
             up.touched = time.time()
             if up.complete or offset != up.received:
                 return up.received  # a repeated chunk, or a gap: the client continues from here
+            self._make_room(up.owner, len(data))
             if self.folder:
                 try:
                     with open(self._path(key, up), "r+b") as f:
@@ -177,8 +201,10 @@ class Staging:
                     self._discard(key)
                     return 0
             else:
-                up.buf[offset:offset + len(data)] = data
+                up.buf += data  # chunks only ever append at the offset reached
             up.received = offset + len(data)
+            self.bytes += len(data)
+            self._client_bytes[up.owner] = self._client_bytes.get(up.owner, 0) + len(data)
             if up.received == total:
                 blob = self._bytes(key, up)
                 if blob is None or not self._valid(key, blob):
@@ -191,6 +217,17 @@ class Staging:
                     os.replace(part, self._path(key, up))
                 up.complete = True
             return up.received
+
+    def _make_room(self, client: str, n: int) -> None:
+        """ServiceBusy unless ``n`` more bytes fit the area and ``client``'s share of it."""
+        if self.bytes + n > self.max_bytes or self._client_bytes.get(client, 0) + n > self.max_client_bytes:
+            self.expire()
+        if self._client_bytes.get(client, 0) + n > self.max_client_bytes:
+            raise ServiceBusy(f"this client has {self._client_bytes.get(client, 0):,} bytes staged, "
+                              f"its limit is {self.max_client_bytes:,}: retry once they are committed")
+        if self.bytes + n > self.max_bytes:
+            raise ServiceBusy(f"the service's staging area is full ({self.bytes:,} of "
+                              f"{self.max_bytes:,} bytes): retry shortly")
 
     def _bytes(self, key: str, up: _Upload) -> bytearray | None:
         if up.buf is not None:
@@ -237,7 +274,12 @@ class Staging:
     def _discard(self, key: str) -> None:
         up = self._uploads.pop(key, None)
         if up is not None:
-            self.bytes -= up.total
+            self.bytes -= up.received
+            self._client_bytes[up.owner] = self._client_bytes.get(up.owner, 0) - up.received
+            self._client_uploads[up.owner] = self._client_uploads.get(up.owner, 0) - 1
+            for tally in (self._client_bytes, self._client_uploads):
+                if tally.get(up.owner, 0) <= 0:
+                    tally.pop(up.owner, None)
             if self.folder:
                 try:
                     os.unlink(self._path(key, up))
@@ -252,7 +294,8 @@ class Staging:
     def expire(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
         with self._lock:
-            old = [k for k, up in self._uploads.items() if now - up.touched > self.ttl]
+            old = [k for k, up in self._uploads.items()
+                   if now - up.touched > (self.ttl if up.complete else self.partial_ttl)]
             for key in old:
                 self._discard(key)
             return len(old)
