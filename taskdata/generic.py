@@ -5,8 +5,9 @@ These are how a user's own tasks enter the swarm, so the rules are strict and ev
 
 ``folder:PATH``
     Either ``PATH/<class>/<image>`` (then the seeded three-way split of ``splits.py`` applies), or
-    ``PATH/train/<class>/...`` plus ``PATH/test/<class>/...`` and optionally ``PATH/val/<class>/...``
-    (official splits; without ``val`` a validation slice is carved from ``train``). Classes are the
+    the ImageFolder layouts with ``PATH/train/<class>/...``: ``train/`` alone (split three ways like
+    class folders), ``train/`` + ``val/`` (test carved from ``train``), ``train/`` + ``test/`` (a
+    validation slice carved from ``train``), or ``train/`` + ``val/`` + ``test/`` (used as given). Classes are the
     sub-folder names in sorted order (label = position), the union over the splits. Images are read
     with Pillow (any format it opens; files that are not images are an error, hidden files are
     skipped). Colour rule: if any image has colour (channels that differ anywhere), all are RGB
@@ -49,6 +50,7 @@ class GenericData:
     arrays: dict[str, np.ndarray]
     num_classes: int
     class_names: list[str] | None
+    splits: str = ""  # how the train/val/test splits were made, for the line a user reads
 
 
 def _generic_seed(kind: str, path: Path) -> int:
@@ -121,8 +123,9 @@ def load_folder(path_text: str) -> GenericData:
         raise TaskDataError(f"folder task path {root} is not a directory; give folder:PATH with one "
                             "sub-folder of images per class")
     split_roots = {s: root / s for s in SPLIT_DIRS if (root / s).is_dir()}
-    # train/ and test/ together mean official splits; otherwise every sub-folder is a class.
-    layout = split_roots if {"train", "test"} <= set(split_roots) else {"all": root}
+    # A train/ folder means the ImageFolder layouts (train/ alone, train/+val/, train/+test/,
+    # train/+val/+test/); otherwise every sub-folder is a class.
+    layout = split_roots if "train" in split_roots else {"all": root}
 
     class_names = sorted({d.name for r in layout.values() for d in _class_dirs(r)})
     if len(class_names) < 2:
@@ -150,12 +153,14 @@ def load_folder(path_text: str) -> GenericData:
         per_split_images[split] = images
         per_split_labels[split] = labels
 
-    if "train" in per_split_labels:
-        unseen = sorted({class_names[y] for y in per_split_labels["test"]}
+    for other in ("val", "test"):
+        if "train" not in per_split_labels or other not in per_split_labels:
+            continue
+        unseen = sorted({class_names[y] for y in per_split_labels[other]}
                         - {class_names[y] for y in per_split_labels["train"]})
         if unseen:
-            raise TaskDataError(f"{root}: test class(es) {', '.join(unseen[:5])} have no training images "
-                                "(train/<class>/); a model cannot learn a class it never sees")
+            raise TaskDataError(f"{root}: {other} class(es) {', '.join(unseen[:5])} have no training "
+                                "images (train/<class>/); a model cannot learn a class it never sees")
 
     # One colour/size decision over all splits so every split has the same H, W, C.
     everything = [im for ims in per_split_images.values() for im in ims]
@@ -165,14 +170,22 @@ def load_folder(path_text: str) -> GenericData:
     y_by = {s: np.asarray(per_split_labels[s], dtype=np.int64) for s in per_split_labels}
 
     seed = _generic_seed("folder", root)
-    if "all" in x_by:
-        if len(x_by["all"]) < 3:
-            raise TaskDataError(f"{root} has {len(x_by['all'])} images; need at least 3 to split")
-        arrays = apply_three_way(x_by["all"], y_by["all"], seed)
+    if "all" in x_by or set(x_by) == {"train"}:  # no split given: the seeded three-way split
+        x_all, y_all = x_by.get("all", x_by.get("train")), y_by.get("all", y_by.get("train"))
+        if len(x_all) < 3:
+            raise TaskDataError(f"{root} has {len(x_all)} images; need at least 3 to split")
+        arrays, how = apply_three_way(x_all, y_all, seed), "split 80/10/10 by a seeded shuffle"
+    elif "test" not in x_by:  # train/ + val/: the test split is carved from train
+        tr, te = train_val_split(len(x_by["train"]), seed ^ 0x7E57)
+        arrays = {"train_x": x_by["train"][tr], "train_y": y_by["train"][tr], "val_x": x_by["val"],
+                  "val_y": y_by["val"], "test_x": x_by["train"][te], "test_y": y_by["train"][te]}
+        how = "train/ and val/ as given, test carved from train/"
     else:
         arrays = _with_validation(x_by["train"], y_by["train"], x_by.get("val"), y_by.get("val"),
                                   x_by["test"], y_by["test"], seed, str(root))
-    return GenericData(arrays, len(class_names), class_names)
+        how = "train/, val/ and test/ as given" if "val" in x_by else \
+            "train/ and test/ as given, val carved from train/"
+    return GenericData(arrays, len(class_names), class_names, how)
 
 
 def _with_validation(x_tr, y_tr, x_va, y_va, x_te, y_te, seed: int, where: str) -> dict[str, np.ndarray]:
@@ -274,7 +287,8 @@ def load_npz(path_text: str) -> GenericData:
     if unseen:
         raise TaskDataError(f"{where}: test labels {unseen[:5]} never occur in y_train; a model cannot "
                             "learn a class it never sees")
-    return GenericData(arrays, num_classes, None)
+    return GenericData(arrays, num_classes, None, "x_/y_ arrays as given" + (
+        "" if "x_val" in xs else ", val carved from train"))
 
 
 def parse_generic(name: str) -> tuple[str, str] | None:

@@ -270,7 +270,7 @@ def load_task(name: str, cache_dir: str | os.PathLike | None = None) -> TaskData
         data = load_folder(path) if kind == "folder" else load_npz(path)
         kind_text = "image folder" if kind == "folder" else "numpy archive"
         return TaskData(name, data.num_classes, **data.arrays,
-                        source=f"user {kind_text} {Path(path).expanduser().resolve()}",
+                        source=f"user {kind_text} {Path(path).expanduser().resolve()} ({data.splits})",
                         license="user data (unknown)", synthetic=False, class_names=data.class_names)
     if name in BUILTIN_TASKS:
         return _load_builtin(BUILTIN_TASKS[name], resolve_cache_dir(cache_dir))
@@ -316,7 +316,8 @@ def fetch_all(names: list[str], cache_dir: str | os.PathLike | None = None) -> l
         h, w, c = spec["image_shape"]
         s = spec["sizes"]
         progress(f"{data.name} ready: {spec['num_classes']} classes, {s['train']}/{s['val']}/{s['test']} "
-                 f"train/val/test images of {h}x{w}x{c} ({time.perf_counter() - start:.1f} s)")
+                 f"train/val/test images of {h}x{w}x{c} ({time.perf_counter() - start:.1f} s)"
+                 + (f"; {data.source}" if data.source.startswith("user ") else ""))
         specs.append(spec)
         del data
     if failures:

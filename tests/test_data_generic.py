@@ -187,3 +187,30 @@ def test_restricted_unpickler_reads_numpy_arrays():
         load_numpy_pickle(pickle.dumps({"a": 1}))
     with pytest.raises(TaskDataError, match="cannot read numpy pickle"):
         load_numpy_pickle(gzip.compress(b"garbage"))
+
+
+@pytest.mark.parametrize("splits, how", [
+    (("train",), "split 80/10/10"),
+    (("train", "val"), "test carved from train/"),
+    (("train", "test"), "val carved from train/"),
+    (("train", "val", "test"), "as given"),
+])
+def test_every_imagefolder_layout_is_read_and_says_how_it_was_split(tmp_path, splits, how):
+    from PIL import Image
+
+    root = tmp_path / "shapes"
+    for split in splits:
+        for c, cls in enumerate(("circle", "square", "star")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(6):
+                Image.new("L", (12, 12), 40 * c + i).save(root / split / cls / f"{i}.png")
+    data = load_task(f"shapes=folder:{root}")
+    assert data.num_classes == 3 and data.class_names == ["circle", "square", "star"]  # not train/val
+    assert min(len(data.train_x), len(data.val_x), len(data.test_x)) >= 1
+    assert how in data.source
+    given = {s: 18 for s in splits}
+    if "val" in given:
+        assert len(data.val_x) == 18
+    if "test" in given:
+        assert len(data.test_x) == 18
+    assert len(data.train_x) + len(data.val_x) + len(data.test_x) == 18 * len(splits)
