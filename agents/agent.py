@@ -218,7 +218,7 @@ class Agent:
         runs (a kill -9 leaves its lease live for its TTL); True if one was ended."""
         for a in self.store.live_agents():
             if (a.task, a.kind) == (self.task, self.method.kind) and a.lease_token \
-                    and holder_gone(a.host, a.pid, a.heartbeat_at):
+                    and holder_gone(a.host, a.pid, a.heartbeat_at, a.endpoint):
                 try:
                     self.store.release_lease(a.agent_id, a.lease_token, state="crashed")
                 except LeaseLost:  # someone else ended or took it meanwhile: just try again

@@ -134,7 +134,7 @@ def cmd_release(args: argparse.Namespace) -> int:
             return 0
         for a in held:
             here = a.host == this_host()
-            if here and not holder_gone(a.host, a.pid, a.heartbeat_at):
+            if here and not holder_gone(a.host, a.pid, a.heartbeat_at, a.endpoint):
                 raise UsageError(f"the {args.kind} agent of {args.task} (pid {a.pid} on this host) is still "
                                  f"running: stop it instead (Ctrl-C or SIGTERM)")
             if not here and not args.force:

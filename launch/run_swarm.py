@@ -356,7 +356,7 @@ def main() -> int:
             t = parse_task_spec(spec)[0]
             if agent_id_for(t, k) in live:
                 a = live[agent_id_for(t, k)]
-                if holder_gone(a.host, a.pid, a.heartbeat_at):  # killed on this host: resume at once
+                if holder_gone(a.host, a.pid, a.heartbeat_at, a.endpoint):  # killed on this host: resume at once
                     print(f"swarm: {t}'s previous {k} agent (pid {a.pid} on this host) is gone; its "
                           f"agent takes the lease over", flush=True)
                     continue

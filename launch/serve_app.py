@@ -29,11 +29,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from agents.serving.plan import Plan
 from agents.serving.server import Answer, MicroBatcher, ModelServer, NotServed, QueueFull
-from launch.serve_inputs import InputError, Limits, check_total, decode_base64, decode_image, decode_npy
+from launch.serve_inputs import InputError, Limits, decode_images, decode_npy, from_base64
 
 MAX_TOP_K = 1000
 RETRY_AFTER_S = 1
@@ -68,13 +70,16 @@ class Metrics:
         Gauge("munet_serve_queue_requests", "requests waiting", registry=r).set_function(batcher.queue.qsize)
         Gauge("munet_serve_plan_version", "plans built so far", registry=r).set_function(
             lambda: server.plan.version)
+        server.on_swap.append(self.on_swap)  # first, so no swap goes unseen; then the plan of now
         self.on_swap(Plan({}), server.plan)
-        server.on_swap.append(self.on_swap)
 
     def on_swap(self, old: Plan, new: Plan) -> None:
         for task, m in old.models.items():
             if new.models.get(task) is not m:
-                self.model.remove(task, m.info.model_id, m.info.kind)
+                try:
+                    self.model.remove(task, m.info.model_id, m.info.kind)
+                except KeyError:  # never set (a swap raced the first call)
+                    pass
                 self.swaps.inc()
         for task, m in new.models.items():
             self.model.labels(task, m.info.model_id, m.info.kind).set(m.info.published_at)
@@ -101,11 +106,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"request body of {int(declared)} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"request body over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"request body over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer: no traceback, nothing to do
+        raise HTTPError(400, "the client went away before its request body arrived") from None
     body = b"".join(chunks)
     request._body = body  # noqa: SLF001 (Starlette's own cache: request.form() reads it from here)
     return body
@@ -127,14 +135,14 @@ async def parse_request(request: Request, limits: Limits) -> tuple[list[np.ndarr
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     tasks, k = request.query_params.get("tasks"), request.query_params.get("top_k")
     if ctype == "multipart/form-data":
-        try:
-            form = await request.form(max_files=limits.max_images, max_fields=16)
+        try:  # one file past the limit still parses, so the count check below answers 413
+            form = await request.form(max_files=limits.max_images + 1, max_fields=16)
         except StarletteHTTPException as exc:
             raise HTTPError(400, f"multipart body: {exc.detail}") from None
         uploads = [f for name in IMAGE_FIELDS for f in form.getlist(name) if not isinstance(f, str)]
         limits.check_count(len(uploads))
-        images = [decode_image(await f.read(), limits, f"image {i} ({f.filename or 'unnamed'})")
-                  for i, f in enumerate(uploads)]
+        files = [(await f.read(), f"image {i} ({f.filename or 'unnamed'})") for i, f in enumerate(uploads)]
+        images = await run_in_threadpool(decode_images, files, limits)  # off the event loop
         tasks = tasks or _param(form.get("tasks"), "tasks")
         k = k or _param(form.get("top_k"), "top_k")
     elif ctype == "application/json":
@@ -148,17 +156,18 @@ async def parse_request(request: Request, limits: Limits) -> tuple[list[np.ndarr
         if not isinstance(raw, list):
             raise HTTPError(400, 'JSON body needs "images": a list of base64-encoded PNG or JPEG files')
         limits.check_count(len(raw))
-        images = [decode_base64(text, limits, f"image {i}") for i, text in enumerate(raw)]
+        files = [(from_base64(text, f"image {i}"), f"image {i}") for i, text in enumerate(raw)]
+        images = await run_in_threadpool(decode_images, files, limits)
         tasks = tasks or _param(doc.get("tasks"), "tasks")
         k = k or _param(doc.get("top_k"), "top_k")
     elif ctype in ("application/x-npy", "application/octet-stream"):
         images = decode_npy(body, limits)
     elif ctype in ("image/png", "image/jpeg"):
-        images = [decode_image(body, limits)]
+        images = await run_in_threadpool(decode_images, [(body, "image")], limits)
     else:
         raise HTTPError(415, f"content type {ctype or 'none'!r}: send multipart/form-data, "
                              "application/json, application/x-npy, image/png or image/jpeg")
-    return check_total(images, limits), tasks, k
+    return images, tasks, k
 
 
 def create_app(server: ModelServer, batcher: MicroBatcher, *, limits: Limits = Limits(),
@@ -239,8 +248,7 @@ def create_app(server: ModelServer, batcher: MicroBatcher, *, limits: Limits = L
         if not np.isfinite(a.probs).all():  # JSON has no NaN: say what broke instead of a bare 500
             log.error("serve: model %s of %s gave non-finite outputs", a.model_id, task)
             raise HTTPError(500, f"the model {a.model_id} of {task} gave non-finite outputs")
-        labels = server.plan.models[task].info.labels if task in server.plan.models else None
-        return {"task": task, "model_id": a.model_id, "predictions": top_k(a, k, labels)}
+        return {"task": task, "model_id": a.model_id, "predictions": top_k(a, k, a.labels)}
 
     async def list_tasks(request: Request) -> JSONResponse:
         return JSONResponse({"tasks": [m.info.to_dict() for _, m in sorted(server.plan.models.items())]})

@@ -58,8 +58,8 @@ def _channels(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def decode_image(data: bytes, limits: Limits, what: str = "image") -> np.ndarray:
-    """PNG or JPEG bytes -> uint8 (H, W, C), C in {1, 3}."""
+def open_image(data: bytes, limits: Limits, what: str = "image"):
+    """PNG or JPEG bytes -> a lazily decoded Pillow image whose size (from its header) is checked."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -72,6 +72,13 @@ def decode_image(data: bytes, limits: Limits, what: str = "image") -> np.ndarray
         raise InputError(f"{what}: {img.format} images are not accepted (PNG or JPEG)")
     w, h = img.size
     limits.check_size(h, w, what)  # from the header, before a pixel is decoded
+    return img
+
+
+def to_array(img, what: str = "image") -> np.ndarray:
+    """Decode an ``open_image`` result -> uint8 (H, W, C), C in {1, 3}."""
+    from PIL import Image
+
     try:
         if img.mode in ("L", "I;16", "I", "F", "1"):
             img = img.convert("L")
@@ -82,16 +89,29 @@ def decode_image(data: bytes, limits: Limits, what: str = "image") -> np.ndarray
         raise InputError(f"{what}: cannot be decoded ({exc})") from None
 
 
-def decode_base64(text: object, limits: Limits, what: str) -> np.ndarray:
+def decode_images(files: list[tuple[bytes, str]], limits: Limits) -> list[np.ndarray]:
+    """Encoded images (bytes, name for messages) -> arrays: every header and the request's pixel
+    total are checked before any image is decoded (a few KB of PNG can claim gigabytes)."""
+    limits.check_count(len(files))
+    opened = [open_image(data, limits, what) for data, what in files]
+    check_pixels(sum(img.size[0] * img.size[1] for img in opened), limits)
+    return [to_array(img, what) for img, (_, what) in zip(opened, files)]
+
+
+def decode_image(data: bytes, limits: Limits, what: str = "image") -> np.ndarray:
+    """One PNG or JPEG -> uint8 (H, W, C), C in {1, 3}."""
+    return decode_images([(data, what)], limits)[0]
+
+
+def from_base64(text: object, what: str) -> bytes:
     if not isinstance(text, str):
         raise InputError(f"{what}: expected a base64 string, got {type(text).__name__}")
     if "," in text[:100] and text.startswith("data:"):
         text = text.split(",", 1)[1]  # a data URL
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InputError(f"{what}: not valid base64") from None
-    return decode_image(data, limits, what)
 
 
 def decode_npy(data: bytes, limits: Limits) -> list[np.ndarray]:
@@ -111,6 +131,8 @@ def decode_npy(data: bytes, limits: Limits) -> list[np.ndarray]:
     if expected != len(data) - fp.tell():
         raise InputError(f".npy header says shape {shape} ({expected} bytes), the body holds "
                          f"{len(data) - fp.tell()} bytes after it")
+    if any(int(d) < 0 for d in shape):
+        raise InputError(f".npy shape {shape}: dimensions cannot be negative")
     stack = len(shape) == 4 or (len(shape) == 3 and shape[-1] not in (1, 3, 4))
     if len(shape) not in (2, 3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3, 4)):
         raise InputError(f".npy shape {shape}: expected (H, W), (H, W, C) or (N, H, W[, C]) with C "
@@ -120,13 +142,15 @@ def decode_npy(data: bytes, limits: Limits) -> list[np.ndarray]:
     for i in range(shape[0] if stack else 1):
         hw = shape[1:3] if stack else shape[:2]
         limits.check_size(int(hw[0]), int(hw[1]), f"image {i}")
-    arr = np.frombuffer(data, dtype=np.uint8, offset=fp.tell()).reshape(shape, order="F" if fortran else "C")
-    return [_channels(a) for a in arr] if stack else [_channels(arr)]
+    try:
+        arr = np.frombuffer(data, dtype=np.uint8, offset=fp.tell()).reshape(shape, order="F" if fortran else "C")
+    except ValueError as exc:
+        raise InputError(f".npy shape {shape}: {exc}") from None
+    images = [_channels(a) for a in arr] if stack else [_channels(arr)]
+    check_pixels(sum(a.shape[0] * a.shape[1] for a in images), limits)
+    return images
 
 
-def check_total(images: list[np.ndarray], limits: Limits) -> list[np.ndarray]:
-    limits.check_count(len(images))
-    total = sum(int(a.shape[0]) * int(a.shape[1]) for a in images)
+def check_pixels(total: int, limits: Limits) -> None:
     if total > limits.max_pixels:
         raise InputError(f"{total} pixels in one request; the limit is {limits.max_pixels}", 413)
-    return images

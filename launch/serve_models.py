@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=256, metavar="N", help="images per request (default 256)")
     p.add_argument("--max-side", type=int, default=2048, metavar="PX",
                    help="pixels on either side of one image (default 2048)")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, metavar="N",
+                   help="pixels in one request, all images together, checked from the image headers "
+                        "before any is decoded (default 16777216)")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="labels per image by default (default 5)")
     p.add_argument("--poll", type=float, default=2.0, metavar="SECONDS",
                    help="re-read the store's pointers at least this often (default 2)")
@@ -71,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
                              ("--max-images", args.max_images, 1), ("--max-side", args.max_side, 1),
-                             ("--top-k", args.top_k, 1), ("--replicas", args.replicas, 1)):
+                             ("--top-k", args.top_k, 1), ("--replicas", args.replicas, 1),
+                             ("--max-pixels", args.max_pixels, 1)):
         if value < low:
             raise UserError(f"{flag} must be >= {low}, got {value}")
     for flag, value in (("--max-wait-ms", args.max_wait_ms), ("--max-body-mb", args.max_body_mb),
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     batcher = MicroBatcher(server, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
                            max_queue=args.max_queue)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_images=args.max_images,
-                    max_side=args.max_side)
+                    max_side=args.max_side, max_pixels=args.max_pixels)
     app = create_app(server, batcher, limits=limits, token=token, default_top_k=args.top_k)
     missing = sorted(set(tasks or ()) - set(server.plan.models))
     host, port = sock.getsockname()[:2]

@@ -3,7 +3,8 @@
 A lease outlives its process by up to its TTL: after a kill -9 the store still calls it live. When
 the holder ran on this very host, the host can answer better than the clock: the holder is gone when
 its pid no longer runs, or when the process now holding that pid started after the holder's last
-heartbeat (the pid was reused: the holder heartbeated before this process existed). Start times come
+heartbeat (the pid was reused: the holder heartbeated before this process existed), and in either
+case its bus socket (recorded with the lease) no longer accepts connections. Start times come
 from ``/proc`` (Linux); elsewhere only "no such pid" counts as gone. Anything uncertain counts as
 alive, so the caller falls back to waiting the lease out. Torch-free, like all of ``store``.
 """
@@ -62,9 +63,28 @@ def _pid_exists(pid: int) -> bool:
     return True
 
 
-def holder_gone(host: str, pid: int, heartbeat_at: float) -> bool:
-    """True only when the holder ran on this host and certainly no longer runs."""
+def _endpoint_answers(endpoint: str) -> bool:
+    """The holder's bus socket (``tcp://HOST:PORT``, bound by the holder while it lives) accepts a
+    connection here. Containers that share this host's name and network but not its pid namespace
+    see no pid of each other's agents, but do see their sockets."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if not host or not port.isdigit():
+        return False
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def holder_gone(host: str, pid: int, heartbeat_at: float, endpoint: str = "") -> bool:
+    """True only when the holder ran on this host and certainly no longer runs: its pid is gone (or
+    reused since its last heartbeat) and its bus socket no longer answers."""
     if host != this_host() or pid <= 0 or pid == os.getpid():
+        return False
+    if _endpoint_answers(endpoint):
         return False
     if os.path.isdir("/proc/self"):
         started = process_start(pid)

@@ -226,7 +226,7 @@ def test_a_swap_under_a_stream_of_requests_loses_no_request(store_path, serve):
 def test_bad_requests_get_one_clear_4xx_json_error_and_never_touch_the_store(store_path, serve):
     with Store.open(store_path, readonly=True) as st:
         before = (st.last_event_seq(), st.stats())
-    s = serve(store_path, "--max-images", "4", "--max-side", "64", "--max-body-mb", "1")
+    s = serve(store_path, "--max-images", "4", "--max-side", "64", "--max-body-mb", "1", "--max-pixels", "10000")
     c = s.client
     npy_h = {"content-type": "application/x-npy"}
 
@@ -263,6 +263,19 @@ def test_bad_requests_get_one_clear_4xx_json_error_and_never_touch_the_store(sto
     Image.new("L", (100, 30)).save(buf, format="PNG")  # under Pillow's bound, over ours: the header says so
     err(c.post("/v1/predict", content=buf.getvalue(), headers={"content-type": "image/png"}), 413, "100x30")
     err(c.get("/nothing"), 404, "not found")
+    # three 64x64 images: 12,288 pixels over 10,000, refused from their headers (multipart and JSON)
+    pngs = [png(images(1, size=64, seed=i)[0]) for i in range(3)]
+    err(c.post("/v1/predict", files=[("image", (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs)]),
+        413, "12288 pixels")
+    err(c.post("/v1/predict", json={"images": [base64.b64encode(b).decode() for b in pngs]}), 413, "12288")
+    err(c.post("/v1/predict", content=npy(images(3, size=64)), headers=npy_h), 413, "12288")
+    # five files over the four allowed: 413, like every other limit
+    err(c.post("/v1/predict", files=[("image", (f"{i}.png", pngs[0], "image/png")) for i in range(5)]),
+        413, "limit is 4")
+    # a negative dimension in an .npy header
+    neg = io.BytesIO()
+    np.lib.format.write_array_header_1_0(neg, {"descr": "|u1", "fortran_order": False, "shape": (-1, -1, 1, 3)})
+    err(c.post("/v1/predict", content=neg.getvalue() + b"abc", headers=npy_h), 400, "negative")
     assert c.post("/v1/predict", content=npy(images(1)), headers=npy_h).status_code == 200
     with Store.open(store_path, readonly=True) as st:
         assert (st.last_event_seq(), st.stats()) == before and st.verify() == []
@@ -418,3 +431,20 @@ def test_a_store_service_is_served_as_a_directory_is(store_path, serve):
                  "the swap through the service")
     finally:
         service.stop()
+
+
+def test_a_request_cancelled_before_its_batch_runs_is_skipped_and_the_batcher_lives_on(grown):
+    """A client that goes away cancels its future (asyncio.wrap_future does); the batcher skips it
+    instead of dying on setting a cancelled future's result."""
+    server = ModelServer(grown, use_bus=False).start()
+    batcher = MicroBatcher(server, max_batch=64, max_wait_s=0.5)
+    try:
+        gone = batcher.submit(list(images(1)), [SINGLE_TASK])
+        assert gone.cancel()
+        kept = batcher.submit(list(images(1)), [SINGLE_TASK])  # the same batch
+        assert SINGLE_TASK in kept.result(30)
+        later = batcher.submit(list(images(2)), [SINGLE_TASK, MULTI_TASK])
+        assert set(later.result(30)) == {SINGLE_TASK, MULTI_TASK}
+    finally:
+        batcher.close()
+        server.close()

@@ -106,3 +106,23 @@ def test_an_honest_client_kept_out_by_a_full_area_gives_up_as_unavailable(tmp_pa
         honest.close()
     finally:
         svc.kill()
+
+
+def test_complete_blobs_leave_the_clients_share_and_tallies_stay_exact_across_a_restart(tmp_path):
+    """A commit larger than a client's share still goes through: a complete blob waiting for its
+    commit no longer counts in the share. After a restart, the client that resumes an upload owns it."""
+    folder = str(tmp_path / "s")
+    staging = Staging(max_bytes=8 * MiB, max_client_bytes=MiB, folder=folder)
+    blobs = [blob(10 + i, 200 * 1024) for i in range(3)]  # ~0.8 MiB each: 2.4 MiB, over a 1 MiB share
+    for b in blobs:
+        assert staging.write(content_key(b), 0, len(b), memoryview(b), "a") == len(b)
+    assert staging._client_bytes.get("a", 0) == 0 and staging._client_uploads["a"] == 3
+    half = blobs[0][:100_000]
+    other = blob(20, 200 * 1024)
+    staging.write(content_key(other), 0, len(other), memoryview(other[:100_000]), "b")
+    again = Staging(max_bytes=8 * MiB, max_client_bytes=MiB, folder=folder)  # a restart
+    assert again.bytes == sum(len(b) for b in blobs) + len(half)
+    again.write(content_key(other), 100_000, len(other), memoryview(other[100_000:200_000]), "c")
+    assert again._client_bytes == {"c": 200_000} and again._client_uploads == {"": 3, "c": 1}
+    again.discard([content_key(b) for b in blobs] + [content_key(other)])
+    assert again.bytes == 0 and again._client_bytes == {} and again._client_uploads == {}

@@ -135,3 +135,22 @@ def test_a_holder_on_this_host_is_gone_when_its_pid_is_dead_or_reused():
         proc.wait()
     assert holder_gone(this_host(), proc.pid, heartbeat_at=_time.time())           # no such process
     assert not holder_gone("another-host", proc.pid, heartbeat_at=_time.time())
+
+
+def test_a_holder_whose_bus_socket_still_answers_is_alive_whatever_its_pid():
+    """A container sharing this host's name and network but not its pids: the pid looks gone, the
+    holder's socket still listens, so its lease is not taken over."""
+    import socket
+    import subprocess
+    import time as _time
+
+    from store.holders import holder_gone, this_host
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        endpoint = f"tcp://127.0.0.1:{listening.getsockname()[1]}"
+        assert not holder_gone(this_host(), dead.pid, heartbeat_at=_time.time(), endpoint=endpoint)
+    assert holder_gone(this_host(), dead.pid, heartbeat_at=_time.time(), endpoint=endpoint)  # closed now

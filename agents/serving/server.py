@@ -60,6 +60,8 @@ class ModelServer:
         self._ready = threading.Event()
         self._wake = threading.Event()
         self._error: BaseException | None = None
+        self._bus_failed = False
+        self.load_failures: dict[str, str] = {}  # task -> why its newest model could not be loaded
         self._thread = threading.Thread(target=self._follow, name="munet-serve-follow", daemon=True)
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -95,8 +97,13 @@ class ModelServer:
                 self._refresh(store, loader)
                 self._ready.set()
                 if self.use_bus:
-                    bus = PeerBus(f"serve-{os.getpid()}-{id(self):x}", host="127.0.0.1")
+                    try:
+                        bus = PeerBus(f"serve-{os.getpid()}-{id(self):x}", host="127.0.0.1")
+                    except Exception as exc:  # the bus is a hint: polling alone still follows the store
+                        log.warning("serve: no bus (%s); following the store by polling only", exc)
                 while not self._stop.is_set():
+                    if self._bus_failed:
+                        bus, self._bus_failed = None, False
                     self._wait_for_news(store, bus)
                     if self._stop.is_set():
                         break
@@ -135,7 +142,14 @@ class ModelServer:
                 except Exception as exc:  # the bus is a hint; polling still finds every change
                     log.debug("serve: bus peers not updated: %s", exc)
             wait_ms = int(min(deadline - now, 0.25) * 1000)
-            if any(isinstance(m, Published) and self._serves(m.task) for m in bus.poll(wait_ms)):
+            try:
+                news = bus.poll(wait_ms)
+            except Exception as exc:  # a broken bus must not end the following: poll the store instead
+                log.warning("serve: the bus failed (%s); following the store by polling only", exc)
+                bus.close()
+                self._bus_failed = True
+                return
+            if any(isinstance(m, Published) and self._serves(m.task) for m in news):
                 break
         self._wake.clear()
 
@@ -152,8 +166,21 @@ class ModelServer:
         models: dict[str, ServedModel] = {}
         for task, pointer in pointers.items():
             old = current.get(task)
-            models[task] = old if old is not None and old.info.model_id == pointer.model_id \
-                else loader.load(pointer)
+            if old is not None and old.info.model_id == pointer.model_id:
+                models[task] = old
+                continue
+            try:  # one model that cannot be loaded must not hold up every other task's swap
+                models[task] = loader.load(pointer)
+                self.load_failures.pop(task, None)
+            except Exception as exc:
+                if self.load_failures.get(task) != pointer.model_id:
+                    log.warning("serve: cannot load %s's model %s (%s: %s); %s", task, pointer.model_id,
+                                type(exc).__name__, exc, "keeping the one it serves" if old else "not serving it")
+                self.load_failures[task] = pointer.model_id
+                if old is not None:
+                    models[task] = old
+        if all(t in current and current[t] is m for t, m in models.items()) and len(models) == len(current):
+            return
         old_plan, new_plan = self.plan, Plan(models, version=self.plan.version + 1)
         self.plan = new_plan  # the swap: one assignment, read once per batch
         if old_plan.models:
@@ -178,10 +205,23 @@ class _Work:
 
 @dataclass
 class Answer:
-    """One task's answer to one request: the model that computed it and its class probabilities."""
+    """One task's answer to one request: the model that computed it, its class probabilities, and
+    that model's class names (never another plan's: a swap may land before the answer is sent)."""
 
     model_id: str
     probs: np.ndarray  # (images, classes)
+    labels: tuple[str, ...] | None = None
+
+
+def _settle(future: Future, value=None, error: BaseException | None = None) -> None:
+    """Answer a request's future unless it was already answered or cancelled."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except Exception:  # InvalidStateError: cancelled (its client went away) or settled already
+        pass
 
 
 class MicroBatcher:
@@ -215,6 +255,14 @@ class MicroBatcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        waiting = [self._carry] if self._carry is not None else []
+        while True:
+            try:
+                waiting.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        for work in waiting:  # nobody will run them: answer instead of leaving them hanging
+            _settle(work.future, error=QueueFull("the server is stopping"))
 
     def _next_batch(self) -> list[_Work]:
         first = self._carry
@@ -243,6 +291,8 @@ class MicroBatcher:
     def _loop(self) -> None:
         while not self._stop.is_set():
             batch = self._next_batch()
+            # a request whose client went away (its future cancelled) is not run at all
+            batch = [w for w in batch if w.future.set_running_or_notify_cancel()]
             if not batch:
                 continue
             started = time.perf_counter()
@@ -250,17 +300,27 @@ class MicroBatcher:
                 results = self._run(batch)
             except Exception as exc:  # a broken batch fails its requests, never the server
                 log.exception("serve: a batch of %d requests failed", len(batch))
-                for work in batch:
-                    work.future.set_exception(exc)
-                continue
+                results = [exc] * len(batch)
             for work, result in zip(batch, results):
-                work.future.set_result(result)
+                _settle(work.future, error=result if isinstance(result, BaseException) else None,
+                        value=None if isinstance(result, BaseException) else result)
             if self.observe is not None:
-                self.observe(sum(len(w.images) for w in batch), len(batch),
-                             time.perf_counter() - started)
+                try:
+                    self.observe(sum(len(w.images) for w in batch), len(batch),
+                                 time.perf_counter() - started)
+                except Exception:  # metrics must never stop the batcher
+                    log.exception("serve: recording a batch's metrics failed")
 
-    def _run(self, batch: list[_Work]) -> list[dict[str, Answer]]:
+    def _run(self, batch: list[_Work]) -> list[dict[str, Answer] | BaseException]:
         plan = self.server.plan  # read once: this batch runs on one plan, whatever swaps meanwhile
+        out: list[dict[str, Answer] | BaseException] = [
+            NotServed(next(t for t in w.tasks if t not in plan.models))
+            if any(t not in plan.models for t in w.tasks) else {} for w in batch]
+        runnable = [w for w, o in zip(batch, out) if not isinstance(o, BaseException)]
+        answers = iter(self._answer(plan, runnable) if runnable else [])
+        return [o if isinstance(o, BaseException) else next(answers) for o in out]
+
+    def _answer(self, plan: Plan, batch: list[_Work]) -> list[dict[str, Answer]]:
         images: list[np.ndarray] = []
         rows: dict[str, list[int]] = {}
         spans = []
@@ -278,6 +338,7 @@ class MicroBatcher:
             answer = {}
             for task in work.tasks:
                 at = int(np.searchsorted(index[task], start))
-                answer[task] = Answer(plan.models[task].info.model_id, probs[task][at:at + stop - start])
+                info = plan.models[task].info
+                answer[task] = Answer(info.model_id, probs[task][at:at + stop - start], info.labels)
             out.append(answer)
         return out

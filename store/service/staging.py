@@ -21,7 +21,8 @@ its hash check and is uploaded again).
 
 Bounded, and no client can take it all: space is counted in bytes that arrived, not bytes an upload
 declares (a client declaring 2 GiB and sending 1 byte holds 1 byte), at most ``max_bytes`` in all,
-and per client identity (its key, or its connection without keys) at most ``max_client_bytes`` and
+and per client identity (its key, or its connection without keys) at most ``max_client_bytes`` in
+uploads still in progress (a complete blob waiting for its commit counts only in the total) and
 ``max_client_uploads`` uploads. Past a bound the chunk is refused with ServiceBusy (the client waits
 and retries, within its give-up bound). An upload nobody touched for ``partial_ttl`` seconds (still
 incomplete) or ``ttl`` seconds (complete, waiting for its commit) is dropped. Thread-safe (one lock).
@@ -133,6 +134,9 @@ class Staging:
                 os.replace(path, self._path(key, up))
             self._uploads[key] = up
             self.bytes += up.received
+            self._client_uploads[""] = self._client_uploads.get("", 0) + 1
+            if not up.complete:
+                self._client_bytes[""] = self._client_bytes.get("", 0) + up.received
             self.recovered += 1
 
     def _unlink(self, path: str) -> None:
@@ -191,6 +195,8 @@ class Staging:
             up.touched = time.time()
             if up.complete or offset != up.received:
                 return up.received  # a repeated chunk, or a gap: the client continues from here
+            if up.owner != client and client:  # recovered after a restart: the resuming client owns it
+                self._adopt(up, client)
             self._make_room(up.owner, len(data))
             if self.folder:
                 try:
@@ -216,7 +222,26 @@ class Staging:
                     up.complete = True
                     os.replace(part, self._path(key, up))
                 up.complete = True
+                # complete and checked, it waits for its commit: no longer this client's upload in
+                # progress (else a commit larger than a client's share could never finish)
+                self._client_bytes[up.owner] -= up.received
+                self._tidy(up.owner)
             return up.received
+
+    def _adopt(self, up: _Upload, client: str) -> None:
+        """Move an upload (and what it holds) to ``client``'s tallies."""
+        in_progress = 0 if up.complete else up.received
+        self._client_bytes[up.owner] = self._client_bytes.get(up.owner, 0) - in_progress
+        self._client_uploads[up.owner] = self._client_uploads.get(up.owner, 0) - 1
+        self._client_bytes[client] = self._client_bytes.get(client, 0) + in_progress
+        self._client_uploads[client] = self._client_uploads.get(client, 0) + 1
+        self._tidy(up.owner)
+        up.owner = client
+
+    def _tidy(self, owner: str) -> None:
+        for tally in (self._client_bytes, self._client_uploads):
+            if tally.get(owner) == 0:
+                del tally[owner]
 
     def _make_room(self, client: str, n: int) -> None:
         """ServiceBusy unless ``n`` more bytes fit the area and ``client``'s share of it."""
@@ -275,11 +300,10 @@ class Staging:
         up = self._uploads.pop(key, None)
         if up is not None:
             self.bytes -= up.received
-            self._client_bytes[up.owner] = self._client_bytes.get(up.owner, 0) - up.received
+            if not up.complete:  # a complete upload no longer counts as its client's (see write)
+                self._client_bytes[up.owner] = self._client_bytes.get(up.owner, 0) - up.received
             self._client_uploads[up.owner] = self._client_uploads.get(up.owner, 0) - 1
-            for tally in (self._client_bytes, self._client_uploads):
-                if tally.get(up.owner, 0) <= 0:
-                    tally.pop(up.owner, None)
+            self._tidy(up.owner)
             if self.folder:
                 try:
                     os.unlink(self._path(key, up))
