@@ -213,8 +213,10 @@ class Handlers:
         reached = {}
         for (key, offset, total), frame in zip(writes, data):
             view = frame.buffer
+            before = self.staging.offset(key)
             reached[key] = self.staging.write(key, offset, total, view, client)
-            self._count("blob_bytes_staged", len(view))
+            # bytes that extended an upload: a chunk resent after a lost reply is not counted twice
+            self._count("blob_bytes_staged", max(0, reached[key] - before))
         return {"received": reached}, []
 
     def _staged_writes(self, records: list[ComponentRecord]) -> list[StagedWrite]:

@@ -59,7 +59,7 @@ def reader_main(path: str, ready: Any, stop: Any, out_file: str) -> None:
 
 CRASH_AGENT = "crasher"
 CRASH_TASK = "crash_task"
-CRASH_TTL = 0.2
+CRASH_TTL = 1.0  # the shortest lease the store allows (store.leases.MIN_TTL_S)
 
 
 def _record(path: str, n: int) -> None:
