@@ -249,11 +249,12 @@ def measure_batching(store: str, body: bytes, clients: int, seconds: float, work
 def measure_swaps(store: str, body: bytes, clients: int, count: int, workdir: str, poll: float,
                   announce: bool) -> dict:
     from store import Store
+    from store.records import SINGLE
 
     copy = os.path.join(workdir, "swap-store")
     shutil.copytree(store, copy)
     with Store.open(copy, readonly=True) as st:
-        task = sorted(p.task for p in st.tasks() if p.kind == "single")[0]
+        task = sorted(p.task for p in st.tasks() if p.kind == SINGLE)[0]
         published = {st.get_task(t.task).model_id: 0.0 for t in st.tasks()}
     srv = ServerProc(copy, "--poll", str(poll), log=os.path.join(workdir, "swaps.log"))
     seconds = count * 0.5 + poll + 4

@@ -150,7 +150,9 @@ def cmd_release(args: argparse.Namespace) -> int:
 def register_release(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("release", help="end a task's lease whose agent is gone (a kill -9 leaves it live)")
     p.add_argument("task", help="the task whose lease to end")
-    p.add_argument("--kind", default="single", choices=["single", "multipath"])
+    from store.records import AGENT_KINDS, SINGLE
+
+    p.add_argument("--kind", default=SINGLE, choices=list(AGENT_KINDS))
     p.add_argument("--force", action="store_true",
                    help="also when the holder ran on another host (this host cannot check it)")
     return p

@@ -193,12 +193,13 @@ def _check_sources(args, agents: list[tuple[str, str]]) -> None:
 def _check_single_path_models(args, names: list[str]) -> None:
     """``--kinds multipath`` alone: every task needs a single-path model in the store already."""
     from store import NotAStore, is_remote, open_store
+    from store.records import SINGLE
 
     singles: dict = {}
     if is_remote(args.store) or os.path.isdir(args.store):
         try:
             with open_store(args.store, readonly=True, keys=args.keys) as st:
-                singles = st.published_models(kind="single")
+                singles = st.published_models(kind=SINGLE)
         except NotAStore:
             singles = {}
     missing = [t for t in names if t not in singles]

@@ -98,11 +98,6 @@ def decode_images(files: list[tuple[bytes, str]], limits: Limits) -> list[np.nda
     return [to_array(img, what) for img, (_, what) in zip(opened, files)]
 
 
-def decode_image(data: bytes, limits: Limits, what: str = "image") -> np.ndarray:
-    """One PNG or JPEG -> uint8 (H, W, C), C in {1, 3}."""
-    return decode_images([(data, what)], limits)[0]
-
-
 def from_base64(text: object, what: str) -> bytes:
     if not isinstance(text, str):
         raise InputError(f"{what}: expected a base64 string, got {type(text).__name__}")

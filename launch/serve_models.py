@@ -40,6 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (default 127.0.0.1; anything else needs --token-file)")
     p.add_argument("--port", type=int, default=8080, help="port (0: any free port, printed; default 8080)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda:N (default auto)")
+    add_engine_flags(p)
+    p.add_argument("--max-body-mb", type=float, default=32.0, metavar="MB", help="request body limit (default 32)")
+    p.add_argument("--max-images", type=int, default=256, metavar="N", help="images per request (default 256)")
+    p.add_argument("--max-side", type=int, default=2048, metavar="PX",
+                   help="pixels on either side of one image (default 2048)")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, metavar="N",
+                   help="pixels in one request, all images together, checked from the image headers "
+                        "before any is decoded (default 16777216)")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="labels per image by default (default 5)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads for the model (default: torch's choice)")
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="N server processes behind the one address (the kernel spreads connections; "
+                        "each follows the store itself; default 1)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="listen with SO_REUSEPORT, so several servers can share one port")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """What every replica's engine takes (also ``launch/serve_ray.py``'s)."""
     p.add_argument("--tasks", default=None, metavar="T1,T2",
                    help="serve only these tasks (default: every task, including tasks published later)")
     p.add_argument("--token-file", default=None, metavar="FILE",
@@ -50,25 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch waits for more requests after its first (default 5)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="requests waiting at most; more get 503 + Retry-After (default 256)")
-    p.add_argument("--max-body-mb", type=float, default=32.0, metavar="MB", help="request body limit (default 32)")
-    p.add_argument("--max-images", type=int, default=256, metavar="N", help="images per request (default 256)")
-    p.add_argument("--max-side", type=int, default=2048, metavar="PX",
-                   help="pixels on either side of one image (default 2048)")
-    p.add_argument("--max-pixels", type=int, default=4096 * 4096, metavar="N",
-                   help="pixels in one request, all images together, checked from the image headers "
-                        "before any is decoded (default 16777216)")
-    p.add_argument("--top-k", type=int, default=5, metavar="K", help="labels per image by default (default 5)")
     p.add_argument("--poll", type=float, default=2.0, metavar="SECONDS",
                    help="re-read the store's pointers at least this often (default 2)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch threads for the model (default: torch's choice)")
-    p.add_argument("--replicas", type=int, default=1, metavar="N",
-                   help="N server processes behind the one address (the kernel spreads connections; "
-                        "each follows the store itself; default 1)")
-    p.add_argument("--reuse-port", action="store_true",
-                   help="listen with SO_REUSEPORT, so several servers can share one port")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return p
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -22,6 +22,8 @@ from launch.common import OneLineParser, UserError, add_store_flags, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from launch.serve_models import add_engine_flags
+
     p = OneLineParser(prog="serve_ray.py", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_store_flags(p, required=True)
@@ -32,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="the proxy's port (default 8000)")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="a running cluster (auto, HOST:PORT); 'local' or none starts a private Ray")
-    p.add_argument("--tasks", default=None, metavar="T1,T2", help="serve only these tasks")
-    p.add_argument("--max-batch", type=int, default=64, metavar="N")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS")
-    p.add_argument("--max-queue", type=int, default=256, metavar="N")
-    p.add_argument("--poll", type=float, default=2.0, metavar="SECONDS")
-    p.add_argument("--token-file", default=None, metavar="FILE",
-                   help="bearer token every request must send (required beyond loopback)")
+    add_engine_flags(p)
     return p
 
 

@@ -161,8 +161,6 @@ class ModelServer:
         self.last_check = time.time()
         pointers = {p.task: p for p in store.tasks() if self._serves(p.task)}
         current = self.plan.models
-        if all(t in current and current[t].info.model_id == p.model_id for t, p in pointers.items()):
-            return
         models: dict[str, ServedModel] = {}
         for task, pointer in pointers.items():
             old = current.get(task)
