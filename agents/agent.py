@@ -124,7 +124,8 @@ class Agent:
         data = load_task(o.task, o.data_dir)
         self.class_names = list(data.class_names) if data.class_names else None  # recorded on publish
         tensors = TaskTensors(data, self.device, 1 << 30 if self.method.full_validation
-                              else self.preset.validation_examples)
+                              else self.preset.validation_examples,
+                              decision_examples=self.preset.decision_examples)
         self.store = self._given_store or open_store(o.store, create=True, keys=o.keys)
         source = {"spec": self.source, "fingerprint": data.fingerprint()}
         try:  # other data under this task's name: refused before anything is taken or written

@@ -27,7 +27,9 @@ DELTA_RANGE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 ADAPTER_DIM_RANGE = (8, 16, 32, 64, 128)
 
 EXTENSIONS = ("autotune", "adapters", "layers", "imagesize", "penalty", "continue", "clock", "probe",
-              "guard", "hurdle", "fullval", "anneal")
+              "guard", "hurdle", "fullval", "anneal", "honest", "polish", "lockown")
+# +polish needs +honest: the polish child is accepted on the decision split against its re-scored parent.
+IMPLIES = {"polish": ("honest",)}
 # µ2Net+ as published, plus +continue (a child resumes its same-task parent's learning-rate schedule),
 # which won +2.5 points of mean test accuracy on the 4-task measurement in benchmarks/results/extensions,
 # and +hurdle (early rejection; a cycle is an image budget), +0.8 points on the 8-task benchmark with
@@ -35,6 +37,13 @@ EXTENSIONS = ("autotune", "adapters", "layers", "imagesize", "penalty", "continu
 PUBLISHED_METHOD = ("autotune", "adapters", "layers", "imagesize")
 DEFAULT_METHOD = PUBLISHED_METHOD + ("continue", "hurdle")
 PENALTY_SCALE_FACTOR = 0.9
+# +honest decides on the whole validation split up to this many images (the reference's cap, which
+# covers every split of the built-in benchmarks; a larger split is judged on its first 5,120 images).
+DECISION_EXAMPLES_CAP = 5_120
+# +polish: the share of a cycle's training images kept for its last, annealed child, and the per-step
+# decay of the weight average that child is judged (and published) with.
+POLISH_SHARE = 0.15
+POLISH_EMA_DECAY = 0.98
 # Per-agent cap of the frozen-prefix activation cache (agents/prefix_cache.py; 0 turns it off):
 # ~140k images at 32 px in full tokens (3.8 kB each), ~700k class tokens only.
 DEFAULT_PREFIX_CACHE_MB = 512  # scale factor s used by +penalty when the budget's own s is 1.0
@@ -148,6 +157,37 @@ class Preset:
         return "hurdle" in self.extensions
 
     @property
+    def honest(self) -> bool:
+        """+honest: a child is judged once, after its last step, on the decision split (the whole
+        validation split up to DECISION_EXAMPLES_CAP) against its parent re-scored on the same images;
+        the subset validations before that only feed +hurdle. It keeps its last weights."""
+        return "honest" in self.extensions
+
+    @property
+    def polish(self) -> bool:
+        """+polish: a cycle's last child continues the agent's best model unmutated, with its learning
+        rate decayed by cosine to zero and an average of its weights (POLISH_EMA_DECAY) judged."""
+        return "polish" in self.extensions
+
+    @property
+    def lock_own(self) -> bool:
+        """+lockown: the lineage's own inherited components below the top block stay frozen (shared
+        by reference) unless their clone mutation fires, like other agents' components."""
+        return "lockown" in self.extensions
+
+    def polish_images(self, n_train: int) -> int:
+        """Training images a cycle keeps for its polish child (at least one child's worth)."""
+        b = self.budget
+        cycle = b.children_per_cycle * self.child_images(n_train)
+        return max(self.child_images(n_train), -(-int(POLISH_SHARE * cycle) // b.batch_size) * b.batch_size)
+
+    @property
+    def decision_examples(self) -> int:
+        """Validation images a decision is made on: the decision split under +honest (whole split,
+        capped), else the images of every validation."""
+        return DECISION_EXAMPLES_CAP if self.honest else self.validation_examples
+
+    @property
     def validation_examples(self) -> int:
         """Validation images a child is judged on: the budget's subset, or with +fullval the whole
         validation split (fewer decisions made on noise; cheap when the prefix cache serves it)."""
@@ -252,8 +292,9 @@ def resolve_preset(name: str, root: str | None = None) -> Preset:
         if ext not in EXTENSIONS:
             raise PresetError(f"unknown method extension {ext!r} in preset {name!r}: "
                               f"choose from {', '.join(EXTENSIONS)}")
-        if ext not in exts:
-            exts.append(ext)
+        for e in (ext,) + IMPLIES.get(ext, ()):
+            if e not in exts:
+                exts.append(e)
     if "clock" in adds and "continue" in exts:
         # Both set the learning-rate schedule and continue would win: an explicit +clock replaces the
         # default method's continue (asking for both is a contradiction, said in one line).

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from agents.config import Preset
+from agents import compute
+from agents.config import POLISH_EMA_DECAY, Preset
 from agents.hurdle import DEFAULT_RULE, HurdleRule
 from agents.mutation import Mutator, hparams_diff
 from agents.paths import ModelPath
@@ -38,7 +39,8 @@ from agents.probe import probe_pick
 from agents.progress import ChildMetrics
 from agents.scoring import Scorer
 from agents.selection import best_path, retain, select_parent
-from agents.training import TaskTensors, TrainResult, test_accuracy, train_child
+from agents.training import (TaskTensors, TrainResult, decision_accuracy, lr_at, polish_lr,
+                             test_accuracy, train_child)
 from agents.view import SystemView
 from agents.vit import PathModel, VitConfig
 from store import TrialRecord
@@ -60,6 +62,9 @@ class Context:
     probe_cache: dict[str, float]  # model id -> probe accuracy (+probe), a cache, not state
     prefix_cache: PrefixCache | None = None  # frozen-prefix activations (exact), None = off
     hurdle: HurdleRule = DEFAULT_RULE        # used when the preset has +hurdle
+    # +honest: model id -> (subset accuracy, decision-split accuracy). A stored model never changes,
+    # so each parent is re-scored once per agent life; a cache, not state.
+    parent_scores: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,12 @@ class Proposal:
     lineage_start: int               # steps the child's same-task lineage trained before it
     score_of: Callable[[float], float]  # validation accuracy -> the child's score (size terms bound)
     counters: Counters               # the counters after this proposal took its ids
+    decide: float | None = None      # +honest: the score to reach on the decision split, after the
+    #                                  last step (``threshold`` then only feeds the hurdle)
+    parent_quality: float | None = None  # +honest: the parent re-scored on the decision split
+    polish_steps: int | None = None  # +polish: this child is the cycle's polish child, of this many steps
+    start_lr: float | None = None    # +polish: the learning rate its cosine to zero starts from
+    rescore_flops: compute.FlopsTally | None = None  # what re-scoring the parent cost (+honest)
 
 
 @dataclass(frozen=True)
@@ -173,24 +184,74 @@ def propose(ctx: Context, c: Counters, population: list[ModelPath], rng: random.
         probed.append(True)
         return probe_pick(candidates, ctx.vit, ctx.tensors, rng, ctx.probe_cache, each=view.transient)
 
-    parent = select_parent(population, view.foreign_paths(), c.offsprings, rng,
-                           pick=pick if ctx.preset.probe_parents else None)
+    polish_steps = _polish_steps(ctx, c, best)
+    if polish_steps is not None:
+        parent, ds, ds_fired = best, {}, []  # the best model, continued as it is
+    else:
+        parent = select_parent(population, view.foreign_paths(), c.offsprings, rng,
+                               pick=pick if ctx.preset.probe_parents else None)
     ids = _Ids(c.next_component_id)
     child = mut.build_child(
         parent, ds, agent_id=ctx.agent_id, task=ctx.task,
         child_id=f"{ctx.agent_id}:m{c.next_model_id}", next_component_id=ids.take,
         ancestors=view.ancestors, is_frozen=view.is_frozen,
         root_posemb=lambda: view.root.components["posembed_input"].params["pos_embedding"],
-        device=ctx.tensors.device)
-    child.mutations = ds_fired + child.mutations + (["select:probe"] if probed else [])
+        device=ctx.tensors.device, mutate=polish_steps is None)
+    child.mutations = (["polish"] if polish_steps is not None else []) + ds_fired + child.mutations \
+        + (["select:probe"] if probed else [])
     offsprings = dict(c.offsprings)
     if parent.agent == ctx.agent_id:
         offsprings[parent.id] = offsprings.get(parent.id, 0) + 1
     schedule, lineage_start = _schedule(ctx, parent, c)
     counters = dataclasses.replace(c, next_model_id=c.next_model_id + 1,
                                    next_component_id=ids.next, offsprings=offsprings)
-    return Proposal(parent, child, _threshold(ctx, parent, best), schedule, lineage_start,
-                    ctx.scorer.score_fn(child, view.lockers), counters)
+    threshold = _threshold(ctx, parent, best)
+    honest = _honest_thresholds(ctx, parent, child, threshold) if ctx.preset.honest else {}
+    start_lr = None
+    if polish_steps is not None:
+        h = child.hparams
+        start_lr = h["opt_lr"] if schedule is None else lr_at(schedule[0] % schedule[1], schedule[1],
+                                                               h["opt_lr"], h["opt_lr_warmup_ratio"])
+    return Proposal(parent, child, honest.get("threshold", threshold), schedule, lineage_start,
+                    ctx.scorer.score_fn(child, view.lockers), counters, decide=honest.get("decide"),
+                    parent_quality=honest.get("parent_quality"), polish_steps=polish_steps,
+                    start_lr=start_lr, rescore_flops=honest.get("flops"))
+
+
+def _polish_steps(ctx: Context, c: Counters, best: ModelPath | None) -> int | None:
+    """+polish: the steps of this cycle's polish child when this generation is its turn, else None.
+
+    Its turn comes when another ordinary child would eat into the images kept for it (a cycle by
+    images, +hurdle), or at the cycle's last child (a cycle by count); it trains what the cycle
+    has left. No polish without an own best model to continue."""
+    p = ctx.preset
+    if not p.polish or best is None or best.agent != ctx.agent_id:
+        return None
+    b, n = p.budget, ctx.tensors.n_train
+    child = p.child_images(n)
+    if not p.hurdle:
+        return child // b.batch_size if c.generation == b.children_per_cycle - 1 else None
+    remaining = b.children_per_cycle * child - c.cycle_images
+    if remaining - child >= p.polish_images(n):
+        return None
+    return max(p.steps_between_validations(n), remaining // b.batch_size)
+
+
+def _honest_thresholds(ctx: Context, parent: ModelPath, child: ModelPath, threshold: float) -> dict:
+    """+honest: a same-task parent re-scored on the child's images, under this sharing snapshot:
+    on the subset (what the hurdle compares the child's early validations with) and on the
+    decision split (what the child's last weights must reach). Another task's parent is not
+    comparable on this task: the threshold stands (-inf, or our best under +guard)."""
+    if parent.task != ctx.task:
+        return {"threshold": threshold, "decide": threshold}
+    flops = compute.FlopsTally()
+    if parent.id not in ctx.parent_scores:
+        trainable = [n for n, comp in child.components.items() if not comp.stored]
+        sub, dec, flops = decision_accuracy(parent, ctx.vit, ctx.tensors, ctx.prefix_cache, like=trainable)
+        ctx.parent_scores[parent.id] = (sub, dec)
+    sub, dec = ctx.parent_scores[parent.id]
+    score_of = ctx.scorer.score_fn(parent, ctx.view.lockers)
+    return {"threshold": score_of(sub), "decide": score_of(dec), "parent_quality": dec, "flops": flops}
 
 
 def train(ctx: Context, p: Proposal, gen: torch.Generator,
@@ -201,12 +262,19 @@ def train(ctx: Context, p: Proposal, gen: torch.Generator,
     if ctx.preset.hurdle:
         loose = ctx.hurdle.exempt_mutation(p.parent.hparams, p.child.hparams)
         stop_early = lambda validation, score: ctx.hurdle.stops(validation, score, p.threshold, loose)  # noqa: E731
+    polish = p.polish_steps is not None
     result, model = train_child(
         p.child, ctx.vit, ctx.tensors, batch_size=b.batch_size,
         steps_between_validations=ctx.preset.steps_between_validations(ctx.tensors.n_train),
         validations=b.validations_per_child, threshold=p.threshold,
         score_of=p.score_of, gen=gen,
-        on_step=should_stop, schedule=p.schedule, stop_early=stop_early, cache=ctx.prefix_cache)
+        on_step=should_stop, schedule=p.schedule, stop_early=None if polish else stop_early,
+        cache=ctx.prefix_cache, total_steps=p.polish_steps, decide_threshold=p.decide,
+        lr_fn=polish_lr(p.start_lr, p.polish_steps) if polish else None,
+        ema_decay=POLISH_EMA_DECAY if polish else None)
+    if p.rescore_flops is not None:  # the parent's re-score is part of what judging this child cost
+        result.flops.validation += p.rescore_flops.validation
+        result.flops.cache_fill += p.rescore_flops.cache_fill
     return Outcome(result, model)
 
 
@@ -274,7 +342,8 @@ def finish(ctx: Context, p: Proposal, r: TrainResult, kept: ModelPath | None, sc
         created_at=time.time(), evals=list(r.evals),
         threshold=None if math.isinf(p.threshold) else p.threshold,
         lowest_trainable=r.lowest_trainable, image_size=image_size, augment=augment,
-        flops=r.flops.to_dict(), stopped=r.stopped)
+        flops=r.flops.to_dict(), stopped=r.stopped, parent_quality=p.parent_quality,
+        final_lr=r.last_lr)
     return counters, trial
 
 

@@ -91,12 +91,18 @@ class Mutator:
         is_frozen: Callable[[Component], bool],
         root_posemb: torch.Tensor | Callable[[], torch.Tensor],
         device: torch.device,
+        mutate: bool = True,
     ) -> ModelPath:
+        """``mutate=False``: the parent's hparams and components as they are (the +polish child),
+        own components copied to train on; only always-cloned kinds are drawn for."""
         h = copy.deepcopy(parent.hparams)
         h.update(ds)
         fired: list[str] = []
+        # +lockown: this agent's own stored components below the top block are shared like other
+        # agents' frozen ones (trainable again only when their clone mutation fires).
+        lockable = lockable_own(h) if self.preset.lock_own and mutate else frozenset()
         # 1. hyperparameters, in sorted order so a mutated µ already drives the later decisions.
-        for k in sorted(self.ranges):
+        for k in sorted(self.ranges) if mutate else ():
             if registry.hparam_scope(k) == registry.SCOPE_CHILD and self.do_mutate(h, "hp:" + k):
                 new = incremental_mutation(h[k], self.ranges[k], self.rng)
                 if new != h[k]:
@@ -108,7 +114,7 @@ class Mutator:
             if kind.layers_hparam is None:
                 continue
             ids = registry.layer_ids(h, kind.layers_hparam)
-            if kind.addable is not None and kind.addable(self.preset):
+            if mutate and kind.addable is not None and kind.addable(self.preset):
                 for i in range(h["num_layers"]):
                     action = registry.add_action(registry.instance_name(kind.name, i))
                     if i not in ids and self.do_mutate(h, action):
@@ -134,9 +140,10 @@ class Mutator:
                         continue
                     raise MutationError(f"{name} of {anc.id} has shapes {c.shapes()}, expected {want}")
                 action = registry.clone_action(name)
-                if not is_frozen(c):
+                locked_own = name in lockable and c.stored and c.owner == agent_id
+                if not (is_frozen(c) or locked_own):
                     chosen = copy_component(c, agent_id, next_component_id())
-                elif self.do_mutate(h, action):
+                elif (mutate or registry.is_forced(action)) and self.do_mutate(h, action):
                     chosen = copy_component(c, agent_id, next_component_id())
                     if not registry.is_forced(action):
                         fired.append(action)
@@ -164,6 +171,22 @@ class Mutator:
             fresh = init_component(name, self.vit, h, self.gen)
         params = {k: v.to(device).contiguous() for k, v in fresh.items()}
         return Component(name, agent_id, cid, params)
+
+
+def lockable_own(h: dict[str, Any]) -> frozenset[str]:
+    """Components a +lockown child keeps frozen when it inherits them from its own lineage: every
+    one in the stages below the top block (its adapter included), so the top block, the final
+    norm and the head still train and everything beneath them is a cacheable prefix."""
+    top = h["num_layers"] - 1
+    names = component_names(h)
+
+    def in_top(name: str) -> bool:
+        stage = registry.kind_of(name).stage
+        return stage != registry.STAGE_STEM and (stage != registry.STAGE_LAYER
+                                                 or registry.split_component_name(name)[1] == top)
+
+    first = next((i for i, n in enumerate(names) if in_top(n)), len(names))
+    return frozenset(names[:first])
 
 
 def hparams_diff(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, list[Any]]:

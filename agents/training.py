@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +29,10 @@ from agents.vit import PathModel, VitConfig, component_names
 class TaskTensors:
     """A task's splits held on the agent's device as uint8 NCHW tensors (converted once)."""
 
-    def __init__(self, data: TaskData, device: torch.device, validation_examples: int):
+    def __init__(self, data: TaskData, device: torch.device, validation_examples: int,
+                 decision_examples: int | None = None):
+        """``validation_examples``: the subset every validation uses; ``decision_examples``: the
+        split +honest decides on (the first N validation images; None: the same subset)."""
         self.name, self.num_classes, self.device = data.name, data.num_classes, device
         self.train_x = to_tensor(data.train_x, device)
         self.train_y = torch.as_tensor(data.train_y, dtype=torch.long, device=device)
@@ -38,6 +41,11 @@ class TaskTensors:
         self.val_y = torch.as_tensor(data.val_y[:n_val], dtype=torch.long, device=device)
         self.test_x = to_tensor(data.test_x, device)
         self.test_y = torch.as_tensor(data.test_y, dtype=torch.long, device=device)
+        n_dec = n_val if decision_examples is None else min(len(data.val_y), decision_examples)
+        self.decision_x, self.decision_y = ((self.val_x, self.val_y) if n_dec == n_val else
+                                            (to_tensor(data.val_x[:n_dec], device),
+                                             torch.as_tensor(data.val_y[:n_dec], dtype=torch.long,
+                                                             device=device)))
         self._val_inputs: dict[int, torch.Tensor] = {}
 
     @property
@@ -136,6 +144,7 @@ class TrainResult:
     stopped: str = ""               # why training ended before its last validation ("hurdle")
     flops: compute.FlopsTally = field(default_factory=compute.FlopsTally)
     lowest_trainable: str | None = None
+    last_lr: float | None = None    # the learning rate of the last step (+honest runs record it)
 
 
 class _Inputs:
@@ -184,6 +193,36 @@ class _Inputs:
         self._charge_fills()
         return accuracy(self.model.forward_suffix, h, labels)
 
+    def decision_accuracy(self) -> float:
+        """Accuracy on the decision split (+honest), charged as validation FLOPs."""
+        x, labels = self.data.decision_x, self.data.decision_y
+        if x is self.data.val_x:
+            return self.val_accuracy()
+        self.tally.validation += len(labels) * self.eval_flops
+        if self.cache is None:
+            return accuracy(self.model, x, labels, prep=lambda xb: preprocess_eval(xb, self.size))
+        h = self.cache.outputs(self.key, self.model, "decision", x, self.size)
+        self._charge_fills()
+        return accuracy(self.model.forward_suffix, h, labels)
+
+
+def decision_accuracy(path: ModelPath, vit: VitConfig, data: TaskTensors,
+                      cache: PrefixCache | None = None, like: Collection[str] = ()
+                      ) -> tuple[float, float, compute.FlopsTally]:
+    """A stored model's accuracy on the validation subset and on the decision split, and what it
+    cost: the parent re-scored on exactly the images its child is judged on (+honest).
+
+    ``like``: the child's trainable component names. The model is built as if those trained, so its
+    frozen prefix (and prefix-cache entry) is the one the child shares with it: the prefix outputs of
+    the decision split are then computed once for both. Nothing is trained here."""
+    h = path.hparams
+    model = PathModel(vit, h, {n: c.params for n, c in path.components.items()},
+                      set(like) & set(path.components))
+    model.eval()
+    tally = compute.FlopsTally()
+    inputs = _Inputs(path, model, vit, data, cache, tally)
+    return inputs.val_accuracy(), inputs.decision_accuracy(), tally
+
 
 def train_child(
     child: ModelPath,
@@ -201,6 +240,9 @@ def train_child(
     stop_early: Callable[[int, float], bool] | None = None,
     cache: PrefixCache | None = None,
     total_steps: int | None = None,
+    decide_threshold: float | None = None,
+    lr_fn: Callable[[int], float] | None = None,
+    ema_decay: float | None = None,
 ) -> tuple[TrainResult, PathModel]:
     """Train the child's trainable (not yet stored) components in place; return the kept result.
 
@@ -216,7 +258,22 @@ def train_child(
     ``total_steps``: train this many steps instead of ``steps_between_validations x validations``
     (the benchmarks' baselines spending a FLOPs budget), validating also after the last step.
     FLOPs are counted as they are spent (``result.flops``, agents/compute.py).
+
+    ``decide_threshold`` (the ``+honest`` extension): the child is judged once, after its last step,
+    on the decision split (``data.decision_x``) and accepted iff that score reaches this threshold
+    (its parent re-scored on the same images); it keeps its last weights. The validations before
+    then use the subset and only feed ``stop_early``; a child stopped early is rejected.
+    ``lr_fn(step)`` replaces the schedule (the ``+polish`` child's decay to zero).
+    ``ema_decay``: the weights judged and kept are an exponential moving average of the trainable
+    tensors over the steps (the ``+polish`` child), not the last step's.
     """
+    if decide_threshold is not None:
+        return _train_decided(child, vit, data, batch_size=batch_size,
+                              steps_between_validations=steps_between_validations,
+                              validations=validations, threshold=threshold, score_of=score_of,
+                              gen=gen, on_step=on_step, schedule=schedule, stop_early=stop_early,
+                              cache=cache, total_steps=total_steps, decide_threshold=decide_threshold,
+                              lr_fn=lr_fn, ema_decay=ema_decay)
     t0 = time.perf_counter()
     h = child.hparams
     model, opt, tensors = make_model_and_optimizer(child, vit)
@@ -234,10 +291,7 @@ def train_child(
             result.aborted = True
             break
         idx = next(batches)
-        if schedule is None:
-            lr = lr_at(step, total, h["opt_lr"], h["opt_lr_warmup_ratio"])
-        else:
-            lr = lr_at((schedule[0] + step) % schedule[1], schedule[1], h["opt_lr"], h["opt_lr_warmup_ratio"])
+        lr = _lr(step, total, h, schedule)
         sgd_step(opt, params, F.cross_entropy(inputs.train_logits(idx, gen), data.train_y[idx]), lr)
         result.steps += 1
         result.train_images += int(idx.shape[0])
@@ -269,5 +323,92 @@ def train_child(
                 comp.momentum = comp.momentum if comp.momentum is not None else {}
                 comp.momentum[tname] = m
     model.eval()
+    result.seconds = time.perf_counter() - t0
+    return result, model
+
+
+def _lr(step: int, total: int, h: dict, schedule: tuple[int, int] | None) -> float:
+    if schedule is None:
+        return lr_at(step, total, h["opt_lr"], h["opt_lr_warmup_ratio"])
+    return lr_at((schedule[0] + step) % schedule[1], schedule[1], h["opt_lr"], h["opt_lr_warmup_ratio"])
+
+
+def polish_lr(start_lr: float, steps: int) -> Callable[[int], float]:
+    """Cosine from ``start_lr`` (the lineage's learning rate where it stands) to exactly 0 at the
+    last of ``steps`` steps: the +polish child ends annealed, as a fine-tuning run does."""
+    last = max(1, steps - 1)
+    return lambda step: 0.5 * start_lr * (1.0 + math.cos(math.pi * min(step, last) / last))
+
+
+def _train_decided(child: ModelPath, vit: VitConfig, data: TaskTensors, *, batch_size: int,
+                   steps_between_validations: int, validations: int, threshold: float,
+                   score_of: Callable[[float], float], gen: torch.Generator,
+                   on_step: Callable[[], bool] | None, schedule: tuple[int, int] | None,
+                   stop_early: Callable[[int, float], bool] | None, cache: PrefixCache | None,
+                   total_steps: int | None, decide_threshold: float,
+                   lr_fn: Callable[[int], float] | None, ema_decay: float | None
+                   ) -> tuple[TrainResult, PathModel]:
+    """``train_child`` under +honest: one decision, on the decision split, after the last step.
+
+    Subset validations run only where ``stop_early`` can act on them (the hurdle, against
+    ``threshold``: the parent re-scored on the subset); the last weights (or their average) are
+    what is judged and kept, so no maximum over noisy validations is ever recorded."""
+    t0 = time.perf_counter()
+    h = child.hparams
+    model, opt, tensors = make_model_and_optimizer(child, vit)
+    params = list(tensors.values())
+    total = steps_between_validations * validations if total_steps is None else total_steps
+    result = TrainResult(accepted=False, quality=None, score=None)
+    inputs = _Inputs(child, model, vit, data, cache, result.flops)
+    result.lowest_trainable = next((n for n in component_names(h) if n in model.trainable_components),
+                                   None)
+    batches = data.batch_indices(batch_size, gen)
+    # The average starts half-way (the late, low-learning-rate half of the run), so the weights the
+    # child started from are not mixed into what it is judged on.
+    ema, ema_from = None, total // 2
+    model.train()
+    for step in range(total):
+        if on_step is not None and on_step():
+            result.aborted = True
+            break
+        idx = next(batches)
+        lr = lr_fn(step) if lr_fn is not None else _lr(step, total, h, schedule)
+        result.last_lr = lr
+        sgd_step(opt, params, F.cross_entropy(inputs.train_logits(idx, gen), data.train_y[idx]), lr)
+        result.steps += 1
+        result.train_images += int(idx.shape[0])
+        if ema_decay is not None and step + 1 >= ema_from:
+            with torch.no_grad():
+                if ema is None:
+                    ema = {k: p.detach().clone() for k, p in tensors.items()}
+                else:
+                    for k, p in tensors.items():
+                        ema[k].mul_(ema_decay).add_(p.detach(), alpha=1.0 - ema_decay)
+        if (stop_early is not None and step + 1 < total
+                and (step + 1) % steps_between_validations == 0):
+            model.eval()
+            q = inputs.val_accuracy()
+            model.train()
+            result.evals.append(q)
+            if stop_early(len(result.evals), score_of(q)):
+                result.stopped = "hurdle"
+                break
+    model.eval()
+    if not result.aborted and not result.stopped:
+        if ema is not None:
+            with torch.no_grad():
+                for k, p in tensors.items():
+                    p.copy_(ema[k])
+        q = inputs.decision_accuracy()
+        s = score_of(q)
+        result.quality, result.snapshot_quality, result.snapshot_step = q, q, result.steps
+        if s >= decide_threshold:  # >= : a tie with the parent counts as an improvement
+            result.accepted, result.score = True, s
+            for (cname, tname), p in tensors.items():
+                m = opt.state[p].get("momentum_buffer")
+                if m is not None:
+                    comp = child.components[cname]
+                    comp.momentum = comp.momentum if comp.momentum is not None else {}
+                    comp.momentum[tname] = m.detach().clone()
     result.seconds = time.perf_counter() - t0
     return result, model

@@ -357,7 +357,9 @@ class TrialRecord(_Record):
     augmentations that were on let a replay tool judge stopping rules without training
     (benchmarks/replay_rules.py). ``flops`` is what the child cost (agents.compute.FlopsTally:
     train, validation, cache_fill, total); ``stopped`` says why training ended early ("" = it ran
-    all its validations, "hurdle" = early rejection).
+    all its validations, "hurdle" = early rejection). Under +honest, ``quality`` is the child's
+    accuracy on the decision split after its last step, ``parent_quality`` its parent's on the same
+    images, and ``final_lr`` the learning rate it ended at.
     """
 
     id: str
@@ -384,6 +386,8 @@ class TrialRecord(_Record):
     augment: list[str] = dataclasses.field(default_factory=list)
     flops: dict[str, int] = dataclasses.field(default_factory=dict)
     stopped: str = ""
+    parent_quality: float | None = None  # +honest: the parent re-scored on the child's decision images
+    final_lr: float | None = None        # the learning rate of the child's last step (+honest)
 
     _SPEC: ClassVar = {"id": _id, "agent": _id, "task": _id, "cycle": _int, "generation": _int,
                        "parent": _optional(_id), "model_id": _optional(_id), "mutations": _STR_LIST,
@@ -392,9 +396,11 @@ class TrialRecord(_Record):
                        "train_images": _int, "preset": _str, "preset_hash": _str,
                        "created_at": _float, "evals": _list_of(_float), "threshold": _optional(_float),
                        "lowest_trainable": _optional(_str), "image_size": _optional(_int),
-                       "augment": _STR_LIST, "flops": _INT_MAP, "stopped": _str}
+                       "augment": _STR_LIST, "flops": _INT_MAP, "stopped": _str,
+                       "parent_quality": _optional(_float), "final_lr": _optional(_float)}
     _ADDED: ClassVar = {"evals": [], "threshold": None, "lowest_trainable": None, "image_size": None,
-                        "augment": [], "flops": {}, "stopped": ""}
+                        "augment": [], "flops": {}, "stopped": "", "parent_quality": None,
+                        "final_lr": None}
 
 
 @_record
