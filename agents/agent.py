@@ -29,7 +29,7 @@ from agents.bootstrap import ensure_root
 from agents.config import DEFAULT_PREFIX_CACHE_MB, Preset, resolve_preset
 from agents.paths import ModelPath
 from agents.placement import resolve_bind_host, resolve_device
-from agents.progress import Progress
+from agents.progress import Progress, cycle_position
 from agents.selection import best_path
 from agents.training import TaskTensors
 from agents.view import SystemView, component_write, model_record, publication
@@ -161,6 +161,9 @@ class Agent:
             best_model_id=None, next_component_id=0, next_model_id=0, offsprings={},
             updated_at=time.time())
         self.state = dataclasses.replace(self.state, source=source)  # committed with the next generation
+        self.progress.cycle_budget = self._cycle_budget()
+        self.progress.cycle, self.progress.generation = self.state.cycle, self.state.generation
+        self.progress.cycle_images = self.state.cycle_images
         self.store.heartbeat(self.agent_id, self.token, ttl=o.lease_ttl, state="running",
                              progress=self.progress.to_dict())
         self._peers()
@@ -335,6 +338,7 @@ class Agent:
                   f"{', '.join(p.id for p in self.population) or 'empty (parents come from the system)'}",
                   flush=True)
         self.progress.cycle = self.state.cycle
+        self.progress.generation, self.progress.cycle_images = self.state.generation, self.state.cycle_images
         while not self._cycle_done():
             if self.stop_requested:
                 return
@@ -347,16 +351,21 @@ class Agent:
             population=[best.id] if best else [], best_model_id=best.id if best else None)
         self._commit(step.Writes([], [], [], best), event_kind="cycle_end",
                      event_data={"cycle": self.state.cycle})
-        self.progress.cycle = self.state.cycle
+        self.progress.next_cycle(self.state.cycle)
         self.progress.last_event = f"cycle {self.state.cycle} done"
+
+    def _cycle_budget(self) -> int | None:
+        """Training images a cycle may spend (+hurdle), or None when a cycle is a count of children."""
+        if not (self.preset.hurdle and self.method.cycle_by_images):
+            return None
+        return self.preset.budget.children_per_cycle * self.preset.child_images(self.ctx.tensors.n_train)
 
     def _cycle_done(self) -> bool:
         """A cycle is a number of children; with +hurdle, a budget of training images (children
         stopped early leave images for more children), capped at 4x the children as a guard."""
-        b, s = self.preset.budget, self.state
-        if not (self.preset.hurdle and self.method.cycle_by_images):
+        b, s, budget = self.preset.budget, self.state, self._cycle_budget()
+        if budget is None:
             return s.generation >= b.children_per_cycle
-        budget = b.children_per_cycle * self.preset.child_images(self.ctx.tensors.n_train)
         return s.cycle_images >= budget or s.generation >= 4 * b.children_per_cycle
 
     def _rescore(self) -> None:
@@ -388,6 +397,7 @@ class Agent:
         self.progress.children += 1
         self.progress.accepted += int(verdict.accepted)
         self.progress.generation = self.state.generation
+        self.progress.cycle_images = self.state.cycle_images
         if verdict.published is not None:
             self.progress.published(verdict.metrics)
         if self.verbose:
@@ -409,7 +419,7 @@ class Agent:
         verdict = "PUBLISHED" if v.published else ("kept" if v.kept else "dropped")
         q = "-" if v.quality is None else f"{v.quality:.4f}"
         print(f"[{self.task}] cycle {self.state.cycle + 1}/{self.cycles} "
-              f"gen {self.state.generation}/{self.preset.budget.children_per_cycle}: {p.child.id} "
+              f"gen {cycle_position(self.progress.to_dict())}: {p.child.id} "
               f"from {p.parent.id} q={q} {verdict} {v.seconds:.1f}s "
               f"{' '.join(p.child.mutations) or '-'}", flush=True)
 

@@ -9,6 +9,18 @@ from dataclasses import dataclass, field
 RECENT_LATENCIES = 50  # enough for a median, small enough for every heartbeat
 
 
+def cycle_position(progress: dict, generation: int | None = None) -> str:
+    """Where an agent is inside its cycle, as every view prints it: children over the cycle's count,
+    or, when a cycle is an image budget (+hurdle: children stopped early leave images for more),
+    the images spent over that budget. ``generation`` overrides the progress's own count (the
+    store's resumable state, which ``query.py agents`` reads)."""
+    gen = progress.get("generation", 0) if generation is None else generation
+    budget = progress.get("cycle_budget")
+    if budget:
+        return f"{gen} ch, {progress.get('cycle_images', 0) / 1000:.1f}k/{budget / 1000:.1f}k img"
+    return f"{gen}/{progress.get('generations', '?')}"
+
+
 @dataclass
 class Progress:
     """The agent's live numbers; ``to_dict`` is what ``query.py agents`` and the live view read."""
@@ -17,7 +29,9 @@ class Progress:
     generations: int
     preset: str
     cycle: int = 0
-    generation: int = 0
+    generation: int = 0              # children trained in the current cycle
+    cycle_images: int = 0            # training images spent in the current cycle
+    cycle_budget: int | None = None  # images a cycle may spend (+hurdle); None: a cycle is `generations` children
     children: int = 0
     accepted: int = 0
     best_score: float | None = None
@@ -48,6 +62,9 @@ class Progress:
     def published(self, metrics: ChildMetrics) -> None:
         self.best_score, self.best_quality = metrics.score, metrics.quality
         self.best_test, self.params = metrics.test_quality, metrics.params
+
+    def next_cycle(self, cycle: int) -> None:
+        self.cycle, self.generation, self.cycle_images = cycle, 0, 0
 
     def to_dict(self) -> dict:
         """A snapshot (the lease thread sends it while the loop keeps updating the object)."""

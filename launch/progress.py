@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import TextIO
 
+from agents.progress import cycle_position
 from store import StoreAPI, open_store
 
 COLUMNS = ("task", "state", "cycle", "gen", "score", "quality", "test", "params", "ch/min", "last event")
@@ -56,7 +57,7 @@ class ProgressView:
                 state = "waiting"  # for the task's single-path model
             rows.append((task if kind == "single" else f"{task} [{kind}]", state,
                          f"{pr.get('cycle', 0)}/{pr.get('cycles', '?')}",
-                         f"{pr.get('generation', 0)}/{pr.get('generations', '?')}",
+                         cycle_position(pr),
                          _fmt(pr.get("best_score")), _fmt(pr.get("best_quality")),
                          _fmt(pr.get("best_test")), _fmt(pr.get("params")),
                          _fmt(pr.get("children_per_min"), 1), str(pr.get("last_event", ""))[:40]))

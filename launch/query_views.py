@@ -9,6 +9,7 @@ import argparse
 import time
 from typing import Any
 
+from agents.progress import cycle_position
 from store import StoreAPI
 
 
@@ -35,6 +36,7 @@ def agent_rows(st: StoreAPI, now: float | None = None) -> list[dict[str, Any]]:
             "cycles": pr.get("cycles"),
             "generation": state.generation if state else pr.get("generation"),
             "generations": pr.get("generations"),
+            "cycle_position": cycle_position(pr, state.generation if state else None),
             "children": pr.get("children"), "accepted": pr.get("accepted"),
             "children_per_min": pr.get("children_per_min"),
             "last_event": pr.get("last_event"),
@@ -73,7 +75,7 @@ def cmd_agents(args: argparse.Namespace) -> int:
     table = [[r["task"], r["kind"], r["state"], r["host"], r["pid"], r["device"], _age(r["heartbeat_age_s"]),
               _age(r["lease_expires_in_s"]) if r["state"] == "running" else "-",
               f"{r['cycle']}/{r['cycles'] if r['cycles'] is not None else '?'}",
-              f"{r['generation']}/{r['generations'] if r['generations'] is not None else '?'}",
+              r["cycle_position"],
               r["children"], r["accepted"], r["children_per_min"], r["preset"]] for r in rows]
     print(format_table(headers, table))
     return 0
@@ -97,7 +99,8 @@ def cmd_trials(args: argparse.Namespace) -> int:
         return 0
     headers = ["trial", "cycle", "gen", "parent", "quality", "score", "accepted", "seconds", "images",
                "preset", "mutations"]
-    table = [[r["id"], r["cycle"], r["generation"], r["parent"] or "-", r["quality"], r["score"],
+    # counted from 1, as the agents' logs count (the JSON keeps the stored 0-based numbers)
+    table = [[r["id"], r["cycle"] + 1, r["generation"] + 1, r["parent"] or "-", r["quality"], r["score"],
               "yes" if r["accepted"] else "no", r["seconds"], r["train_images"], r["preset"],
               " ".join(r["mutations"]) or "-"] for r in rows]
     print(format_table(headers, table))

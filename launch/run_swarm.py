@@ -367,8 +367,22 @@ def main() -> int:
                     continue
                 raise UserError(f"task {t} already has a live {k} agent (pid {a.pid} on {a.host}); "
                                 f"stop it or leave {t} out")
+        target = args.cycles if args.cycles is not None else preset.budget.cycles
+        finished = [(spec, k) for spec, k in agents if _finished(store, agent_id_for(parse_task_spec(spec)[0], k),
+                                                                 target)]
     finally:
         store.close()
+    if finished:
+        what = ", ".join(parse_task_spec(spec)[0] + ("" if k == "single" else f" [{k}]") for spec, k in finished)
+        if len(finished) == len(agents):
+            print(f"swarm: nothing to do: every agent in {args.store} has finished its {target} cycle(s) "
+                  f"({what}); raise --cycles to grow them further", flush=True)
+            from launch.query import main as query_main
+
+            query_main(["--store", args.store, *(["--keys", args.keys] if args.keys else []), "leaderboard"])
+            return 0
+        print(f"swarm: already finished their {target} cycle(s), not started: {what}", flush=True)
+        agents = [a for a in agents if a not in finished]
     where = (f"devices {','.join(devices)}" if not cluster else
              f"launcher {args.launcher}, {args.gpus_per_agent:g} GPU and {args.cpus_per_agent:g} CPU per agent")
     print(f"swarm: {len(agents)} agents, preset {preset.name} [{preset.hash}], store {args.store}, "
@@ -382,6 +396,12 @@ def main() -> int:
     finally:
         stop_engine(args)
     return code
+
+
+def _finished(store, agent_id: str, target: int) -> bool:
+    """The agent's resumable state says it has run ``target`` cycles (its run would end at once)."""
+    state = store.get_agent_state(agent_id)
+    return state is not None and state.cycle >= target
 
 
 def supervise(args, procs: dict, agents: list[tuple[str, str]]) -> int:

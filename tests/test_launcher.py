@@ -297,3 +297,24 @@ def test_the_store_service_enforces_the_lease_bound_on_the_wire(tmp_path):
             st.heartbeat("a", token, ttl=10.0)
     finally:
         service.stop()
+
+
+def test_a_finished_store_says_there_is_nothing_to_do_and_shows_the_leaderboard(tmp_path):
+    store = str(tmp_path / "store")
+    cmd = ("launch/run_swarm.py", "--store", store, "--tasks", "uci_digits", "--preset", "test",
+           "--cycles", "1", "--root", "random")
+    first = run_cli(*cmd, timeout=240)
+    assert first.returncode == 0, first.stderr[-2000:]
+    # +hurdle makes a cycle an image budget: the live line shows images over that budget, not gen=3/2
+    assert "k/2.0k img" in first.stdout, first.stdout[-2000:]
+    trials = read(store, lambda s: len(s.trials()))
+    again = run_cli(*cmd, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "nothing to do" in again.stdout and "agent~uci_digits:m" in again.stdout  # the leaderboard
+    assert "swarm: 1 agents" not in again.stdout  # no agent was started
+    assert read(store, lambda s: len(s.trials())) == trials
+    more = run_cli(*cmd[:-4], "--cycles", "2", "--root", "random", timeout=240)  # raising --cycles grows it
+    assert more.returncode == 0 and read(store, lambda s: len(s.trials())) > trials
+    rows = run_cli("launch/query.py", "--store", store, "trials", "uci_digits")
+    first_row = rows.stdout.splitlines()[2].split()
+    assert first_row[1:3] == ["1", "1"]  # counted from 1, as the agents' logs count
