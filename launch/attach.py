@@ -7,6 +7,7 @@ starts from the system's knowledge. Re-attaching a task whose agent died resumes
 
   python launch/attach.py --store swarm-store --task glyphs_arabic
   python launch/attach.py --store swarm-store --task mydigits=npz:/data/mydigits.npz
+  python launch/attach.py --store swarm-store --task mydigits --cycles 4   # again: the store knows its data
   python launch/attach.py --store swarm-store --task mnist5k --preset demo+penalty --cycles 6
   python launch/attach.py --store tcp://10.0.0.5:5710 --keys keys/ --task uci_digits --bind-host 10.0.0.7
   python launch/attach.py --store swarm-store --task glyphs_greek --kind multipath --cycles 1
@@ -82,6 +83,7 @@ def main() -> int:
         aid = agent_id_for(task, args.kind)
         state = store.get_agent_state(aid)
         check_same_task(state.task if state else None, args.task, aid)  # two paths, one id: say so
+        args.task = _recorded_spec(args.task, task, state)
         held = any(a.agent_id == aid for a in store.live_agents())  # by the store's clock
         if args.kind == "multipath" and task not in store.published_models(kind="single"):
             raise UserError(f"task {task!r} has no single-path model in {args.store} yet: a "
@@ -99,6 +101,18 @@ def main() -> int:
                         lease_ttl=args.lease_ttl, keys=args.keys, bind_host=args.bind_host,
                         cache_mb=args.prefix_cache_mb, kind=args.kind, wait_lease=args.wait_lease)
     return agent_exit_code(run_agent(opts, verbose=True))
+
+
+def _recorded_spec(spec: str, task: str, state) -> str:
+    """A named task given by its name alone (``--task mydigits``) takes its data from where the
+    store's record says it was last read (``mydigits=folder:PATH``); anything else is as given."""
+    from taskdata import known_task_names
+
+    recorded = (state.source or {}).get("spec") if state is not None else None
+    if spec != task or "=" in spec or task in known_task_names() or not recorded or recorded == task:
+        return spec
+    print(f"attach.py: task {task}: its data from the store's record, {recorded}", file=sys.stderr)
+    return f"{task}={recorded}"
 
 
 if __name__ == "__main__":

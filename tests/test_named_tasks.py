@@ -67,14 +67,21 @@ def test_a_named_task_is_its_name_everywhere_resumes_after_a_move_and_refuses_ot
     state = read(store, lambda s: s.get_agent_state(aid))
     assert state.cycle == 2 and state.source["spec"] == f"npz:{moved}"
     assert {t.cycle for t in read(store, lambda s: s.trials(agent=aid))} == {0, 1}
+    # by its name alone: the store knows where its data was last read
+    r = run_cli("launch/attach.py", "--store", store, "--task", "parity", "--preset", "test",
+                "--cycles", "3", "--threads", "1", timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"npz:{moved}" in r.stderr
+    state = read(store, lambda s: s.get_agent_state(aid))
+    assert state.cycle == 3 and state.source["spec"] == f"npz:{moved}"
 
     # other data under that name: refused in one line, nothing written
     other = _npz(tmp_path / "other.npz", seed=1)
     before = read(store, lambda s: (s.get_agent_state(aid), len(s.trials())))
     for cmd in (["launch/attach.py", "--store", store, "--task", f"parity=npz:{other}", "--preset",
-                 "test", "--cycles", "3"],
+                 "test", "--cycles", "4"],
                 ["launch/run_swarm.py", "--store", store, "--tasks", f"parity=npz:{other}", "--preset",
-                 "test", "--cycles", "3"]):
+                 "test", "--cycles", "4"]):
         r = run_cli(*cmd, timeout=300)
         assert r.returncode == 2, r.stderr[-2000:]
         lines = r.stderr.strip().splitlines()
