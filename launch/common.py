@@ -63,9 +63,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 def exit_code(exc: BaseException, prog: str,
               user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Report ``exc`` the way every entry point does, and return its exit code."""
-    from store import MissingReference, StoreCorrupt, StoreUnavailable
+    from store import MissingReference, StoreCorrupt, StoreDiskError, StoreUnavailable
 
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, StoreDiskError):  # not the user's input, and not a crash of ours: one line, 1
+        print(f"{prog}: error: {first}", file=sys.stderr)
+        return 1
     if isinstance(exc, StoreUnavailable):
         print(f"{prog}: error: {first}", file=sys.stderr)
         return EXIT_STORE_UNAVAILABLE

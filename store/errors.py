@@ -29,6 +29,34 @@ class StoreFull(StoreError):
                          f"MUNET_STORE_MAP_SIZE larger")
 
 
+class StoreDiskError(StoreError):
+    """The disk holding the store refused a write (full, over quota, failing). The transaction was
+    aborted: nothing it held was written, and everything committed before it is intact."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        import os
+        import shutil
+
+        self.path = path
+        try:
+            usage = shutil.disk_usage(path)
+            free = f"{usage.free / 2**20:,.0f} MiB free of {usage.total / 2**30:,.1f} GiB"
+        except OSError:
+            free = "free space unknown"
+        super().__init__(f"the disk holding the store {os.path.abspath(path)} refused a write "
+                         f"({detail}; {free}): free space there and run the same command again "
+                         f"(nothing published was lost)")
+
+
+DISK_ERRORS = ("Input/output error", "No space left on device", "File too large", "Disk quota exceeded")
+
+
+def disk_error(path: str, exc: BaseException) -> StoreDiskError | None:
+    """``exc`` as a StoreDiskError when it is the disk's refusal (LMDB reports it by message), else None."""
+    text = str(exc)
+    return StoreDiskError(path, text) if any(m in text for m in DISK_ERRORS) else None
+
+
 class StoreCorrupt(StoreError):
     """A stored record failed to decode or violates its schema."""
 

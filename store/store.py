@@ -17,7 +17,7 @@ import lmdb
 
 from store import leases, maintenance, txnops
 from store.env import SharedEnvironment, resolve_map_size
-from store.errors import Conflict, MissingReference, NotAStore, StoreError, StoreFull
+from store.errors import Conflict, MissingReference, NotAStore, StoreError, StoreFull, disk_error
 from store.records import (SINGLE, served, AgentRecord, AgentState, ComponentRecord, ComponentWrite, Event,
                            ModelRecord, Publication, TaskRecord, TrialRecord, parse_component_id,
                            plain_value)
@@ -66,6 +66,9 @@ class Store:
         except lmdb.MapFullError:
             shared.release()
             raise StoreFull(resolve_map_size(map_size)) from None
+        except lmdb.Error as exc:
+            shared.release()
+            raise (disk_error(path, exc) or exc) from None
         except BaseException:
             shared.release()
             raise
@@ -118,6 +121,8 @@ class Store:
                 yield txn
         except lmdb.MapFullError:
             raise StoreFull(env.info()["map_size"]) from None
+        except lmdb.Error as exc:  # a full or failing disk: one line that says so, not mdb_txn_commit
+            raise (disk_error(self.path, exc) or exc) from None
 
     @contextmanager
     def _read(self, buffers: bool = False) -> Iterator[lmdb.Transaction]:

@@ -193,3 +193,34 @@ def test_a_wait_on_another_process_s_lock_says_what_it_waits_for(tmp_path):
         assert waiter.is_alive() and said == [f"waiting for another process that is building the root x (lock {path})"]
     waiter.join(10)
     assert not waiter.is_alive()
+
+
+def test_a_full_disk_is_one_line_naming_the_store_and_the_store_verifies_afterwards(tmp_path):
+    """The disk refuses the agent's first commit (a file-size limit stands in for a full disk: LMDB
+    reports both as the same I/O error): one line and exit 1, and nothing stored is damaged."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from helpers.swarm import ENV, REPO
+
+    store = str(tmp_path / "store")
+    made = run_cli("launch/run_swarm.py", "--store", store, "--tasks", "uci_digits", "--preset", "test",
+                   "--cycles", "0", "--root", "random", timeout=240)  # a store with its root, data fetched
+    assert made.returncode == 0, made.stderr[-2000:]
+    limit = os.path.getsize(os.path.join(store, "data.mdb")) + (64 << 10)
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = subprocess.run([sys.executable, "launch/attach.py", "--store", store, "--task", "uci_digits",
+                        "--preset", "test", "--cycles", "1", "--threads", "1"], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "refused a write" in last and os.path.abspath(store) in last and "free" in last, last
+    check = run_cli("launch/query.py", "--store", store, "verify")
+    assert check.returncode == 0, check.stdout + check.stderr
