@@ -36,6 +36,10 @@ from agents.vit import PathModel, VitConfig, init_component, vit_config
 
 RECIPE_VERSION = 1
 BUILTIN_ROOT = CORPUS_NAME  # `--root glyphs_cjk`: the offline pretrained root
+# Roots committed with the repository (NAME/root.safetensors + NAME/card.json): every machine starts
+# from the same tensors (a root trained on another CPU kind differs in its last bits, and its accuracy
+# with them), and no fresh start waits for pretraining. ``make_root.py --rebuild`` trains one anew.
+SHIPPED_ROOTS = Path(__file__).resolve().parent / "shipped_roots"
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,27 @@ def _corpus_id(recipe: RootRecipe, cache: Path) -> str:
     return _corpus(recipe, cache)[1]
 
 
+def shipped_root(name: str, recipe: RootRecipe | None = None) -> BuiltRoot | None:
+    """The root committed with the repository under ``name`` (for ``recipe``, when given: the same
+    recipe, or None), after checking its file against its card's sha256."""
+    card_path = SHIPPED_ROOTS / name / "card.json"
+    if not card_path.is_file():
+        return None
+    card = json.loads(card_path.read_text())
+    if recipe is not None and card.get("recipe") != json.loads(json.dumps(recipe.to_dict())):
+        return None
+    path = card_path.parent / "root.safetensors"
+    if not path.is_file() or file_sha256(path) != card.get("file_sha256"):
+        raise TaskDataError(f"the shipped root {path} does not match its card's sha256 (a partial "
+                            f"checkout or a Git LFS pointer?): restore it with git, or build one with "
+                            f"launch/make_root.py --rebuild")
+    return BuiltRoot(path, card)
+
+
 def find_built(name: str, cache_dir=None) -> list[BuiltRoot]:
-    """Roots built under ``name`` on this machine, newest first."""
+    """The shipped root of that name first, then roots built under ``name`` on this machine,
+    newest first."""
+    shipped = shipped_root(name)
     base = roots_dir(cache_dir)
     found = []
     for card_path in base.glob(f"{name}-*/card.json") if base.is_dir() else []:
@@ -124,7 +147,8 @@ def find_built(name: str, cache_dir=None) -> list[BuiltRoot]:
             continue
         if card.get("name") == name and (card_path.parent / "root.safetensors").is_file():
             found.append(BuiltRoot(card_path.parent / "root.safetensors", card))
-    return sorted(found, key=lambda r: r.card.get("built_at", 0), reverse=True)
+    found = sorted(found, key=lambda r: r.card.get("built_at", 0), reverse=True)
+    return ([shipped] if shipped is not None else []) + found
 
 
 def built_names(cache_dir=None) -> list[str]:
@@ -138,8 +162,15 @@ def built_names(cache_dir=None) -> list[str]:
     return sorted(names)
 
 
-def build_root(recipe: RootRecipe, cache_dir=None, log=print, threads: int | None = None) -> BuiltRoot:
-    """The root of ``recipe``: read from the cache, or trained now (one process at a time builds)."""
+def build_root(recipe: RootRecipe, cache_dir=None, log=print, threads: int | None = None,
+               rebuild: bool = False) -> BuiltRoot:
+    """The root of ``recipe``: the shipped one when the recipe is its recipe, else read from the
+    cache, else trained now (one process at a time builds). ``rebuild``: skip the shipped root (train
+    it on this machine, or read this machine's earlier build)."""
+    if not rebuild:
+        shipped = shipped_root(recipe.name, recipe)
+        if shipped is not None:
+            return shipped
     cache = resolve_cache_dir(cache_dir)
     if threads:
         torch.set_num_threads(threads)

@@ -2,13 +2,15 @@
 """Pretrain a root model on a corpus: a timm-named .safetensors checkpoint plus a JSON card.
 
 The result lives in the data cache (``$MUNET_DATA_DIR/roots/NAME-KEY/``), keyed by a hash of the whole
-recipe, so it is built once per machine; run_swarm.py --root NAME uses it. With no arguments it builds
-the built-in offline root (``glyphs_cjk``: rendered CJK ideographs, Hangul and kana, disjoint from every
-benchmark task) for the demo/cpu/vit-t3 architecture (ViT-Ti/16, 3 blocks, 32 px). run_swarm.py builds
-that one by itself on first use; this command is for building ahead, changing the recipe, or
-pretraining on your own corpus.
+recipe, so it is built once per machine; run_swarm.py --root NAME uses it. The built-in offline root
+(``glyphs_cjk``: rendered CJK ideographs, Hangul and kana, disjoint from every benchmark task, for the
+demo/cpu/vit-t3 architecture: ViT-Ti/16, 3 blocks, 32 px) ships with the repository
+(``agents/shipped_roots/``), so every machine starts from the same tensors; ``--rebuild`` trains it
+on this machine and compares the result with the shipped card. This command is for that check,
+changing the recipe, or pretraining on your own corpus.
 
-  python launch/make_root.py                                     # glyphs_cjk, ~5 min on 2 cores
+  python launch/make_root.py                                     # glyphs_cjk: the shipped root
+  python launch/make_root.py --rebuild                           # glyphs_cjk trained here, ~3-5 min
   python launch/make_root.py --name mine --corpus folder:/data/imgs --images 2000000
   python launch/make_root.py --print                             # the card of the built root
 """
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--data-dir", default=None, help="data cache (default $MUNET_DATA_DIR or ~/.cache/munet-swarm)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="train the root on this machine even where the repository ships it "
+                        "(agents/shipped_roots/), and compare the result with the shipped card")
     p.add_argument("--print", action="store_true", dest="print_card",
                    help="print the card of the root this recipe names (build it if missing) as JSON")
     return p
@@ -91,10 +96,11 @@ def main() -> int:
     if args.vit not in VIT_CONFIGS:
         raise UserError(f"--vit {args.vit!r}: choose one of {', '.join(VIT_CONFIGS)}")
     recipe = recipe_from_args(args)
-    from agents.pretrain import build_root
+    from agents.pretrain import build_root, shipped_root
 
     built = build_root(recipe, args.data_dir, log=lambda m: print(m, file=sys.stderr, flush=True),
-                       threads=args.threads)
+                       threads=args.threads, rebuild=args.rebuild)
+    shipped = shipped_root(recipe.name, recipe) if args.rebuild else None
     if args.print_card:
         card = {k: v for k, v in built.card.items() if k != "class_names"}
         print(json.dumps({"path": str(built.path), **card}, indent=2, ensure_ascii=False))
@@ -106,6 +112,12 @@ def main() -> int:
         print(f"  file sha256 {c.get('file_sha256', '?')}; built on {c.get('machine', {}).get('cpu', '?')} "
               f"(repeatable bit for bit on the same CPU kind; compare with "
               f"benchmarks/results/root-card.json)")
+        if shipped is not None:
+            s = shipped.card
+            same = "the same bytes" if s["file_sha256"] == c.get("file_sha256") else "different bytes"
+            print(f"  against the shipped root: {same}; held-out accuracy {c['heldout_test_accuracy']:.4f} "
+                  f"here vs {s['heldout_test_accuracy']:.4f} shipped "
+                  f"({100 * (c['heldout_test_accuracy'] - s['heldout_test_accuracy']):+.2f} points)")
         print(f"  use it: python launch/run_swarm.py --root {c['name']}")
     return 0
 

@@ -6,8 +6,8 @@ preset on this machine in minutes, shows live progress, and ends with the leader
 same command resumes from the store; Ctrl-C stops every agent cleanly (nothing published is lost).
 The launcher is only a launcher: agents keep working if it dies, and more can be attached at any time
 with launch/attach.py. A new store grows from the preset's default root: for demo, cpu and vit-t3 the
-offline pretrained root glyphs_cjk, built on first use (about 5 minutes on 2 cores, then cached;
-launch/make_root.py builds it ahead); --root random for a random initialisation.
+offline pretrained root glyphs_cjk, shipped with the repository (launch/make_root.py --rebuild trains
+it anew); --root random for a random initialisation.
 
   python launch/run_swarm.py
   python launch/run_swarm.py --store runs/s1 --tasks mnist5k,uci_digits --preset test --cycles 2
@@ -97,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-restarts", type=int, default=20, metavar="N",
                    help="restarts per agent after a crash, a lost node or an unreachable store "
                         "before the launcher gives it up (default 20)")
-    c.add_argument("--ray-address", default="auto", metavar="ADDR",
-                   help="Ray cluster to join: auto (the one this node belongs to), HOST:PORT, or "
-                        "local (start a private Ray on this machine) (default auto)")
+    c.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to join: auto (the one this node belongs to; fails if none), "
+                        "HOST:PORT, or local (start a private Ray on this machine). Default, as "
+                        "ray.init(): RAY_ADDRESS if set, else the cluster this node runs, else a "
+                        "private one on this machine")
     c.add_argument("--slurm-partition", default=None, metavar="NAME", help="Slurm partition")
     c.add_argument("--slurm-time", type=int, default=1440, metavar="MIN",
                    help="time limit per job in minutes; a job that reaches it is requeued and "

@@ -124,8 +124,11 @@ def test_root_spec_forms(tiny_root, tmp_path):
             resolve_root(spec, VIT, 32, cache_dir=cache)
     with pytest.raises(CheckpointError, match="unknown root 'tiny'.*built here: tiny"):
         resolve_root("tiny", vit_config("ti", depth=4), 32, cache_dir=cache)  # too shallow for depth 4
+    # the shipped glyphs_cjk fits 32 px only: at 48 px nothing is built yet
     with pytest.raises(CheckpointError, match="not built yet"):
-        resolve_root("glyphs_cjk", VIT, 32, cache_dir=tmp_path / "empty", build=False)
+        resolve_root("glyphs_cjk", VIT, 48, cache_dir=tmp_path / "empty", build=False)
+    shipped = resolve_root("glyphs_cjk", VIT, 32, cache_dir=tmp_path / "empty", build=False)
+    assert shipped.kind == "built" and "shipped_roots" in str(shipped.path)
 
 
 def test_timm_root_offline_fails_at_once_with_one_line(tmp_path):
@@ -235,3 +238,24 @@ def test_builtin_corpus_is_deterministic_and_disjoint_from_the_benchmark(tmp_pat
     # And the rendered images are real glyphs: ink on dark background, varied.
     x = a.arrays["train_x"]
     assert x.mean() < 100 and x.std() > 30
+
+
+def test_the_shipped_root_matches_its_card_and_is_used_without_building(tmp_path):
+    import hashlib
+
+    from agents import pretrain
+    from agents.config import resolve_preset
+    from agents.root_source import resolve_root
+    from agents.vit import preset_vit
+
+    folder = pretrain.SHIPPED_ROOTS / pretrain.BUILTIN_ROOT
+    card = json.loads((folder / "card.json").read_text())
+    digest = hashlib.sha256((folder / "root.safetensors").read_bytes()).hexdigest()
+    assert digest == card["file_sha256"]
+    assert card["recipe"] == json.loads(json.dumps(pretrain.RootRecipe().to_dict()))
+    preset = resolve_preset("cpu")
+    # an empty data cache: the shipped file is the root at once, nothing is rendered or trained
+    src = resolve_root(pretrain.BUILTIN_ROOT, preset_vit(preset), preset.budget.image_size,
+                       cache_dir=tmp_path / "empty", log=lambda m: pytest.fail(f"built: {m}"))
+    assert src.path == folder / "root.safetensors" and src.card["file_sha256"] == digest
+    assert not (tmp_path / "empty" / "roots").exists()

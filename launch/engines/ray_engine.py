@@ -136,10 +136,25 @@ def namespace(store: str) -> str:
     return "munet-" + hashlib.sha1(store.encode()).hexdigest()[:10]
 
 
-def connect(address: str, store: str, temp_dir: str | None = None) -> None:
+def connect(address: str | None, store: str, temp_dir: str | None = None) -> None:
     """Join the Ray cluster at ``address`` (``auto``: the one this node belongs to), or start a
-    private one on this machine for ``local``. Output of the actors stays in their log files."""
+    private one on this machine for ``local``. None behaves as ``ray.init()``: RAY_ADDRESS, else the
+    cluster this node runs, else a private one (saying which). Output of the actors stays in their
+    log files."""
     kwargs = dict(namespace=namespace(store), log_to_driver=False, configure_logging=False)
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS") or "auto"
+        try:
+            ray.init(address=address, **kwargs)
+            print(f"swarm: joined the Ray cluster at {address}", flush=True)
+            return
+        except ConnectionError:
+            if os.environ.get("RAY_ADDRESS"):
+                raise UserError(f"RAY_ADDRESS={address}: no Ray cluster there; start one or unset "
+                                f"it to run a private Ray on this machine") from None
+            print("swarm: no Ray cluster on this node: starting a private one on this machine",
+                  flush=True)
+            address = "local"
     if address == "local":
         kwargs.update(include_dashboard=False, object_store_memory=128 * 2**20)
         if temp_dir:
@@ -154,7 +169,7 @@ def connect(address: str, store: str, temp_dir: str | None = None) -> None:
 
 
 def start(agents: list[tuple[str, str, object, str]], *, gpus_per_agent: float,
-          cpus_per_agent: float, max_restarts: int, address: str, store: str) -> dict:
+          cpus_per_agent: float, max_restarts: int, address: str | None, store: str) -> dict:
     """One actor per (task, kind, AgentOptions, log path); returns their handles."""
     connect(address, store)
     cls = ray.remote(concurrency_groups={"control": 1})(AgentActor)
