@@ -27,9 +27,9 @@ DELTA_RANGE = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 ADAPTER_DIM_RANGE = (8, 16, 32, 64, 128)
 
 EXTENSIONS = ("autotune", "adapters", "layers", "imagesize", "penalty", "continue", "clock", "probe",
-              "guard", "hurdle", "fullval", "anneal", "honest", "polish", "lockown")
+              "guard", "hurdle", "fullval", "anneal", "honest", "polish", "longpolish", "lockown")
 # +polish needs +honest: the polish child is accepted on the decision split against its re-scored parent.
-IMPLIES = {"polish": ("honest",)}
+IMPLIES = {"polish": ("honest",), "longpolish": ("polish", "honest")}
 # µ2Net+ as published, plus +continue (a child resumes its same-task parent's learning-rate schedule),
 # which won +2.5 points of mean test accuracy on the 4-task measurement in benchmarks/results/extensions,
 # and +hurdle (early rejection; a cycle is an image budget), +0.8 points on the 8-task benchmark with
@@ -43,6 +43,7 @@ DECISION_EXAMPLES_CAP = 5_120
 # +polish: the share of a cycle's training images kept for its last, annealed child, and the per-step
 # decay of the weight average that child is judged (and published) with.
 POLISH_SHARE = 0.15
+LONG_POLISH_SHARE = 0.30  # +longpolish
 POLISH_EMA_DECAY = 0.98
 # Per-agent cap of the frozen-prefix activation cache (agents/prefix_cache.py; 0 turns it off):
 # ~140k images at 32 px in full tokens (3.8 kB each), ~700k class tokens only.
@@ -179,7 +180,8 @@ class Preset:
         """Training images a cycle keeps for its polish child (at least one child's worth)."""
         b = self.budget
         cycle = b.children_per_cycle * self.child_images(n_train)
-        return max(self.child_images(n_train), -(-int(POLISH_SHARE * cycle) // b.batch_size) * b.batch_size)
+        share = LONG_POLISH_SHARE if "longpolish" in self.extensions else POLISH_SHARE
+        return max(self.child_images(n_train), -(-int(share * cycle) // b.batch_size) * b.batch_size)
 
     @property
     def decision_examples(self) -> int:

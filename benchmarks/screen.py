@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--cycles", type=int, default=1, help="swarm cycles per agent (default 1)")
     p.add_argument("--out", default=str(common.RESULTS_DIR / "screen"), help="result directory")
+    p.add_argument("--runs", default=None, metavar="DIR",
+                   help="where each (arm, seed) run is kept and reused (default OUT/runs): screens "
+                        "that share an arm or the reference share its runs")
     p.add_argument("--no-reference", action="store_true", help="skip the finetune-all reference")
     p.add_argument("--cache-check", default=None, metavar="ARM",
                    help="instead of screening: run ARM's swarm with and without the prefix cache "
@@ -58,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_dir(out: Path, name: str, seed: int) -> Path:
-    return out / "runs" / f"{name.replace('+', '_')}-s{seed}"
+def run_dir(runs: Path, name: str, seed: int) -> Path:
+    return runs / f"{name.replace('+', '_').replace('@', '-')}-s{seed}"
 
 
 def _run(cmd: list[str], where: Path) -> dict:
@@ -74,16 +77,16 @@ def _run(cmd: list[str], where: Path) -> dict:
     return json.loads(done.read_text())
 
 
-def swarm_run(arm: str, seed: int, tasks: list[str], cycles: int, out: Path) -> dict:
-    where = run_dir(out, arm, seed)
+def swarm_run(arm: str, seed: int, tasks: list[str], cycles: int, runs: Path) -> dict:
+    where = run_dir(runs, arm, seed)
     cmd = [sys.executable, "benchmarks/quality.py", "--methods", "swarm", "--comparisons", "images",
            "--tasks", ",".join(tasks), "--preset", arm, "--cycles", str(cycles), "--seed", str(seed),
            "--out", str(where)]
     return _run(cmd, where)
 
 
-def reference_run(seed: int, tasks: list[str], cycles: int, preset: str, out: Path) -> dict:
-    where = run_dir(out, REFERENCE, seed)
+def reference_run(seed: int, tasks: list[str], cycles: int, preset: str, runs: Path) -> dict:
+    where = run_dir(runs, REFERENCE, seed)
     cmd = [sys.executable, "benchmarks/quality.py", "--methods", REFERENCE, "--comparisons", "images",
            "--tasks", ",".join(tasks), "--preset", preset, "--cycles", str(cycles), "--seed", str(seed),
            "--validation-examples", str(DECISION_EXAMPLES), "--parallel", "--out", str(where)]
@@ -213,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if not tasks or not arms or not seeds:
         raise BenchmarkError("--tasks, --arms and --seeds each need at least one value")
     out = Path(args.out)
+    runs_dir = Path(args.runs) if args.runs else out / "runs"
     if args.cache_check:
         r = cache_check(args.cache_check, seeds[0], tasks, args.cycles, out)
         print(f"{args.cache_check}: children per minute cached / uncached "
@@ -225,10 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_reference:
             _say(f"seed {seed}: {REFERENCE}")
             runs.setdefault(REFERENCE, {})[seed] = reference_run(seed, tasks, args.cycles,
-                                                                 arms[0].split("+")[0], out)
+                                                                 arms[0].split("+")[0].split("@")[0],
+                                                                 runs_dir)
         for arm in arms:
             _say(f"seed {seed}: swarm {arm}")
-            runs.setdefault(arm, {})[seed] = swarm_run(arm, seed, tasks, args.cycles, out)
+            runs.setdefault(arm, {})[seed] = swarm_run(arm, seed, tasks, args.cycles, runs_dir)
             _say(f"seed {seed}: {arm} mean test "
                  f"{runs[arm][seed]['methods']['swarm']['mean_test_accuracy']:.4f}")
         done = sorted({s for by_seed in runs.values() for s in by_seed})
