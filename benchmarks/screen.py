@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where each (arm, seed) run is kept and reused (default OUT/runs): screens "
                         "that share an arm or the reference share its runs")
     p.add_argument("--no-reference", action="store_true", help="skip the finetune-all reference")
+    p.add_argument("--equal-flops", action="store_true",
+                   help="instead of screening: for each arm and seed, run the arm's swarm and "
+                        "finetune-all given exactly the training FLOPs the swarm spent on each task "
+                        "(quality.py --comparisons flops), and report the paired difference "
+                        "(OUT/equal-flops.json)")
     p.add_argument("--cache-check", default=None, metavar="ARM",
                    help="instead of screening: run ARM's swarm with and without the prefix cache "
                         "(first seed of --seeds), back to back, and report children and training "
@@ -171,6 +176,38 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def equal_flops_run(arm: str, seed: int, tasks: list[str], cycles: int, runs: Path) -> dict:
+    where = run_dir(runs, arm + "+eqflops", seed)
+    cmd = [sys.executable, "benchmarks/quality.py", "--methods", f"swarm,{REFERENCE}", "--comparisons",
+           "flops", "--tasks", ",".join(tasks), "--preset", arm, "--cycles", str(cycles), "--seed",
+           str(seed), "--validation-examples", str(DECISION_EXAMPLES), "--out", str(where)]
+    return _run(cmd, where)
+
+
+def equal_flops(arms: list[str], seeds: list[int], tasks: list[str], cycles: int, runs: Path,
+                out: Path) -> dict:
+    """Each arm against finetune-all at the swarm's own training FLOPs, paired per (task, seed)."""
+    result: dict = {"tasks": tasks, "seeds": seeds, "arms": {},
+                    "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    for arm in arms:
+        acc: dict = {"swarm": {}, REFERENCE: {}}
+        flops: dict = {"swarm": [], REFERENCE: []}
+        for seed in seeds:
+            _say(f"equal FLOPs: seed {seed}, {arm}")
+            eq = equal_flops_run(arm, seed, tasks, cycles, runs)["equal_flops"]
+            for name in acc:
+                acc[name][seed] = eq["methods"][name]["per_task"]
+                flops[name].append(eq["methods"][name]["train_flops"])
+        result["arms"][arm] = {
+            "swarm_mean_test_accuracy": statistics.mean(statistics.mean(v.values()) for v in acc["swarm"].values()),
+            f"{REFERENCE}_mean_test_accuracy": statistics.mean(statistics.mean(v.values())
+                                                              for v in acc[REFERENCE].values()),
+            "train_flops": {k: statistics.mean(v) for k, v in flops.items()},
+            "paired": paired(acc["swarm"], acc[REFERENCE], tasks, seeds)}
+        common.write_json(out / "equal-flops.json", result)
+    return result
+
+
 def cache_check(arm: str, seed: int, tasks: list[str], cycles: int, out: Path) -> dict:
     """One arm's swarm with its prefix cache and without it, back to back on the same machine."""
     import shutil
@@ -222,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.cache_check}: children per minute cached / uncached "
               f"{r['children_per_min_cached_vs_uncached']:.3f}, training images per second "
               f"{r['train_images_per_s_cached_vs_uncached']:.3f}")
+        return 0
+    if args.equal_flops:
+        r = equal_flops(arms, seeds, tasks, args.cycles, runs_dir, out)
+        for arm, a in r["arms"].items():
+            d = a["paired"]
+            print(f"{arm}: swarm {a['swarm_mean_test_accuracy']:.4f} vs {REFERENCE} at its FLOPs "
+                  f"{a[f'{REFERENCE}_mean_test_accuracy']:.4f}: {d['mean_diff']:+.2f} ± {d['se']:.2f} points")
         return 0
     runs: dict[str, dict[int, dict]] = {}
     start = time.perf_counter()
