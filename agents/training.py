@@ -78,14 +78,17 @@ def lr_at(step: int, total: int, lr: float, warmup_ratio: float) -> float:
 
 
 @torch.inference_mode()
+def hits(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512,
+         prep: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Per row: is the model's argmax the label (a bool tensor)."""
+    out = [model(prep(x[i:i + batch]) if prep is not None else x[i:i + batch]).argmax(-1) == y[i:i + batch]
+           for i in range(0, len(y), batch)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=y.device)
+
+
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512,
              prep: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
-    correct = torch.zeros((), dtype=torch.long, device=y.device)
-    for i in range(0, len(y), batch):
-        xb = x[i:i + batch]
-        logits = model(prep(xb) if prep is not None else xb)
-        correct += (logits.argmax(-1) == y[i:i + batch]).sum()
-    return correct.item() / max(1, len(y))
+    return hits(model, x, y, batch, prep).sum().item() / max(1, len(y))
 
 
 def test_accuracy(model: PathModel, data: TaskTensors, image_size: int,
@@ -193,17 +196,22 @@ class _Inputs:
         self._charge_fills()
         return accuracy(self.model.forward_suffix, h, labels)
 
-    def decision_accuracy(self) -> float:
-        """Accuracy on the decision split (+honest), charged as validation FLOPs."""
+    def decision_accuracy(self) -> tuple[float, float]:
+        """Accuracy on the decision split (+honest) and, from the same pass, on the validation
+        subset (its first rows), charged as validation FLOPs."""
         x, labels = self.data.decision_x, self.data.decision_y
         if x is self.data.val_x:
-            return self.val_accuracy()
+            q = self.val_accuracy()
+            return q, q
         self.tally.validation += len(labels) * self.eval_flops
         if self.cache is None:
-            return accuracy(self.model, x, labels, prep=lambda xb: preprocess_eval(xb, self.size))
-        h = self.cache.outputs(self.key, self.model, "decision", x, self.size)
-        self._charge_fills()
-        return accuracy(self.model.forward_suffix, h, labels)
+            right = hits(self.model, x, labels, prep=lambda xb: preprocess_eval(xb, self.size))
+        else:
+            h = self.cache.outputs(self.key, self.model, "decision", x, self.size)
+            self._charge_fills()
+            right = hits(self.model.forward_suffix, h, labels)
+        n_sub = len(self.data.val_y)
+        return right.sum().item() / len(labels), right[:n_sub].sum().item() / max(1, n_sub)
 
 
 def decision_accuracy(path: ModelPath, vit: VitConfig, data: TaskTensors,
@@ -221,7 +229,8 @@ def decision_accuracy(path: ModelPath, vit: VitConfig, data: TaskTensors,
     model.eval()
     tally = compute.FlopsTally()
     inputs = _Inputs(path, model, vit, data, cache, tally)
-    return inputs.val_accuracy(), inputs.decision_accuracy(), tally
+    decision, subset = inputs.decision_accuracy()
+    return subset, decision, tally
 
 
 def train_child(
@@ -276,14 +285,9 @@ def train_child(
                               lr_fn=lr_fn, ema_decay=ema_decay)
     t0 = time.perf_counter()
     h = child.hparams
-    model, opt, tensors = make_model_and_optimizer(child, vit)
-    params = list(tensors.values())
-    total = steps_between_validations * validations if total_steps is None else total_steps
-    result = TrainResult(accepted=False, quality=None, score=None)
-    inputs = _Inputs(child, model, vit, data, cache, result.flops)
-    result.lowest_trainable = next((n for n in component_names(h) if n in model.trainable_components),
-                                   None)
-    batches = data.batch_indices(batch_size, gen)
+    model, opt, tensors, params, total, result, inputs, batches = _start(
+        child, vit, data, cache, batch_size, steps_between_validations * validations
+        if total_steps is None else total_steps, gen)
     best_threshold, snapshot = threshold, None
     model.train()
     for step in range(total):
@@ -327,6 +331,19 @@ def train_child(
     return result, model
 
 
+def _start(child: ModelPath, vit: VitConfig, data: TaskTensors, cache: PrefixCache | None,
+           batch_size: int, total: int, gen: torch.Generator):
+    """What every training run of a child begins with: its module and optimiser, the result it
+    fills, where its inputs come from (the prefix cache or the images) and its batches."""
+    model, opt, tensors = make_model_and_optimizer(child, vit)
+    result = TrainResult(accepted=False, quality=None, score=None)
+    inputs = _Inputs(child, model, vit, data, cache, result.flops)
+    result.lowest_trainable = next((n for n in component_names(child.hparams)
+                                    if n in model.trainable_components), None)
+    return (model, opt, tensors, list(tensors.values()), total, result, inputs,
+            data.batch_indices(batch_size, gen))
+
+
 def _lr(step: int, total: int, h: dict, schedule: tuple[int, int] | None) -> float:
     if schedule is None:
         return lr_at(step, total, h["opt_lr"], h["opt_lr_warmup_ratio"])
@@ -355,14 +372,9 @@ def _train_decided(child: ModelPath, vit: VitConfig, data: TaskTensors, *, batch
     what is judged and kept, so no maximum over noisy validations is ever recorded."""
     t0 = time.perf_counter()
     h = child.hparams
-    model, opt, tensors = make_model_and_optimizer(child, vit)
-    params = list(tensors.values())
-    total = steps_between_validations * validations if total_steps is None else total_steps
-    result = TrainResult(accepted=False, quality=None, score=None)
-    inputs = _Inputs(child, model, vit, data, cache, result.flops)
-    result.lowest_trainable = next((n for n in component_names(h) if n in model.trainable_components),
-                                   None)
-    batches = data.batch_indices(batch_size, gen)
+    model, opt, tensors, params, total, result, inputs, batches = _start(
+        child, vit, data, cache, batch_size, steps_between_validations * validations
+        if total_steps is None else total_steps, gen)
     # The average starts half-way (the late, low-learning-rate half of the run), so the weights the
     # child started from are not mixed into what it is judged on.
     ema, ema_from = None, total // 2
@@ -399,7 +411,8 @@ def _train_decided(child: ModelPath, vit: VitConfig, data: TaskTensors, *, batch
             with torch.no_grad():
                 for k, p in tensors.items():
                     p.copy_(ema[k])
-        q = inputs.decision_accuracy()
+        q, on_subset = inputs.decision_accuracy()
+        result.evals.append(on_subset)  # the learning curve's last point, on the subset as the others
         s = score_of(q)
         result.quality, result.snapshot_quality, result.snapshot_step = q, q, result.steps
         if s >= decide_threshold:  # >= : a tie with the parent counts as an improvement

@@ -12,6 +12,7 @@ import pytest
 
 from agents import generation as step
 from agents.agent import Agent, AgentOptions, agent_id_for, generation_rng
+from helpers.agents import open_agent
 from store import Store, StoreAPI
 
 TASK = "uci_digits"
@@ -19,13 +20,7 @@ AID = agent_id_for(TASK)
 
 
 def _agent(store: Store, seed: int = 0) -> Agent:
-    agent = Agent(AgentOptions(store=store.path, task=TASK, preset="test", seed=seed, threads=1,
-                               lease_ttl=30.0, heartbeat_every=30.0), store=store)
-    agent._open()
-    agent.view.refresh()
-    agent._peers()
-    agent.population = [agent.view.path(m) for m in agent.state.population]
-    return agent
+    return open_agent(store, TASK, "test", seed)
 
 
 @pytest.fixture()

@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from agents import generation as step
-from agents.agent import Agent, AgentOptions, agent_id_for, generation_rng
+from agents.agent import Agent, generation_rng
 from agents.config import PresetError, resolve_preset
 from agents.mutation import Mutator, lockable_own
 from agents.paths import Component, ModelPath
 from agents.roots import root_random
 from agents.training import accuracy, polish_lr, train_child, TaskTensors
 from agents.vit import VIT_CONFIGS, PathModel
+from helpers.agents import open_agent
 from store import Store
 from taskdata import load_task
 from taskdata.augment import preprocess_eval
@@ -31,13 +32,7 @@ TASK = "mnist5k"  # 600 validation images: the decision split is larger than the
 
 
 def _agent(store: Store, preset: str) -> Agent:
-    agent = Agent(AgentOptions(store=store.path, task=TASK, preset=preset, seed=0, threads=1,
-                               lease_ttl=30.0, heartbeat_every=30.0), store=store)
-    agent._open()
-    agent.view.refresh()
-    agent._peers()
-    agent.population = [agent.view.path(m) for m in agent.state.population]
-    return agent
+    return open_agent(store, TASK, preset)
 
 
 def _decision_accuracy(path: ModelPath, agent: Agent) -> float:
@@ -58,7 +53,9 @@ def test_polish_implies_honest_and_the_decision_split_is_the_whole_validation_sp
     p = resolve_preset("test+polish")
     assert p.honest and p.polish and not p.lock_own
     assert p.decision_examples == 5_120 and p.validation_examples == 256
-    assert resolve_preset("cpu").decision_examples == 512  # without +honest: the subset
+    assert resolve_preset("cpu").honest  # the default method decides honestly
+    without = resolve_preset("cpu@base+autotune+adapters+layers+imagesize+continue+hurdle")
+    assert without.decision_examples == 512  # without +honest: the subset
     assert p.polish_images(10_000) >= p.child_images(10_000)
     with pytest.raises(PresetError):
         resolve_preset("test+polished")

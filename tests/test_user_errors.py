@@ -203,12 +203,13 @@ def test_a_full_disk_is_one_line_naming_the_store_and_the_store_verifies_afterwa
     import subprocess
     import sys
 
-    from helpers.swarm import ENV, REPO
+    from helpers.swarm import ENV, REPO, make_store
+
+    from taskdata import fetch_all
 
     store = str(tmp_path / "store")
-    made = run_cli("launch/run_swarm.py", "--store", store, "--tasks", "uci_digits", "--preset", "test",
-                   "--cycles", "0", "--root", "random", timeout=240)  # a store with its root, data fetched
-    assert made.returncode == 0, made.stderr[-2000:]
+    make_store(store)  # a store with its root
+    fetch_all(["uci_digits"])  # the data cache is written before the disk is made small
     limit = os.path.getsize(os.path.join(store, "data.mdb")) + (64 << 10)
 
     def small_disk():
