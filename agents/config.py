@@ -35,7 +35,7 @@ IMPLIES = {"polish": ("honest",), "longpolish": ("polish", "honest")}
 # +hurdle (early rejection; a cycle is an image budget), +0.8 points on the 8-task benchmark with
 # the final lineage's share of images up from 0.36 to 0.40 (benchmarks/results/quality.md), and
 # +honest (one decision per child, on the whole validation split, against the parent re-scored on the
-# same images), +0.88 ± 0.41 points paired over 3 seeds x 4 tasks (benchmarks/results/screen/).
+# same images), +1.03 ± 0.27 points paired over 5 seeds x 4 tasks (benchmarks/results/screen/).
 PUBLISHED_METHOD = ("autotune", "adapters", "layers", "imagesize")
 DEFAULT_METHOD = PUBLISHED_METHOD + ("continue", "hurdle", "honest")
 PENALTY_SCALE_FACTOR = 0.9
