@@ -71,17 +71,26 @@ def _canonical(data: bytes) -> bytes:
     return data[:8] + raw + b" " * (n - len(raw)) + data[8 + n:]
 
 
-def export_task(store: StoreAPI, task: str, out_path: str, fmt: str = "munet") -> dict:
+def export_task(store: StoreAPI, task: str, out_path: str, fmt: str = "munet",
+                kind: str | None = None) -> dict:
     """Write the task's current model to ``out_path`` atomically; return a summary.
 
     ``fmt="timm"`` names tensors as timm's VisionTransformer does and puts the ``timm.create_model``
     arguments in the metadata (``timm_create_args``), for models without residual adapters.
+    ``kind``: the model that agent kind publishes for the task (``single`` reaches the single-path
+    model while a multipath model serves the task); None: the model that serves it.
     """
     rec = store.get_task(task)
     if rec is None:
         known = ", ".join(sorted(t.task for t in store.tasks())) or "none yet"
         raise UnknownTask(f"no published model for task {task!r} (published tasks: {known})")
-    model = store.get_model(rec.model_id)
+    if kind is None:
+        model = store.get_model(rec.model_id)
+    else:
+        model = store.published_models(kind=kind).get(task)
+        if model is None:
+            raise UnknownTask(f"task {task!r} has no published {kind} model (its model is "
+                              f"{rec.model_id}); leave --kind out to export that one")
     root_id = store.root_model_id()
     root = store.get_model(root_id) if root_id else None
     vit = {k: root.metrics[k] for k in ("vit", "hidden", "depth", "patch")} if root else {}

@@ -303,7 +303,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not os.path.isdir(folder):
         raise UsageError(f"--out {args.out}: directory {folder} does not exist")
     with open_store(args) as st:
-        info = export_task(st, args.task, args.out, fmt=args.format)
+        info = export_task(st, args.task, args.out, fmt=args.format, kind=args.kind)
     print(f"exported {info['task']} model {info['model_id']}: {info['components']} components, "
           f"{info['tensors']} tensors, {info['bytes']:,} bytes -> {info['path']}")
     if info["timm_create_model"]:
@@ -374,6 +374,10 @@ def register_export(sub: Any) -> argparse.ArgumentParser:
                    help="munet (default: agents.api.load_exported reads it) or timm (timm's "
                         "VisionTransformer state-dict names plus its create_model arguments in the "
                         "metadata; models without residual adapters only)")
+    p.add_argument("--kind", choices=("single", "multipath"), default=None,
+                   help="the model that agent kind publishes for the task (single: the single-path "
+                        "model, also while a multipath model serves the task); default: the model "
+                        "that serves the task")
     return p
 
 

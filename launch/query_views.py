@@ -51,8 +51,24 @@ def trial_rows(st: StoreAPI, task: str | None, last: int | None) -> list[dict[st
     return [{"id": t.id, "task": t.task, "cycle": t.cycle, "generation": t.generation,
              "parent": t.parent, "model_id": t.model_id, "mutations": list(t.mutations),
              "quality": t.quality, "score": t.score, "accepted": t.accepted, "seconds": t.seconds,
-             "train_images": t.train_images, "preset": t.preset, "created_at": t.created_at}
+             "train_images": t.train_images, "preset": t.preset, "created_at": t.created_at,
+             "evals": list(t.evals), "parent_quality": t.parent_quality, "final_lr": t.final_lr,
+             "stopped": t.stopped}
             for t in trials]
+
+
+SPARKS = "_.-=+*#"  # low to high, ASCII: a log or a C-locale terminal prints it too
+
+
+def learning_curve(evals: list[float]) -> str:
+    """A trial's validation accuracies in order as a sparkline scaled to their own range (what the
+    replay tool judges stopping rules on), with the last value: '_=# 0.910'."""
+    if not evals:
+        return "-"
+    lo, hi = min(evals), max(evals)
+    marks = "".join(SPARKS[0 if hi == lo else round((e - lo) / (hi - lo) * (len(SPARKS) - 1))]
+                    for e in evals)
+    return f"{marks} {evals[-1]:.3f}"
 
 
 def _age(x) -> str:
@@ -97,11 +113,13 @@ def cmd_trials(args: argparse.Namespace) -> int:
     if not rows:
         print("(no trials yet)" + (f" for {args.task}" if args.task else ""))
         return 0
-    headers = ["trial", "cycle", "gen", "parent", "quality", "score", "accepted", "seconds", "images",
-               "preset", "mutations"]
+    headers = ["trial", "cycle", "gen", "parent", "quality", "parent_q", "score", "accepted", "seconds",
+               "images", "curve", "preset", "mutations"]
     # counted from 1, as the agents' logs count (the JSON keeps the stored 0-based numbers)
-    table = [[r["id"], r["cycle"] + 1, r["generation"] + 1, r["parent"] or "-", r["quality"], r["score"],
-              "yes" if r["accepted"] else "no", r["seconds"], r["train_images"], r["preset"],
+    table = [[r["id"], r["cycle"] + 1, r["generation"] + 1, r["parent"] or "-", r["quality"],
+              r["parent_quality"], r["score"],
+              "yes" if r["accepted"] else ("stopped" if r["stopped"] else "no"), r["seconds"],
+              r["train_images"], learning_curve(r["evals"]), r["preset"],
               " ".join(r["mutations"]) or "-"] for r in rows]
     print(format_table(headers, table))
     return 0

@@ -56,6 +56,12 @@ def test_a_named_task_is_its_name_everywhere_resumes_after_a_move_and_refuses_ot
 
     with safe_open(out, framework="np") as f:
         assert f.metadata()["task"] == "parity"
+    # --kind reaches the model that agent kind published (single: also while a multipath one serves)
+    r = run_cli("launch/query.py", "--store", store, "export", "parity", "--kind", "single", "--out", out)
+    assert r.returncode == 0 and rows[0]["model_id"] in r.stdout, r.stderr
+    r = run_cli("launch/query.py", "--store", store, "export", "parity", "--kind", "multipath", "--out", out)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "no published multipath model" in r.stderr
 
     # the file moves: the same name resumes from the store
     moved = str(tmp_path / "elsewhere" / "renamed.npz")

@@ -251,6 +251,9 @@ def test_agents_and_trials_views(two_tasks):
     assert [t["id"] for t in last] == ["agent_alpha:t1"] and last[0]["parent"] == "agent_alpha:m0"
     assert {"parent", "mutations", "quality", "score", "accepted", "seconds", "train_images",
             "preset"} <= set(last[0])
+    assert last[0]["evals"] == [0.25, 0.5] and last[0]["parent_quality"] == 0.4
+    table = run_query(two_tasks, "trials", "alpha").stdout
+    assert "_# 0.500" in table and "parent_q" in table  # the learning curve, and the re-scored parent
     bad = run_query(two_tasks, "trials", "nope")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert run_query(two_tasks, "trials", "alpha", "--last", "0").stdout.startswith("(no trials yet)")
@@ -270,3 +273,4 @@ def test_show_on_a_store_missing_a_component_says_so_in_one_line(two_tasks, tmp_
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and cid in lines[0] and "verify" in lines[0] and "Traceback" not in result.stderr
+

@@ -96,6 +96,7 @@ def publish_next(st: Store, agent: str, token: str, task: str, n: int, root: Mod
                         parent=model.parent, model_id=model.id, mutations=["clone:head"],
                         hparams_diff={}, quality=0.5, score=0.5, accepted=True, seconds=0.1,
                         train_images=64, preset="test", preset_hash="h0", created_at=time.time(),
+                        evals=[0.25, 0.5], parent_quality=0.4 if model.parent else None, final_lr=0.0,
                         **({"flops": flops} if flops is not None else {}))
     if before_commit is not None:
         before_commit()
