@@ -145,6 +145,22 @@ def _legend(series: Sequence[Series], x0: float, y0: float, max_x: float
     return out, (y - y0 + 18 if out else 0)
 
 
+def robust_range(ys: Sequence[float], outlier_factor: float = 1.5) -> tuple[float, float]:
+    """The y range of a chart: every point, padded 8%, unless a few low outliers would flatten the
+    rest. Then the floor is the 5th percentile (with ten points or more, and only when the minimum
+    lies more than ``outlier_factor`` x the percentile-to-max span below it); the outliers are drawn
+    on the axis (``line_chart`` clamps them)."""
+    if not ys:
+        return 0.0, 1.0
+    lo, hi = min(ys), max(ys)
+    if len(ys) >= 10:
+        p5 = sorted(ys)[len(ys) // 20]
+        if p5 - lo > outlier_factor * (hi - p5) and hi > p5:
+            lo = p5
+    pad = (hi - lo) * 0.08 or 0.05
+    return max(0.0, lo - pad), hi + pad
+
+
 def line_chart(series: Sequence[Series], *, width: float = 620, height: float = 260,
                title: str = "", x_label: str = "", y_label: str = "",
                x_max: float | None = None, y_range: tuple[float, float] | None = None,
@@ -155,9 +171,7 @@ def line_chart(series: Sequence[Series], *, width: float = 620, height: float = 
     ys = [p[1] for s in series for p in s.points]
     x_hi = max([x_max or 0.0, *xs, 1.0])
     if y_range is None:
-        lo, hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
-        pad = (hi - lo) * 0.08 or 0.05
-        y_range = (max(0.0, lo - pad), hi + pad)
+        y_range = robust_range(ys)
     left, right = 54, 16
     body: list[str] = []
     top = 10
@@ -175,7 +189,8 @@ def line_chart(series: Sequence[Series], *, width: float = 620, height: float = 
     def px(x: float) -> float:
         return left + plot_w * x / x_hi
 
-    def py(y: float) -> float:
+    def py(y: float) -> float:  # a point outside the range sits on the axis it left by
+        y = min(max(y, y_lo), y_hi)
         return bottom - plot_h * (y - y_lo) / ((y_hi - y_lo) or 1.0)
 
     for tick in nice_ticks(y_lo, y_hi, 5):

@@ -326,3 +326,15 @@ def test_report_of_a_real_swarm(swarm_store, tmp_path):
         assert used == set(model.components)
     # the attached task starts from the system: its first parent is another model
     assert len(rows["glyphs_greek"]["lineage"]) >= 2
+
+
+def test_one_low_outlier_does_not_flatten_a_chart():
+    from report.svg import robust_range
+
+    scores = [0.90 + 0.002 * i for i in range(40)] + [0.05]  # one child near chance
+    lo, hi = robust_range(scores)
+    assert 0.85 < lo < 0.90 and hi > 0.978  # the axis follows the 40, not the outlier
+    lo, hi = robust_range([0.05, 0.5, 0.9])  # too few points to call anything an outlier
+    assert lo < 0.05 and hi > 0.9
+    lo, hi = robust_range([0.2 + 0.02 * i for i in range(30)])  # a spread, no outlier: all of it
+    assert lo < 0.2
