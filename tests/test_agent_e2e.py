@@ -27,7 +27,9 @@ def _number(model_id: str) -> int:
 def test_agent_publishes_survives_kill9_and_resumes(tmp_path):
     store = str(tmp_path / "store")
     make_store(store)
-    cycles, gens = 3, resolve_preset("test").budget.children_per_cycle
+    # enough cycles that the resumed agent still runs when the third one starts (a cycle of the test
+    # preset is two children: seconds)
+    cycles, gens = 8, resolve_preset("test").budget.children_per_cycle
     args = ["--store", store, "--task", TASK, "--preset", "test", "--cycles", str(cycles),
             "--lease-ttl", "30", "--threads", "1"]  # 30 s: a loaded machine starts the refused agent in time
     first = start("attach.py", *args, log=str(tmp_path / "first.log"))
