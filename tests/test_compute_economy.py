@@ -130,10 +130,7 @@ def _agent(store: Store, preset: str) -> Agent:
     return agent
 
 
-# the hurdle's own mechanics, with and without +honest (+polish, in the default, would spend the end
-# of this two-child cycle on a child that is never stopped: tests/test_method_honest.py covers it)
-@pytest.mark.parametrize("preset", ["test@base+autotune+adapters+layers+imagesize+continue+hurdle+honest",
-                                    "test@base+autotune+adapters+layers+imagesize+continue+hurdle"])
+@pytest.mark.parametrize("preset", ["test", "test@base+autotune+adapters+layers+imagesize+continue+hurdle"])
 def test_trials_record_curves_and_flops_and_a_hurdle_cycle_is_an_image_budget(tmp_path, preset):
     with Store.open(str(tmp_path / "store"), create=True) as store:
         agent = _agent(store, preset)
@@ -157,8 +154,6 @@ def test_trials_record_curves_and_flops_and_a_hurdle_cycle_is_an_image_budget(tm
             if t.stopped:
                 assert len(t.evals) == 1 and t.threshold is not None
                 assert t.train_images == per_child // b.validations_per_child
-            elif "polish" in t.mutations:  # never stopped early: one evaluation, after its last step
-                assert len(t.evals) == 1 and t.final_lr == 0.0
             else:
                 assert len(t.evals) == b.validations_per_child
             if not agent.preset.honest:  # the reference's rule: the best validation is recorded

@@ -12,10 +12,9 @@ from agents.config import EXTENSIONS, PresetError, resolve_preset
 def test_presets_resolve_and_hash_deterministically():
     a, b = resolve_preset("demo"), resolve_preset("demo")
     assert a.hash == b.hash and len(a.hash) == 12
-    # the default: µ2Net+ as published plus +continue, +hurdle, +honest and +polish (the measured
-    # winners, README "Presets")
-    assert a.extensions == ("autotune", "adapters", "layers", "imagesize", "continue", "hurdle", "honest",
-                            "polish")
+    # the default: µ2Net+ as published plus +continue, +hurdle and +honest (the measured winners,
+    # README "Presets")
+    assert a.extensions == ("autotune", "adapters", "layers", "imagesize", "continue", "hurdle", "honest")
     assert resolve_preset("demo@base+autotune+adapters+layers+imagesize").extensions == (
         "autotune", "adapters", "layers", "imagesize")
     base = resolve_preset("demo@base")
