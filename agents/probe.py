@@ -39,19 +39,27 @@ def _features(path: ModelPath, vit: VitConfig, x_uint8: torch.Tensor, num_classe
                       for i in range(0, len(x_uint8), 256)])
 
 
-def probe_accuracy(path: ModelPath, vit: VitConfig, data: TaskTensors) -> float:
-    """Validation accuracy of a closed-form ridge probe on ``path``'s frozen features."""
-    n_tr, n_va = min(PROBE_TRAIN, data.n_train), min(PROBE_VAL, len(data.val_y))
-    f_tr = _features(path, vit, data.train_x[:n_tr], data.num_classes).double()
-    f_va = _features(path, vit, data.val_x[:n_va], data.num_classes).double()
+def ridge_probe_accuracy(path: ModelPath, vit: VitConfig, train_x: torch.Tensor, train_y: torch.Tensor,
+                         val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int) -> float:
+    """Accuracy on (val_x, val_y) of a closed-form ridge probe fitted on ``path``'s frozen features
+    of (train_x, train_y), features standardised on the training images."""
+    f_tr = _features(path, vit, train_x, num_classes).double()
+    f_va = _features(path, vit, val_x, num_classes).double()
     mean, std = f_tr.mean(0), f_tr.std(0) + 1e-6
     f_tr, f_va = (f_tr - mean) / std, (f_va - mean) / std
     f_tr = torch.cat([f_tr, torch.ones(len(f_tr), 1, dtype=f_tr.dtype, device=f_tr.device)], 1)
     f_va = torch.cat([f_va, torch.ones(len(f_va), 1, dtype=f_va.dtype, device=f_va.device)], 1)
-    y = torch.nn.functional.one_hot(data.train_y[:n_tr], data.num_classes).double()
+    y = torch.nn.functional.one_hot(train_y, num_classes).double()
     gram = f_tr.T @ f_tr + RIDGE * len(f_tr) * torch.eye(f_tr.shape[1], dtype=f_tr.dtype, device=f_tr.device)
     w = torch.linalg.solve(gram, f_tr.T @ y)
-    return float(((f_va @ w).argmax(1) == data.val_y[:n_va]).double().mean())
+    return float(((f_va @ w).argmax(1) == val_y).double().mean())
+
+
+def probe_accuracy(path: ModelPath, vit: VitConfig, data: TaskTensors) -> float:
+    """Validation accuracy of a closed-form ridge probe on ``path``'s frozen features."""
+    n_tr, n_va = min(PROBE_TRAIN, data.n_train), min(PROBE_VAL, len(data.val_y))
+    return ridge_probe_accuracy(path, vit, data.train_x[:n_tr], data.train_y[:n_tr], data.val_x[:n_va],
+                                data.val_y[:n_va], data.num_classes)
 
 
 def probe_pick(candidates: Sequence[ModelPath], vit: VitConfig, data: TaskTensors, rng: random.Random,

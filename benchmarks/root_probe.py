@@ -6,7 +6,7 @@
 
 Per benchmark task, on its validation split (the whole split, up to 5,120 images):
 - ``linear_probe_accuracy``: a closed-form ridge probe on the root's class-token features of up to
-  ``--probe-train`` training images (features standardised, ridge 1e-2 x n);
+  ``--probe-train`` training images (``agents.probe.ridge_probe_accuracy``);
 - ``adapter_probe_accuracy``: adapters before every block, the final norm and a head trained on the
   frozen root (the quality benchmark's ``adapters`` baseline) for ``--adapter-images`` images, best
   validation accuracy of its checkpoints.
@@ -26,8 +26,8 @@ from pathlib import Path
 from benchmarks import common
 from benchmarks.common import BenchmarkError, log
 
+
 DECISION_EXAMPLES = 5_120
-RIDGE = 1e-2
 
 
 def _say(message: str) -> None:
@@ -48,21 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def linear_probe(root, vit, data, n_train: int) -> float:
-    import torch
-
-    from agents.probe import _features
+    from agents.probe import ridge_probe_accuracy
 
     n = min(n_train, data.n_train)
-    f_tr = _features(root, vit, data.train_x[:n], data.num_classes).double()
-    f_va = _features(root, vit, data.decision_x, data.num_classes).double()
-    mean, std = f_tr.mean(0), f_tr.std(0) + 1e-6
-    f_tr, f_va = (f_tr - mean) / std, (f_va - mean) / std
-    f_tr = torch.cat([f_tr, torch.ones(len(f_tr), 1, dtype=f_tr.dtype)], 1)
-    f_va = torch.cat([f_va, torch.ones(len(f_va), 1, dtype=f_va.dtype)], 1)
-    y = torch.nn.functional.one_hot(data.train_y[:n], data.num_classes).double()
-    gram = f_tr.T @ f_tr + RIDGE * n * torch.eye(f_tr.shape[1], dtype=f_tr.dtype)
-    w = torch.linalg.solve(gram, f_tr.T @ y)
-    return float(((f_va @ w).argmax(1) == data.decision_y).double().mean())
+    return ridge_probe_accuracy(root, vit, data.train_x[:n], data.train_y[:n], data.decision_x,
+                                data.decision_y, data.num_classes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from agents.training import TaskTensors
+    from agents.probe import RIDGE
     from benchmarks.baselines import run_adapters
     from store import Store
     from taskdata import benchmark_tasks, load_task
