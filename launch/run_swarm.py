@@ -296,6 +296,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     args = build_parser().parse_args()
     from store import is_remote, open_store
+    from store.records import SINGLE
 
     remote = is_remote(args.store)
     args.logs = args.logs or ("swarm-logs" if remote else os.path.join(args.store, "logs"))
@@ -375,7 +376,7 @@ def main() -> int:
     finally:
         store.close()
     if finished:
-        what = ", ".join(parse_task_spec(spec)[0] + ("" if k == "single" else f" [{k}]") for spec, k in finished)
+        what = ", ".join(parse_task_spec(spec)[0] + ("" if k == SINGLE else f" [{k}]") for spec, k in finished)
         if len(finished) == len(agents):
             print(f"swarm: nothing to do: every agent in {args.store} has finished its {target} cycle(s) "
                   f"({what}); raise --cycles to grow them further", flush=True)
